@@ -1,0 +1,106 @@
+"""The command line: serve | demo | sim | check-config | usage."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from extproc import __version__
+from extproc.errors import ConfigError
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="maas-extproc",
+        description="Envoy ext_authz + ext_proc sidecar that meters LLM traffic per user and tier.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gRPC sidecar (ext_authz + ext_proc)")
+    serve.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    serve.add_argument("--workers", type=int, help="worker processes, on ports base..base+N-1")
+    serve.add_argument("--port", type=int, help="gRPC base port (overrides server.port)")
+
+    demo = sub.add_parser("demo", help="run Envoy + sidecar + model simulator on loopback")
+    demo.add_argument("--config", help="sidecar config (default: deploy/local/config.yaml)")
+    demo.add_argument("--port", type=int, default=8080, help="Envoy listener port (0: any free)")
+    demo.add_argument("--workers", type=int, default=1, help="sidecar worker processes")
+
+    sim = sub.add_parser("sim", help="run the OpenAI-compatible model simulator")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8000)
+    sim.add_argument("--chunk-delay-ms", type=float, default=0.0, help="delay between SSE chunks")
+
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file")
+
+    usage = sub.add_parser("usage", help="print a user's token usage from the store")
+    usage.add_argument("--config", help="config file naming the store (or MAAS_EXTPROC_STORE_URL)")
+    usage.add_argument("--user", required=True, help="user id (service-account name)")
+    usage.add_argument("--from", dest="start", help="first day, YYYY-MM-DD (default: today)")
+    usage.add_argument("--to", dest="end", help="last day, YYYY-MM-DD (default: today)")
+    usage.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("MAAS_EXTPROC_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"maas-extproc: config error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from extproc import config as config_mod  # noqa: PLC0415 - keep --help fast
+
+    if args.command == "check-config":
+        loaded = config_mod.load(args.file, os.environ)
+        print(f"{args.file}: ok (identity={loaded.identity.source}, tiers={loaded.tiers.source}, "
+              f"store={config_mod.redact_url(str(loaded.store.url))})")
+        return 0
+    if args.command == "sim":
+        from extproc.sim.server import SimConfig, serve_forever  # noqa: PLC0415
+
+        sim_config = SimConfig(chunk_delay_s=args.chunk_delay_ms / 1000)
+        try:
+            asyncio.run(serve_forever(args.host, args.port, sim_config))
+        except KeyboardInterrupt:
+            pass
+        return 0
+    if args.command == "serve":
+        from dataclasses import replace  # noqa: PLC0415
+
+        from extproc.app import run  # noqa: PLC0415
+
+        loaded = config_mod.load(args.config, os.environ)
+        server = loaded.server
+        if args.workers:
+            server = replace(server, workers=args.workers)
+        if args.port:
+            server = replace(server, port=args.port)
+        logging.getLogger().setLevel(server.log_level.upper())
+        return run(replace(loaded, server=server))
+    if args.command == "demo":
+        from extproc.demo import run_demo  # noqa: PLC0415
+
+        return run_demo(args.config, args.port, args.workers)
+    if args.command == "usage":
+        from extproc.observability.usage_cli import run_usage  # noqa: PLC0415
+
+        loaded = config_mod.load(args.config, os.environ)
+        return run_usage(loaded, args.user, args.start, args.end, args.format)
+    raise AssertionError(args.command)  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Usage extraction from response bodies, one extractor per API schema."""

@@ -1,0 +1,63 @@
+"""Anthropic Messages API: usage and generated-text size from JSON bodies and SSE."""
+
+from __future__ import annotations
+
+from extproc.accounting.sse import SseEvent, as_int, dig, event_type, load_json, string_chars
+from extproc.domain import Usage
+
+FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+USAGE_EVENTS = frozenset({"message_start", "message_delta"})
+TEXT_DELTA = "content_block_delta"
+
+
+def usage_of(raw: object) -> Usage | None:
+    """Map an Anthropic ``usage`` object: the prompt includes cache reads and cache writes."""
+    if not isinstance(raw, dict):
+        return None
+    fresh, output, read, written = (as_int(raw.get(name)) for name in FIELDS)
+    prompt = None if fresh is None else fresh + (read or 0) + (written or 0)
+    if prompt is None and output is None and read is None:
+        return None
+    total = None if prompt is None or output is None else prompt + output
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=output, total_tokens=total, cached_tokens=read
+    )
+
+
+def body(obj: object) -> tuple[Usage | None, int]:
+    """Usage and ``text`` block characters of a JSON message."""
+    chars = 0
+    content = dig(obj, "content")
+    for block in content if isinstance(content, list) else ():
+        text = dig(block, "text")
+        if dig(block, "type") == "text" and isinstance(text, str):
+            chars += len(text)
+    return usage_of(dig(obj, "usage")), chars
+
+
+class Stream:
+    """Counts text deltas; usage from ``message_start``, then ``message_delta`` (latest wins)."""
+
+    def __init__(self) -> None:
+        self.fields: dict[str, int] = {}
+        self.chars = 0
+        self.errors = 0
+
+    @property
+    def usage(self) -> Usage | None:
+        return usage_of(self.fields)
+
+    def event(self, ev: SseEvent) -> None:
+        kind = ev.event or event_type(ev.data)
+        if kind == TEXT_DELTA:
+            self.chars += string_chars(ev.data, b'"text"')
+        elif kind in USAGE_EVENTS:
+            obj = load_json(ev.data)
+            if not isinstance(obj, dict):
+                self.errors += 1
+                return
+            raw = dig(obj, "message", "usage") if kind == "message_start" else obj.get("usage")
+            for name in FIELDS:
+                value = as_int(dig(raw, name))
+                if value is not None:
+                    self.fields[name] = value

@@ -1,0 +1,172 @@
+"""Admission: the ordered steps from request headers to a Decision (identity, tier, access, limits)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from extproc.authz.base import AccessChecker, IdentitySource, TierSource
+from extproc.domain import Decision, Identity, Outcome, Tier
+from extproc.errors import StoreUnavailable, Unavailable
+from extproc.limits.limiter import Limiter
+from extproc.routes import Route, RouteTable
+
+log = logging.getLogger("extproc.admission")
+
+OWN_HEADERS = ("x-maas-username", "x-maas-tier")
+SPOOF_PREFIX = "x-maas-"
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionRequest:
+    method: str
+    path: str
+    headers: Mapping[str, str]  # lower-case keys, as ext_authz delivers them
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestBody:
+    """What admission reads from a charged request's JSON body."""
+
+    model: str = ""
+    max_tokens: int | None = None
+
+    @classmethod
+    def parse(cls, body: bytes) -> RequestBody:
+        if not body:
+            return cls()
+        try:
+            data: Any = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return cls()  # a malformed body is the upstream's to refuse; reserve the default
+        if not isinstance(data, dict):
+            return cls()
+        model = data.get("model")
+        bound = None
+        for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+            value = data.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                bound = value
+                break
+        return cls(model=model if isinstance(model, str) else "", max_tokens=bound)
+
+
+class Admission:
+    """Runs the steps in order; each refusal is returned as a Decision, never raised."""
+
+    def __init__(
+        self,
+        routes: RouteTable,
+        identities: IdentitySource,
+        tiers: TierSource,
+        access: AccessChecker,
+        limiter: Limiter,
+        *,
+        spoofed_headers: Literal["strip", "reject"] = "strip",
+        store_failure: Literal["fail_open", "fail_closed"] = "fail_open",
+        dependency_failure: Literal["fail_open", "fail_closed"] = "fail_closed",
+    ) -> None:
+        self._routes = routes
+        self._identities = identities
+        self._tiers = tiers
+        self._access = access
+        self._limiter = limiter
+        self._reject_spoofed = spoofed_headers == "reject"
+        self._store_fail_open = store_failure == "fail_open"
+        self._dependency_fail_open = dependency_failure == "fail_open"
+
+    async def decide(self, request: AdmissionRequest) -> Decision:
+        route = self._routes.classify(request.method, request.path)
+        spoofed = tuple(h for h in request.headers if h.startswith(SPOOF_PREFIX))
+        if spoofed and self._reject_spoofed:
+            return Decision(Outcome.SPOOFED, "X-MaaS-* request headers are reserved for the gateway")
+        token = bearer_token(request.headers.get("authorization", ""))
+        if token is None:
+            return Decision(Outcome.UNAUTHENTICATED, "missing bearer token")
+        try:
+            identity = await self._identities.authenticate(token)
+            if identity is None:
+                return Decision(Outcome.UNAUTHENTICATED, "invalid or expired token")
+            tier = await self._tiers.tier_for(identity)
+            if tier is None:
+                return Decision(Outcome.NO_TIER, "no tier matches the caller's groups", identity)
+            body = RequestBody.parse(request.body) if route.charged else RequestBody()
+            if not await self._access_ok(identity, route, body.model):
+                return Decision(Outcome.FORBIDDEN, "no access to this model", identity, tier)
+        except Unavailable as exc:
+            log.warning("admission dependency unavailable: %s", type(exc).__name__)
+            return Decision(Outcome.UNAVAILABLE, "identity or tier service unavailable")
+        model = body.model or route.model
+        allowed = Decision(
+            Outcome.ALLOW,
+            identity=identity,
+            tier=tier,
+            model=model,
+            charged=route.charged,
+            strip_headers=tuple(h for h in spoofed if h not in OWN_HEADERS),
+        )
+        if not route.charged:
+            return allowed
+        return await self._limit(allowed, identity, tier, model, body)
+
+    async def _access_ok(self, identity: Identity, route: Route, body_model: str) -> bool:
+        if route.exempt and not route.name:
+            return True
+        if route.name:
+            return await self._access.allowed(identity, route.namespace, route.name)
+        if body_model:
+            return await self._access.allowed(identity, "", body_model)
+        return True
+
+    async def _limit(
+        self, allowed: Decision, identity: Identity, tier: Tier, model: str, body: RequestBody
+    ) -> Decision:
+        reserve = self._limiter.reservation_for(tier.name, body.max_tokens)
+        try:
+            verdict = await self._limiter.admit(identity.userid, tier.name, model, reserve)
+        except StoreUnavailable:
+            if self._store_fail_open:
+                log.warning("counter store unavailable: admitting without a reservation")
+                return allowed
+            return Decision(Outcome.UNAVAILABLE, "rate-limit store unavailable", identity, tier)
+        if not verdict.allowed:
+            outcome = Outcome.TOKEN_LIMITED if verdict.kind == "tokens" else Outcome.RATE_LIMITED
+            return Decision(
+                outcome,
+                f"{verdict.kind} limit of {verdict.limit} exceeded",
+                identity,
+                tier,
+                model,
+                charged=True,
+                limit_kind=verdict.kind,
+                limit=verdict.limit,
+                remaining=0,
+                reset_s=verdict.reset_s,
+                retry_after_s=verdict.retry_after_s,
+            )
+        return Decision(
+            Outcome.ALLOW,
+            identity=identity,
+            tier=tier,
+            model=model,
+            charged=True,
+            reserved_tokens=verdict.reserved_tokens,
+            token_windows=verdict.token_windows,
+            limit_kind=verdict.kind,
+            limit=verdict.limit,
+            remaining=verdict.remaining,
+            reset_s=verdict.reset_s,
+            strip_headers=allowed.strip_headers,
+        )
+
+
+def bearer_token(authorization: str) -> str | None:
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token

@@ -1,0 +1,244 @@
+"""Composition root: builds the store, sources, limiter and services from Config; starts and stops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import signal
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from extproc.admission import Admission
+from extproc.authz.api_keys import ApiKeyIdentities
+from extproc.authz.base import AccessChecker, AllowAll, IdentitySource, TierSource
+from extproc.authz.tiers import FileTiers
+from extproc.charger import Charger
+from extproc.config import Config
+from extproc.envoy.authz_service import AuthorizationService
+from extproc.envoy.proc_service import ExternalProcessorService
+from extproc.errors import ConfigError
+from extproc.limits.limiter import Limiter
+from extproc.observability.metrics import Metrics, serve_metrics
+from extproc.routes import RouteTable
+from extproc.store.base import CounterStore
+from extproc.store.memory import MemoryStore
+
+log = logging.getLogger("extproc.app")
+
+SERVICE_NAMES = (
+    external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
+    external_processor_pb2.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name,
+)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def build_store(config: Config) -> CounterStore:
+    url = str(config.store.url)
+    if url.startswith("memory:"):
+        return MemoryStore(retention_days=config.store.retention_days)
+    from extproc.store.redis import RedisStore  # noqa: PLC0415 - only deployments with Redis pay
+
+    return RedisStore.from_config(config.store)
+
+
+def build_identities(config: Config) -> IdentitySource:
+    if config.identity.source == "api_keys":
+        return ApiKeyIdentities.from_file(config.path(config.identity.api_keys_file))
+    raise ConfigError("identity.source", "api_keys (kubernetes is not built in yet)")
+
+
+def build_tiers(config: Config) -> TierSource:
+    if config.tiers.source == "file":
+        return FileTiers.from_file(config.path(config.tiers.file), config.tiers.instance)
+    raise ConfigError("tiers.source", "file (configmap and maas_api are not built in yet)")
+
+
+def build_access(config: Config) -> AccessChecker:
+    return AllowAll()
+
+
+@dataclass
+class Sidecar:
+    """Everything one worker process runs, wired together."""
+
+    config: Config
+    metrics: Metrics
+    store: CounterStore
+    identities: IdentitySource
+    tiers: TierSource
+    access: AccessChecker
+    admission: Admission
+    authz: AuthorizationService
+    proc: ExternalProcessorService
+
+    @classmethod
+    def build(cls, config: Config, metrics: Metrics | None = None) -> Sidecar:
+        metrics = metrics or Metrics()
+        store = build_store(config)
+        identities, tiers, access = (
+            build_identities(config),
+            build_tiers(config),
+            build_access(config),
+        )
+        limiter = Limiter(store, config.limits, now_ms)
+        admission = Admission(
+            RouteTable(config.routes),
+            identities,
+            tiers,
+            access,
+            limiter,
+            spoofed_headers=config.routes.spoofed_headers,
+            store_failure=config.store.failure_policy,
+            dependency_failure=config.identity.unavailable,
+        )
+        charger = Charger(limiter, metrics)
+        return cls(
+            config,
+            metrics,
+            store,
+            identities,
+            tiers,
+            access,
+            admission,
+            AuthorizationService(admission, metrics),
+            ExternalProcessorService(charger, metrics),
+        )
+
+    async def close(self) -> None:
+        await self.proc.drain()
+        for part in (self.identities, self.tiers, self.access, self.store):
+            await part.close()
+
+
+class Server:
+    """A grpc.aio server with the sidecar's services, health and reflection on one port."""
+
+    def __init__(self, sidecar: Sidecar, host: str, port: int) -> None:
+        self.sidecar = sidecar
+        # so_reuseport off: a second server must fail to bind, not silently share the port.
+        options: list[tuple[str, Any]] = [
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_concurrent_streams", 10_000),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+        self.grpc = grpc.aio.server(options=options)
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(sidecar.authz, self.grpc)
+        external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
+            sidecar.proc, self.grpc
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
+        )
+        bound = self.grpc.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise OSError(f"cannot bind gRPC port {host}:{port}")
+        self.port = bound
+
+    async def start(self) -> None:
+        await self.grpc.start()
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop accepting, let in-flight streams finish within ``grace_s``, flush charges."""
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc.stop(grace_s)
+        await self.sidecar.close()
+
+
+async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
+    """Run one worker until SIGTERM or SIGINT, then stop gracefully."""
+    sidecar = Sidecar.build(config)
+    server = Server(sidecar, config.server.host, config.server.port)
+    metrics_server = None
+    if config.server.metrics_port:
+        metrics_server, _ = serve_metrics(
+            sidecar.metrics, config.server.host, config.server.metrics_port
+        )
+    await server.start()
+    log.info(
+        "serving grpc=%s:%d metrics=%d store=%r",
+        config.server.host,
+        server.port,
+        config.server.metrics_port,
+        config.store.url,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping: grace %.1fs", config.server.grace_period_s)
+        await server.stop(config.server.grace_period_s)
+        if metrics_server is not None:
+            metrics_server.shutdown()
+        log.info("stopped")
+
+
+def run_worker(config: Config) -> None:
+    """Entry point of one worker process: uvloop when installed, else asyncio's loop."""
+    try:
+        import uvloop  # noqa: PLC0415
+
+        runner: Any = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    with contextlib.suppress(KeyboardInterrupt):
+        runner(serve(config))
+
+
+def worker_config(config: Config, index: int) -> Config:
+    """Worker ``index`` listens on base+index, and its metrics on metrics_port+index."""
+    server = config.server
+    metrics_port = server.metrics_port + index if server.metrics_port else 0
+    return replace(
+        config,
+        server=replace(server, port=server.port + index, metrics_port=metrics_port, workers=1),
+    )
+
+
+def run(config: Config) -> int:
+    """Run ``server.workers`` worker processes, each on its own port; forward SIGTERM to them."""
+    if config.server.workers == 1:
+        run_worker(config)
+        return 0
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(target=run_worker, args=(worker_config(config, i),), name=f"worker-{i}")
+        for i in range(config.server.workers)
+    ]
+    for process in workers:
+        process.start()
+
+    def forward(signum: int, _frame: object) -> None:
+        for process in workers:
+            if process.pid is not None and process.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    import os  # noqa: PLC0415
+
+                    os.kill(process.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for process in workers:
+        process.join()
+    return max((process.exitcode or 0) for process in workers)

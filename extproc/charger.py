@@ -1,0 +1,30 @@
+"""Settles finished responses: swaps reservations for actual usage, records metrics, never raises."""
+
+from __future__ import annotations
+
+import logging
+
+from extproc.domain import Charge
+from extproc.errors import StoreUnavailable
+from extproc.limits.limiter import Limiter
+from extproc.observability.metrics import Metrics
+
+log = logging.getLogger("extproc.charge")
+
+
+class Charger:
+    def __init__(self, limiter: Limiter, metrics: Metrics) -> None:
+        self._limiter = limiter
+        self._metrics = metrics
+
+    async def charge(self, charge: Charge) -> None:
+        self._metrics.charged(charge)
+        try:
+            await self._limiter.settle(charge)
+        except StoreUnavailable:
+            self._metrics.store_errors.labels("settle").inc()
+            log.error(
+                "charge lost: store unavailable user=%s tokens=%d",
+                charge.userid,
+                charge.usage.total(),
+            )

@@ -1,0 +1,376 @@
+"""Configuration: one YAML file plus MAAS_EXTPROC_* overrides, validated once into frozen dataclasses.
+
+``load(path, environ)`` is the only entry point. Every error is a ``ConfigError`` naming the key
+(``limits.tiers.free.tokens``) and the value expected. Secrets (the Redis URL's password) are
+redacted in every repr.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
+
+import yaml
+
+from extproc.domain import Limits
+from extproc.errors import ConfigError
+
+ENV_PREFIX = "MAAS_EXTPROC_"
+
+_T = TypeVar("_T")
+
+DEFAULT_LIMITS: dict[str, Limits] = {
+    "free": Limits(requests=5, requests_window_s=120, tokens=100, tokens_window_s=60),
+    "premium": Limits(requests=20, requests_window_s=120, tokens=50_000, tokens_window_s=60),
+    "enterprise": Limits(requests=50, requests_window_s=120, tokens=100_000, tokens_window_s=60),
+}
+
+
+class Secret(str):
+    """A string whose repr never shows its value (URLs keep their shape, passwords are masked)."""
+
+    def __repr__(self) -> str:
+        return repr(redact_url(str(self)))
+
+    __str__ = str.__str__
+
+
+def redact_url(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None and not parts.username:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"***@{host}"))
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 9000
+    workers: int = 1
+    metrics_port: int = 9090  # 0: no metrics endpoint
+    grace_period_s: float = 10.0
+    log_level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    source: Literal["api_keys", "kubernetes"] = "api_keys"
+    api_keys_file: str = ""
+    audiences: tuple[str, ...] = ("maas-default-gateway-sa",)
+    cache_ttl_s: float = 600.0
+    negative_cache_ttl_s: float = 10.0
+    non_service_account: Literal["username", "reject"] = "username"
+    kubeconfig: str = ""  # empty: in-cluster config, else this file
+    unavailable: Literal["fail_closed", "fail_open"] = "fail_closed"
+
+
+@dataclass(frozen=True, slots=True)
+class TiersConfig:
+    source: Literal["file", "configmap", "maas_api"] = "file"
+    file: str = ""
+    instance: str = "maas-default-gateway"
+    configmap_namespace: str = "maas-api"
+    configmap_name: str = "tier-to-group-mapping"
+    maas_api_url: str = "http://maas-api.maas-api.svc.cluster.local:8080"
+    cache_ttl_s: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class AccessConfig:
+    check: Literal["none", "subject_access_review"] = "none"
+    cache_ttl_s: float = 60.0
+    # Body-model routes (POST /v1/chat/completions with only a body `model`): "<ns>/<name>" to check
+    # against, by model name; models not listed skip the check.
+    body_models: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    tiers: Mapping[str, Limits] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
+    models: Mapping[str, Mapping[str, Limits]] = field(default_factory=dict)  # tier -> model -> ...
+    window: Literal["fixed", "sliding"] = "fixed"
+    default_reservation_tokens: int = 256
+    reservation_tokens: Mapping[str, int] = field(default_factory=dict)  # per tier
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    url: Secret = Secret("memory://")
+    failure_policy: Literal["fail_open", "fail_closed"] = "fail_open"
+    spool_size: int = 10_000
+    retention_days: int = 90
+    timeout_s: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class RoutesConfig:
+    charged_suffixes: tuple[str, ...] = (
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/messages",
+        "/v1/responses",
+    )
+    exempt_suffixes: tuple[str, ...] = ("/v1/models",)
+    spoofed_headers: Literal["strip", "reject"] = "strip"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    tiers: TiersConfig = field(default_factory=TiersConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    routes: RoutesConfig = field(default_factory=RoutesConfig)
+    base_dir: str = "."  # relative file paths resolve against the config file's folder
+
+    def path(self, value: str) -> Path:
+        """A configured file path, resolved against the config file's folder."""
+        candidate = Path(value)
+        return candidate if candidate.is_absolute() else Path(self.base_dir) / candidate
+
+
+# ----------------------------------------------------------------------------------------- parse
+
+
+def load(path: str | Path | None, environ: Mapping[str, str]) -> Config:
+    """Read ``path`` (None: defaults only), apply ``MAAS_EXTPROC_*`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    base_dir = "."
+    if path is not None:
+        file = Path(path)
+        try:
+            loaded = yaml.safe_load(file.read_text())
+        except OSError as exc:
+            raise ConfigError(str(file), "a readable YAML file", exc.strerror) from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(str(file), f"valid YAML ({exc})") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError("(top level)", "a mapping of sections", type(loaded).__name__)
+        raw = loaded or {}
+        base_dir = str(file.resolve().parent)
+    _apply_environ(raw, environ)
+    return parse(raw, base_dir)
+
+
+def parse(raw: Mapping[str, Any], base_dir: str = ".") -> Config:
+    _no_unknown(raw, "", {f.name for f in fields(Config)} - {"base_dir"})
+    config = Config(
+        server=_section(ServerConfig, raw, "server"),
+        identity=_section(IdentityConfig, raw, "identity"),
+        tiers=_section(TiersConfig, raw, "tiers"),
+        access=_access(raw.get("access")),
+        limits=_limits(raw.get("limits")),
+        store=_section(StoreConfig, raw, "store"),
+        routes=_section(RoutesConfig, raw, "routes"),
+        base_dir=base_dir,
+    )
+    _check(config)
+    return config
+
+
+def _apply_environ(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """``MAAS_EXTPROC_<SECTION>_<KEY>`` sets a scalar setting; unknown names are an error."""
+    simple = {
+        "server": ServerConfig,
+        "identity": IdentityConfig,
+        "tiers": TiersConfig,
+        "access": AccessConfig,
+        "store": StoreConfig,
+        "routes": RoutesConfig,
+    }
+    known: dict[str, tuple[str, str]] = {}
+    for section, cls in simple.items():
+        for f in fields(cls):
+            known[f"{ENV_PREFIX}{section}_{f.name}".upper()] = (section, f.name)
+    known[f"{ENV_PREFIX}LIMITS_WINDOW"] = ("limits", "window")
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        if name not in known:
+            raise ConfigError(name, "a known setting, e.g. MAAS_EXTPROC_STORE_URL")
+        section, key = known[name]
+        target = raw.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(section, "a mapping", target)
+        target[key] = yaml.safe_load(value) if value else value
+
+
+def _no_unknown(raw: Mapping[str, Any], prefix: str, allowed: set[str]) -> None:
+    for key in raw:
+        if key not in allowed:
+            where = f"{prefix}{key}"
+            raise ConfigError(where, "one of " + ", ".join(sorted(allowed)))
+
+
+def _mapping(value: object, key: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, "a mapping", value)
+    return cast(Mapping[str, Any], value)
+
+
+def _section(cls: type[_T], raw: Mapping[str, Any], name: str) -> _T:
+    values = _mapping(raw.get(name), name)
+    defaults = cls()
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    _no_unknown(values, f"{name}.", set(known))
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        out[key] = _coerce(f"{name}.{key}", value, getattr(defaults, key), known[key].type)
+    return replace(defaults, **out)  # type: ignore[type-var]
+
+
+def _coerce(key: str, value: Any, default: Any, annotation: object) -> Any:
+    choices = re.findall(r'"([^"]+)"', str(annotation)) if "Literal" in str(annotation) else []
+    if choices:
+        if value not in choices:
+            raise ConfigError(key, "one of " + ", ".join(choices), value)
+        return value
+    if isinstance(default, Secret):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(key, "a URL string", value)
+        return Secret(value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(key, "true or false", value)
+        return value
+    if isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(key, "a whole number >= 0", value)
+        return value
+    if isinstance(default, float):
+        return _seconds(key, value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(key, "a string", value)
+        return value
+    if isinstance(default, tuple):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(key, "a list of strings", value)
+        return tuple(value)
+    raise ConfigError(key, "a supported value", value)  # pragma: no cover - programming error
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def _seconds(key: str, value: object) -> float:
+    """A duration: a number of seconds or a string like ``500ms``, ``30s``, ``2m``, ``1h``."""
+    if isinstance(value, bool):
+        raise ConfigError(key, "a duration like 30s, 2m or 1h", value)
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value.strip())):
+        seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
+    else:
+        raise ConfigError(key, "a duration like 30s, 2m or 1h", value)
+    if seconds < 0:
+        raise ConfigError(key, "a duration >= 0", value)
+    return seconds
+
+
+def _whole_seconds(key: str, value: object) -> int:
+    seconds = _seconds(key, value)
+    if seconds < 1 or seconds != int(seconds):
+        raise ConfigError(key, "a whole number of seconds >= 1, like 60s or 2m", value)
+    return int(seconds)
+
+
+def _tier_limits(key: str, value: object, base: Limits) -> Limits:
+    values = _mapping(value, key)
+    _no_unknown(values, f"{key}.", {"requests", "requests_window", "tokens", "tokens_window"})
+    out = base
+    for name in ("requests", "tokens"):
+        if name in values:
+            number = values[name]
+            if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+                raise ConfigError(f"{key}.{name}", "a whole number >= 0 (0: unlimited)", number)
+            out = replace(out, **{name: number})
+        if f"{name}_window" in values:
+            seconds = _whole_seconds(f"{key}.{name}_window", values[f"{name}_window"])
+            out = replace(out, **{f"{name}_window_s": seconds})
+    return out
+
+
+def _limits(value: object) -> LimitsConfig:
+    raw = _mapping(value, "limits")
+    allowed = {"tiers", "models", "window", "default_reservation_tokens", "reservation_tokens"}
+    _no_unknown(raw, "limits.", allowed)
+    defaults = LimitsConfig()
+    tiers = dict(defaults.tiers)
+    for name, spec in _mapping(raw.get("tiers"), "limits.tiers").items():
+        tiers[name] = _tier_limits(f"limits.tiers.{name}", spec, tiers.get(name, Limits()))
+    models: dict[str, dict[str, Limits]] = {}
+    for tier, per_model in _mapping(raw.get("models"), "limits.models").items():
+        for model, spec in _mapping(per_model, f"limits.models.{tier}").items():
+            key = f"limits.models.{tier}.{model}"
+            models.setdefault(tier, {})[model] = _tier_limits(key, spec, Limits())
+    window = raw.get("window", defaults.window)
+    if window not in ("fixed", "sliding"):
+        raise ConfigError("limits.window", "fixed or sliding", window)
+    default_reservation = raw.get("default_reservation_tokens", defaults.default_reservation_tokens)
+    if isinstance(default_reservation, bool) or not isinstance(default_reservation, int):
+        raise ConfigError("limits.default_reservation_tokens", "a whole number", default_reservation)
+    reservations: dict[str, int] = {}
+    for tier, amount in _mapping(raw.get("reservation_tokens"), "limits.reservation_tokens").items():
+        if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
+            raise ConfigError(f"limits.reservation_tokens.{tier}", "a whole number >= 0", amount)
+        reservations[tier] = amount
+    return LimitsConfig(
+        tiers=tiers,
+        models=models,
+        window=window,
+        default_reservation_tokens=default_reservation,
+        reservation_tokens=reservations,
+    )
+
+
+def _access(value: object) -> AccessConfig:
+    raw = dict(_mapping(value, "access"))
+    body_models = _mapping(raw.pop("body_models", None), "access.body_models")
+    config = _section(AccessConfig, {"access": raw}, "access")
+    pairs: list[tuple[str, str]] = []
+    for model, target in body_models.items():
+        if not isinstance(target, str) or target.count("/") != 1 or target.startswith("/"):
+            raise ConfigError(f"access.body_models.{model}", "a '<namespace>/<name>'", target)
+        pairs.append((str(model), target))
+    return replace(config, body_models=tuple(pairs))
+
+
+def _check(config: Config) -> None:
+    """Cross-field rules that no single key can check."""
+    if config.identity.source == "api_keys" and not config.identity.api_keys_file:
+        raise ConfigError("identity.api_keys_file", "a file path when identity.source is api_keys")
+    if config.tiers.source == "file" and not config.tiers.file:
+        raise ConfigError("tiers.file", "a file path when tiers.source is file")
+    if config.server.workers < 1:
+        raise ConfigError("server.workers", "a whole number >= 1", config.server.workers)
+    if not 0 < config.server.port < 65536:
+        raise ConfigError("server.port", "a port from 1 to 65535", config.server.port)
+    if config.server.metrics_port > 65535:
+        raise ConfigError("server.metrics_port", "a port from 0 to 65535")
+    scheme = urllib.parse.urlsplit(str(config.store.url)).scheme
+    if scheme not in ("memory", "redis", "rediss", "redis+cluster", "rediss+cluster", "redis+sentinel"):
+        raise ConfigError("store.url", "memory://, redis://, rediss:// (or +cluster / +sentinel)",
+                          redact_url(str(config.store.url)))
+    if config.store.spool_size < 1:
+        raise ConfigError("store.spool_size", "a whole number >= 1", config.store.spool_size)
+    if config.store.retention_days < 1:
+        raise ConfigError("store.retention_days", "a whole number >= 1")
+    for suffix in (*config.routes.charged_suffixes, *config.routes.exempt_suffixes):
+        if not suffix.startswith("/"):
+            raise ConfigError("routes", "path suffixes starting with /", suffix)

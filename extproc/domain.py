@@ -1,0 +1,133 @@
+"""Value types shared by every layer: who is calling, their tier, what they used, what we decided."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """An authenticated caller.
+
+    ``userid`` is the counter key Kuadrant uses (``auth.identity.userid``): the service-account
+    name for Kubernetes tokens, the configured user for API keys.
+    """
+
+    userid: str
+    username: str
+    groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """A tier's (or a model override's) request and token budgets per window; 0 means unlimited."""
+
+    requests: int = 0
+    requests_window_s: int = 120
+    tokens: int = 0
+    tokens_window_s: int = 60
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    name: str
+    level: int
+    groups: frozenset[str]
+    display_name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens one response used. ``None`` means the upstream did not report that field.
+
+    "Not reported" is kept apart from 0 so that a missing field is never charged as free.
+    ``estimated`` marks usage we computed ourselves because the upstream reported none.
+    """
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    estimated: bool = False
+
+    @property
+    def reported(self) -> bool:
+        return (
+            self.prompt_tokens is not None
+            or self.completion_tokens is not None
+            or self.total_tokens is not None
+        )
+
+    def total(self) -> int:
+        """The tokens to charge: ``total_tokens`` when reported, else the sum of the parts."""
+        if self.total_tokens is not None:
+            return self.total_tokens
+        return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
+
+    def updated(self, newer: Usage) -> Usage:
+        """This usage with every field ``newer`` reports taken from ``newer`` (later events win)."""
+        return Usage(
+            prompt_tokens=_pick(newer.prompt_tokens, self.prompt_tokens),
+            completion_tokens=_pick(newer.completion_tokens, self.completion_tokens),
+            total_tokens=_pick(newer.total_tokens, self.total_tokens),
+            cached_tokens=_pick(newer.cached_tokens, self.cached_tokens),
+            reasoning_tokens=_pick(newer.reasoning_tokens, self.reasoning_tokens),
+            estimated=self.estimated or newer.estimated,
+        )
+
+
+def _pick(first: int | None, second: int | None) -> int | None:
+    return first if first is not None else second
+
+
+class Outcome(enum.Enum):
+    """What admission decided; ``replies`` maps each to an Envoy answer."""
+
+    ALLOW = "allow"
+    UNAUTHENTICATED = "unauthenticated"  # 401
+    NO_TIER = "no_tier"  # 403
+    FORBIDDEN = "forbidden"  # 403: no access to the model
+    SPOOFED = "spoofed"  # 403: client sent X-MaaS-* headers (only when configured to reject)
+    RATE_LIMITED = "rate_limited"  # 429: request limit
+    TOKEN_LIMITED = "token_limited"  # 429: token limit
+    UNAVAILABLE = "unavailable"  # 503: a dependency failed and policy is fail-closed
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The result of admission: a value, never an exception."""
+
+    outcome: Outcome
+    reason: str = ""
+    identity: Identity | None = None
+    tier: Tier | None = None
+    model: str = ""
+    charged: bool = False  # whether the route is metered (completions-like POST)
+    reserved_tokens: int = 0
+    token_windows: tuple[int, ...] = ()  # start of each token window the reservation went into
+    limit_kind: str = ""  # "requests" or "tokens": the limit that refused, or the tightest one
+    limit: int = 0
+    remaining: int = -1  # -1: unknown
+    reset_s: int = 0
+    retry_after_s: int = 0
+    strip_headers: tuple[str, ...] = ()  # client-sent X-MaaS-* headers to remove
+
+    @property
+    def allowed(self) -> bool:
+        return self.outcome is Outcome.ALLOW
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """What one finished response costs one user, handed to the store to settle a reservation."""
+
+    userid: str
+    tier: str
+    model: str
+    usage: Usage
+    reserved_tokens: int = 0
+    token_windows: tuple[int, ...] = ()
+    status: int = 200
+    disconnected: bool = False

@@ -1,0 +1,1 @@
+"""The Envoy-facing gRPC services; the only package that imports Envoy protos."""

@@ -1,0 +1,116 @@
+"""The ext_proc Process stream: dispatches Envoy's messages to one Session per HTTP request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+
+from extproc.charger import Charger
+from extproc.envoy.session import Session
+from extproc.observability.metrics import Metrics
+
+log = logging.getLogger("extproc.proc")
+
+# Replies are immutable once built; sharing them saves an allocation per message.
+_CONTINUE_RESPONSE_HEADERS = ep.ProcessingResponse(response_headers=ep.HeadersResponse())
+_CONTINUE_REQUEST_HEADERS = ep.ProcessingResponse(request_headers=ep.HeadersResponse())
+_CONTINUE_BODY = ep.ProcessingResponse(response_body=ep.BodyResponse())
+_CONTINUE_REQUEST_BODY = ep.ProcessingResponse(request_body=ep.BodyResponse())
+# Responses we do not bill: stop sending us their body (one round trip instead of one per chunk).
+_SKIP_BODY = ep.ProcessingResponse(
+    response_headers=ep.HeadersResponse(),
+    mode_override=pm.ProcessingMode(response_body_mode=pm.ProcessingMode.NONE),
+)
+
+
+def header_value(headers: ep.HttpHeaders, name: str) -> str:
+    for header in headers.headers.headers:
+        if header.key == name:
+            return header.raw_value.decode("latin-1") if header.raw_value else header.value
+    return ""
+
+
+class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    def __init__(self, charger: Charger, metrics: Metrics) -> None:
+        self._charger = charger
+        self._metrics = metrics
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def Process(  # noqa: N802 - the gRPC method name
+        self,
+        requests: AsyncIterator[ep.ProcessingRequest],
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> AsyncIterator[ep.ProcessingResponse]:
+        session = Session()
+        started = time.perf_counter()
+        try:
+            async for request in requests:
+                kind = request.WhichOneof("request")
+                if session.billing is None and request.HasField("metadata_context"):
+                    session.bind(request.metadata_context.filter_metadata)
+                if kind == "response_body":
+                    body = request.response_body
+                    session.on_body(body.body)
+                    if body.end_of_stream:
+                        await self._charge(session)
+                    if not request.observability_mode:
+                        yield _CONTINUE_BODY
+                    if body.end_of_stream:
+                        break  # end the RPC now, or Envoy holds the stream open
+                elif kind == "response_headers":
+                    headers = request.response_headers
+                    status = int(header_value(headers, ":status") or 0)
+                    follow = session.on_response_headers(
+                        status, header_value(headers, "content-type")
+                    )
+                    if headers.end_of_stream or not follow:
+                        await self._charge(session)
+                    if not request.observability_mode:
+                        yield _CONTINUE_RESPONSE_HEADERS if follow else _SKIP_BODY
+                    if headers.end_of_stream or (not follow and request.observability_mode):
+                        break
+                elif kind == "request_headers":
+                    if not request.observability_mode:
+                        yield _CONTINUE_REQUEST_HEADERS
+                elif kind == "request_body":
+                    if not request.observability_mode:
+                        yield _CONTINUE_REQUEST_BODY
+                elif not request.observability_mode:
+                    yield _continue_other(kind)
+        finally:
+            self._metrics.stream_seconds.observe(time.perf_counter() - started)
+            if session.open:
+                # Cancelled or ended early: the client left mid-stream. The handler is being torn
+                # down, so settle in a task that outlives it (CONTRACTS §11).
+                self._spawn(session)
+
+    async def _charge(self, session: Session) -> None:
+        charge = session.finish()
+        if charge is not None:
+            await self._charger.charge(charge)
+
+    def _spawn(self, session: Session) -> None:
+        charge = session.finish(disconnected=True)
+        if charge is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._charger.charge(charge))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for charges still settling in the background (graceful stop)."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _continue_other(kind: str | None) -> ep.ProcessingResponse:
+    if kind == "request_trailers":
+        return ep.ProcessingResponse(request_trailers=ep.TrailersResponse())
+    return ep.ProcessingResponse(response_trailers=ep.TrailersResponse())

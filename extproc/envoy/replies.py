@@ -1,0 +1,130 @@
+"""The one table from admission outcomes to Envoy replies, and the metadata ext_proc reads back."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2 as authz
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+from google.rpc import code_pb2, status_pb2
+
+from extproc.domain import Decision, Outcome
+
+METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
+
+# outcome -> (HTTP status, gRPC code, error type as OpenAI clients expect it)
+_TABLE: dict[Outcome, tuple[int, int, str]] = {
+    Outcome.UNAUTHENTICATED: (401, code_pb2.UNAUTHENTICATED, "authentication_error"),
+    Outcome.NO_TIER: (403, code_pb2.PERMISSION_DENIED, "permission_error"),
+    Outcome.FORBIDDEN: (403, code_pb2.PERMISSION_DENIED, "permission_error"),
+    Outcome.SPOOFED: (403, code_pb2.PERMISSION_DENIED, "permission_error"),
+    Outcome.RATE_LIMITED: (429, code_pb2.RESOURCE_EXHAUSTED, "rate_limit_exceeded"),
+    Outcome.TOKEN_LIMITED: (429, code_pb2.RESOURCE_EXHAUSTED, "rate_limit_exceeded"),
+    Outcome.UNAVAILABLE: (503, code_pb2.UNAVAILABLE, "service_unavailable"),
+}
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_OK_STATUS = status_pb2.Status(code=code_pb2.OK)
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, value=value), append_action=_OVERWRITE
+    )
+
+
+def _rate_headers(decision: Decision) -> list[base_pb2.HeaderValueOption]:
+    if decision.limit <= 0:
+        return []
+    return [
+        _header("x-ratelimit-limit", str(decision.limit)),
+        _header("x-ratelimit-remaining", str(max(decision.remaining, 0))),
+        _header("x-ratelimit-reset", str(decision.reset_s)),
+    ]
+
+
+def error_body(decision: Decision) -> bytes:
+    """A short OpenAI-shaped error, so SDKs show the reason."""
+    status, _, kind = _TABLE[decision.outcome]
+    error: dict[str, object] = {"type": kind, "code": decision.outcome.value}
+    if decision.outcome in (Outcome.RATE_LIMITED, Outcome.TOKEN_LIMITED):
+        what = "token" if decision.outcome is Outcome.TOKEN_LIMITED else "request"
+        tier = decision.tier.name if decision.tier else "?"
+        error["message"] = (
+            f"{what} rate limit exceeded for tier {tier}: quota of {decision.limit} {what}s "
+            f"per window used up; retry after {decision.retry_after_s}s"
+        )
+        error["limit"] = decision.limit_kind
+        error["retry_after"] = decision.retry_after_s
+    else:
+        error["message"] = decision.reason
+    return json.dumps({"error": error}, separators=(",", ":")).encode()
+
+
+def metadata(decision: Decision, path: str) -> struct_pb2.Struct:
+    """``identity`` for Kuadrant predicates; ``maas`` for our own ext_proc stream to charge by."""
+    identity = decision.identity
+    tier = decision.tier
+    out = struct_pb2.Struct()
+    if identity is None or tier is None:
+        return out
+    out.update(
+        {
+            "identity": {
+                "userid": identity.userid,
+                "tier": tier.name,
+                "groups": list(identity.groups),
+            },
+            "maas": {
+                "model": decision.model,
+                "path": path,
+                "charged": decision.charged,
+                "reserved": decision.reserved_tokens,
+                "windows": list(decision.token_windows),
+            },
+        }
+    )
+    return out
+
+
+def check_response(decision: Decision, path: str) -> authz.CheckResponse:
+    if decision.allowed:
+        return _allow(decision, path)
+    status, code, _ = _TABLE[decision.outcome]
+    headers = [_header("content-type", "application/json")]
+    if decision.outcome is Outcome.UNAUTHENTICATED:
+        headers.append(_header("www-authenticate", 'Bearer realm="maas"'))
+    if decision.retry_after_s:
+        headers.append(_header("retry-after", str(decision.retry_after_s)))
+    headers.extend(_rate_headers(decision))
+    return authz.CheckResponse(
+        status=status_pb2.Status(code=code, message=decision.reason),
+        denied_response=authz.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+            headers=headers,
+            body=error_body(decision).decode(),
+        ),
+    )
+
+
+def _allow(decision: Decision, path: str) -> authz.CheckResponse:
+    assert decision.identity is not None and decision.tier is not None
+    ok = authz.OkHttpResponse(
+        headers=[
+            _header("x-maas-username", decision.identity.userid),
+            _header("x-maas-tier", decision.tier.name),
+        ],
+        headers_to_remove=_removals(decision.strip_headers, decision.charged),
+        response_headers_to_add=_rate_headers(decision),
+    )
+    return authz.CheckResponse(
+        status=_OK_STATUS, ok_response=ok, dynamic_metadata=metadata(decision, path)
+    )
+
+
+def _removals(spoofed: Iterable[str], charged: bool) -> list[str]:
+    # Charged responses must arrive uncompressed so their usage can be read (CONTRACTS §7).
+    return [*spoofed, "accept-encoding"] if charged else list(spoofed)

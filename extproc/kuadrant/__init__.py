@@ -1,0 +1,1 @@
+"""Kuadrant integration: the Limitador reporter and the policy watcher."""

@@ -1,0 +1,139 @@
+"""The limiter: admit against request and token windows with a reservation, then settle actual usage."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from extproc.config import LimitsConfig
+from extproc.domain import Charge, Limits
+from extproc.limits import windows
+from extproc.store import keys
+from extproc.store.base import Adjustment, CounterStore, LedgerEntry, WindowCounter
+from extproc.store.memory import day_of
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    allowed: bool
+    kind: str = ""  # "requests" or "tokens": the limit that refused (or the tightest one)
+    limit: int = 0
+    remaining: int = -1  # -1: no limit applies
+    reset_s: int = 0
+    retry_after_s: int = 0
+    reserved_tokens: int = 0
+    token_windows: tuple[int, ...] = ()  # start of each token window the reservation went into
+
+
+class Limiter:
+    """Builds the counters for (user, tier, model) and turns store answers into verdicts."""
+
+    def __init__(
+        self, store: CounterStore, config: LimitsConfig, clock_ms: Callable[[], int]
+    ) -> None:
+        self._store = store
+        self._config = config
+        self._clock_ms = clock_ms
+        self._sliding = config.window == "sliding"
+
+    def reservation_for(self, tier: str, requested: int | None) -> int:
+        """Tokens to hold at admission: the request's own bound, else the tier's default."""
+        if requested is not None and requested > 0:
+            return requested
+        return self._config.reservation_tokens.get(tier, self._config.default_reservation_tokens)
+
+    def _limit_sets(self, tier: str, model: str) -> list[tuple[Limits, str]]:
+        sets: list[tuple[Limits, str]] = []
+        base = self._config.tiers.get(tier)
+        if base is not None:
+            sets.append((base, ""))
+        override = self._config.models.get(tier, {}).get(model) if model else None
+        if override is not None:
+            sets.append((override, model))
+        return sets
+
+    def token_counters(self, userid: str, tier: str, model: str) -> list[tuple[str, int]]:
+        """(key, window_ms) of every token counter this request is charged to, in admit order."""
+        return [
+            (keys.tokens_key(userid, tier, scope), limits.tokens_window_s * 1000)
+            for limits, scope in self._limit_sets(tier, model)
+            if limits.tokens
+        ]
+
+    async def admit(self, userid: str, tier: str, model: str, reserve: int) -> Verdict:
+        counters: list[WindowCounter] = []
+        kinds: list[str] = []
+        for limits, scope in self._limit_sets(tier, model):
+            if limits.requests:
+                key = keys.requests_key(userid, tier, scope)
+                window = limits.requests_window_s * 1000
+                counters.append(WindowCounter(key, limits.requests, window, 1, self._sliding))
+                kinds.append("requests")
+        for limits, scope in self._limit_sets(tier, model):
+            if limits.tokens:
+                key = keys.tokens_key(userid, tier, scope)
+                window = limits.tokens_window_s * 1000
+                counters.append(WindowCounter(key, limits.tokens, window, reserve, self._sliding))
+                kinds.append("tokens")
+        if not counters:
+            return Verdict(allowed=True)
+        result = await self._store.admit(counters, self._clock_ms())
+        if not result.allowed:
+            index = result.denied_index
+            state, counter = result.states[index], counters[index]
+            return Verdict(
+                allowed=False,
+                kind=kinds[index],
+                limit=counter.limit,
+                remaining=0,
+                reset_s=windows.retry_after_s(state.reset_ms),
+                retry_after_s=windows.retry_after_s(state.reset_ms),
+            )
+        # Report the tightest limit: the one with the least room left, as RateLimit-* headers do.
+        pairs = list(zip(counters, result.states, kinds, strict=True))
+        counter, state, kind = min(pairs, key=lambda p: p[0].limit - p[1].value)
+        token_windows = tuple(s.window_start_ms for c, s, k in pairs if k == "tokens")
+        return Verdict(
+            allowed=True,
+            kind=kind,
+            limit=counter.limit,
+            remaining=max(0, counter.limit - state.value),
+            reset_s=windows.retry_after_s(state.reset_ms),
+            reserved_tokens=reserve if token_windows else 0,
+            token_windows=token_windows,
+        )
+
+    async def settle(self, charge: Charge) -> None:
+        """Swap the reservation for the actual tokens and record the ledger entry."""
+        now = self._clock_ms()
+        token_windows = charge.token_windows
+        counters = self.token_counters(charge.userid, charge.tier, charge.model)
+        adjustments = []
+        for index, (key, window_ms) in enumerate(counters):
+            admitted = index < len(token_windows)
+            adjustments.append(
+                Adjustment(
+                    key=key,
+                    window_ms=window_ms,
+                    window_start_ms=token_windows[index] if admitted else -1,
+                    reserved=charge.reserved_tokens if admitted else 0,
+                    actual=charge.usage.total(),
+                    sliding=self._sliding,
+                )
+            )
+        entry = ledger_entry(charge, now)
+        await self._store.settle(adjustments, entry, now)
+
+
+def ledger_entry(charge: Charge, now_ms: int) -> LedgerEntry:
+    usage = charge.usage
+    total = usage.total()
+    return LedgerEntry(
+        userid=charge.userid,
+        day=day_of(now_ms),
+        model=charge.model or "unknown",
+        prompt_tokens=usage.prompt_tokens or 0,
+        completion_tokens=usage.completion_tokens or 0,
+        total_tokens=total,
+        estimated_tokens=total if usage.estimated else 0,
+    )

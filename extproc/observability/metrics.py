@@ -1,0 +1,101 @@
+"""Prometheus metrics: one registry per process, label children cached off the hot path."""
+
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from extproc.domain import Charge, Decision
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_STREAM_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0)
+
+
+class Metrics:
+    """Every metric the sidecar exports, documented in the README's metrics table."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, per_user: bool = False) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.per_user = per_user
+        r = self.registry
+        self.requests = Counter(
+            "maas_requests", "Admission decisions", ["decision", "tier"], registry=r
+        )
+        self.limited = Counter(
+            "maas_limited_requests", "Requests refused by a limit", ["limit", "tier"], registry=r
+        )
+        token_labels = ["tier", "model", "kind", *(["user"] if per_user else [])]
+        self.tokens = Counter(
+            "maas_tokens", "Tokens charged, by kind (prompt, completion, total)", token_labels,
+            registry=r,
+        )
+        self.charges = Counter(
+            "maas_charges", "Responses charged, by how usage was known", ["tier", "source"],
+            registry=r,
+        )
+        self.disconnects = Counter(
+            "maas_disconnects", "Streams that ended before the response completed", ["tier"],
+            registry=r,
+        )
+        self.admission_seconds = Histogram(
+            "maas_admission_seconds", "Time to decide admission", buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stream_seconds = Histogram(
+            "maas_stream_seconds", "Duration of ext_proc streams", buckets=_STREAM_BUCKETS,
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "maas_store_errors", "Counter store operations that failed", ["op"], registry=r
+        )
+        self.store_seconds = Histogram(
+            "maas_store_seconds", "Counter store round-trip time", ["op"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.spool_depth = Gauge(
+            "maas_spool_depth", "Charges waiting for the store to come back", registry=r
+        )
+        self.spool_dropped = Counter(
+            "maas_spool_dropped", "Charges dropped because the spool was full", registry=r
+        )
+        self.cache_lookups = Counter(
+            "maas_cache_lookups", "Cache lookups", ["cache", "result"], registry=r
+        )
+        self.unavailable = Counter(
+            "maas_dependency_unavailable", "Requests refused because a dependency failed",
+            ["dependency"], registry=r,
+        )
+        self._decision_children: dict[tuple[str, str], Counter] = {}
+
+    def decided(self, decision: Decision, seconds: float) -> None:
+        tier = decision.tier.name if decision.tier else ""
+        key = (decision.outcome.value, tier)
+        child = self._decision_children.get(key)
+        if child is None:
+            child = self._decision_children[key] = self.requests.labels(*key)
+        child.inc()
+        self.admission_seconds.observe(seconds)
+        if decision.limit_kind and not decision.allowed:
+            self.limited.labels(decision.limit_kind, tier).inc()
+
+    def charged(self, charge: Charge) -> None:
+        usage = charge.usage
+        extra = [charge.userid] if self.per_user else []
+        for kind, amount in (
+            ("prompt", usage.prompt_tokens),
+            ("completion", usage.completion_tokens),
+            ("total", usage.total()),
+        ):
+            if amount:
+                self.tokens.labels(charge.tier, charge.model, kind, *extra).inc(amount)
+        source = "estimated" if usage.estimated else ("reported" if usage.reported else "none")
+        self.charges.labels(charge.tier, source).inc()
+        if charge.disconnected:
+            self.disconnects.labels(charge.tier).inc()
+
+
+def serve_metrics(metrics: Metrics, host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
+    """Expose ``/metrics`` on its own port, in a thread outside the event loop."""
+    return start_http_server(port, addr=host, registry=metrics.registry)

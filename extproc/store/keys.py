@@ -1,0 +1,41 @@
+"""Builds every counter-store key; each is hash-tagged ``{userid}`` so one user's keys share a slot."""
+
+from __future__ import annotations
+
+PREFIX = "maas"
+
+
+def _tag(userid: str) -> str:
+    # Braces would end the hash tag early; Kubernetes names never contain them, API-key users might.
+    return "{" + userid.replace("{", "(").replace("}", ")") + "}"
+
+
+def requests_key(userid: str, tier: str, model: str = "") -> str:
+    suffix = f":m:{model}" if model else ""
+    return f"{PREFIX}:{_tag(userid)}:req:{tier}{suffix}"
+
+
+def tokens_key(userid: str, tier: str, model: str = "") -> str:
+    suffix = f":m:{model}" if model else ""
+    return f"{PREFIX}:{_tag(userid)}:tok:{tier}{suffix}"
+
+
+def sliding_bucket_key(key: str, bucket: int) -> str:
+    """The key of one aligned sub-window of a sliding counter."""
+    return f"{key}:w{bucket}"
+
+
+def ledger_key(userid: str, day: str) -> str:
+    return f"{PREFIX}:{_tag(userid)}:usage:{day}"
+
+
+def ledger_users_key(day: str) -> str:
+    """The set of users with usage on ``day`` (not user-tagged: one small set per day)."""
+    return f"{PREFIX}:users:{day}"
+
+
+def ledger_field(model: str, kind: str) -> str:
+    return f"{model}|{kind}"
+
+
+LEDGER_KINDS = ("prompt", "completion", "total", "estimated", "requests")
