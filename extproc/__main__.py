@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 
 from extproc import __version__
 from extproc.errors import ConfigError
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -61,26 +63,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from extproc import config as config_mod  # noqa: PLC0415 - keep --help fast
+    from extproc import config as config_mod
 
     if args.command == "check-config":
         loaded = config_mod.load(args.file, os.environ)
-        print(f"{args.file}: ok (identity={loaded.identity.source}, tiers={loaded.tiers.source}, "
-              f"store={config_mod.redact_url(str(loaded.store.url))})")
+        print(
+            f"{args.file}: ok (identity={loaded.identity.source}, tiers={loaded.tiers.source}, "
+            f"store={config_mod.redact_url(str(loaded.store.url))})"
+        )
         return 0
     if args.command == "sim":
-        from extproc.sim.server import SimConfig, serve_forever  # noqa: PLC0415
+        from extproc.sim.server import SimConfig, serve_forever
 
         sim_config = SimConfig(chunk_delay_s=args.chunk_delay_ms / 1000)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve_forever(args.host, args.port, sim_config))
-        except KeyboardInterrupt:
-            pass
         return 0
     if args.command == "serve":
-        from dataclasses import replace  # noqa: PLC0415
+        from dataclasses import replace
 
-        from extproc.app import run  # noqa: PLC0415
+        from extproc.app import run
 
         loaded = config_mod.load(args.config, os.environ)
         server = loaded.server
@@ -91,11 +93,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         logging.getLogger().setLevel(server.log_level.upper())
         return run(replace(loaded, server=server))
     if args.command == "demo":
-        from extproc.demo import run_demo  # noqa: PLC0415
+        from extproc.demo import run_demo
 
         return run_demo(args.config, args.port, args.workers)
     if args.command == "usage":
-        from extproc.observability.usage_cli import run_usage  # noqa: PLC0415
+        from extproc.observability.usage_cli import run_usage
 
         loaded = config_mod.load(args.config, os.environ)
         return run_usage(loaded, args.user, args.start, args.end, args.format)

@@ -83,7 +83,9 @@ class Admission:
         route = self._routes.classify(request.method, request.path)
         spoofed = tuple(h for h in request.headers if h.startswith(SPOOF_PREFIX))
         if spoofed and self._reject_spoofed:
-            return Decision(Outcome.SPOOFED, "X-MaaS-* request headers are reserved for the gateway")
+            return Decision(
+                Outcome.SPOOFED, "X-MaaS-* request headers are reserved for the gateway"
+            )
         token = bearer_token(request.headers.get("authorization", ""))
         if token is None:
             return Decision(Outcome.UNAUTHENTICATED, "missing bearer token")

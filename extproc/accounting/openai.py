@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from extproc.accounting.sse import SseEvent, as_int, dig, load_json, string_chars
+from extproc.accounting.sse import SseEvent, as_int, dig, has_object, load_json, string_chars
 from extproc.domain import Usage
 
 CHAT_KEYS = (b'"content"',)  # choices[*].delta.content
@@ -54,7 +54,7 @@ class Stream:
         data = ev.data  # b"[DONE]" has neither text nor usage, so it needs no test
         for key in self.text_keys:
             self.chars += string_chars(data, key)
-        if b'"usage"' in data:
+        if has_object(data, b'"usage"'):
             obj = load_json(data)
             if not isinstance(obj, dict):
                 self.errors += 1

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from extproc.accounting.sse import SseEvent, as_int, dig, event_type, load_json, string_chars
+from extproc.accounting.sse import (
+    SseEvent,
+    as_int,
+    dig,
+    event_type,
+    has_object,
+    load_json,
+    string_chars,
+)
 from extproc.domain import Usage
 
 FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
@@ -50,7 +58,7 @@ class Stream:
         kind = ev.event or event_type(ev.data)
         if kind == TEXT_DELTA:
             self.chars += string_chars(ev.data, b'"delta"')
-        elif kind in FINAL_EVENTS and b'"usage"' in ev.data:
+        elif kind in FINAL_EVENTS and has_object(ev.data, b'"usage"'):
             obj = load_json(ev.data)
             if not isinstance(obj, dict):
                 self.errors += 1

@@ -10,6 +10,7 @@ _LF = 10  # b"\n"
 _COLON = 58  # b":"
 _QUOTE = 34  # b'"'
 _BACKSLASH = 92  # b"\\"
+_BRACE = 123  # b"{"
 _WHITESPACE = frozenset(b" \t\r\n")
 
 
@@ -167,6 +168,17 @@ def string_chars(data: bytes, key: bytes) -> int:
         else:
             found = data.find(key, found + step)
     return total
+
+
+def has_object(data: bytes, key: bytes) -> bool:
+    """Whether ``key`` (quoted) has an object value somewhere, so ``"usage":null`` costs no parse."""
+    found = data.find(key)
+    while found >= 0:
+        at = _value_at(data, found, len(key))
+        if 0 <= at < len(data) and data[at] == _BRACE:
+            return True
+        found = data.find(key, found + len(key))
+    return False
 
 
 def _value_at(data: bytes, found: int, step: int) -> int:

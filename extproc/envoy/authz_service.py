@@ -30,7 +30,9 @@ class AuthorizationService(authz_grpc.AuthorizationServicer):  # type: ignore[mi
         path = http.path
         try:
             decision = await self._admission.decide(
-                AdmissionRequest(http.method, path, http.headers, http.raw_body or http.body.encode())
+                AdmissionRequest(
+                    http.method, path, http.headers, http.raw_body or http.body.encode()
+                )
             )
         except Exception:  # the reply must always be a decision, never a broken RPC
             log.exception("admission failed unexpectedly")

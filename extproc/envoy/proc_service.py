@@ -33,7 +33,8 @@ _SKIP_BODY = ep.ProcessingResponse(
 def header_value(headers: ep.HttpHeaders, name: str) -> str:
     for header in headers.headers.headers:
         if header.key == name:
-            return header.raw_value.decode("latin-1") if header.raw_value else header.value
+            raw: bytes = header.raw_value
+            return raw.decode("latin-1") if raw else str(header.value)
     return ""
 
 

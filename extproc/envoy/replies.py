@@ -48,7 +48,7 @@ def _rate_headers(decision: Decision) -> list[base_pb2.HeaderValueOption]:
 
 def error_body(decision: Decision) -> bytes:
     """A short OpenAI-shaped error, so SDKs show the reason."""
-    status, _, kind = _TABLE[decision.outcome]
+    _, _, kind = _TABLE[decision.outcome]
     error: dict[str, object] = {"type": kind, "code": decision.outcome.value}
     if decision.outcome in (Outcome.RATE_LIMITED, Outcome.TOKEN_LIMITED):
         what = "token" if decision.outcome is Outcome.TOKEN_LIMITED else "request"
@@ -103,7 +103,7 @@ def check_response(decision: Decision, path: str) -> authz.CheckResponse:
     return authz.CheckResponse(
         status=status_pb2.Status(code=code, message=decision.reason),
         denied_response=authz.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+            status=http_status_pb2.HttpStatus(code=status),
             headers=headers,
             body=error_body(decision).decode(),
         ),
@@ -111,7 +111,8 @@ def check_response(decision: Decision, path: str) -> authz.CheckResponse:
 
 
 def _allow(decision: Decision, path: str) -> authz.CheckResponse:
-    assert decision.identity is not None and decision.tier is not None
+    assert decision.identity is not None
+    assert decision.tier is not None
     ok = authz.OkHttpResponse(
         headers=[
             _header("x-maas-username", decision.identity.userid),

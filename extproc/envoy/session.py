@@ -46,7 +46,7 @@ class Billing:
 class Session:
     """One HTTP request's accounting. Feed it what Envoy sends; ``finish`` yields the charge once."""
 
-    __slots__ = ("billing", "status", "_extractor", "_done")
+    __slots__ = ("_done", "_extractor", "billing", "status")
 
     def __init__(self) -> None:
         self.billing: Billing | None = None
@@ -83,7 +83,7 @@ class Session:
             return None
         self._done = True
         usage = self._extractor.finish() if self._extractor is not None else None
-        if usage is None or not 200 <= self.status < 300 and not usage.reported:
+        if usage is None or (not 200 <= self.status < 300 and not usage.reported):
             usage = Usage()
         return Charge(
             userid=billing.userid,

@@ -28,31 +28,44 @@ class Metrics:
         )
         token_labels = ["tier", "model", "kind", *(["user"] if per_user else [])]
         self.tokens = Counter(
-            "maas_tokens", "Tokens charged, by kind (prompt, completion, total)", token_labels,
+            "maas_tokens",
+            "Tokens charged, by kind (prompt, completion, total)",
+            token_labels,
             registry=r,
         )
         self.charges = Counter(
-            "maas_charges", "Responses charged, by how usage was known", ["tier", "source"],
+            "maas_charges",
+            "Responses charged, by how usage was known",
+            ["tier", "source"],
             registry=r,
         )
         self.disconnects = Counter(
-            "maas_disconnects", "Streams that ended before the response completed", ["tier"],
+            "maas_disconnects",
+            "Streams that ended before the response completed",
+            ["tier"],
             registry=r,
         )
         self.admission_seconds = Histogram(
-            "maas_admission_seconds", "Time to decide admission", buckets=_LATENCY_BUCKETS,
+            "maas_admission_seconds",
+            "Time to decide admission",
+            buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.stream_seconds = Histogram(
-            "maas_stream_seconds", "Duration of ext_proc streams", buckets=_STREAM_BUCKETS,
+            "maas_stream_seconds",
+            "Duration of ext_proc streams",
+            buckets=_STREAM_BUCKETS,
             registry=r,
         )
         self.store_errors = Counter(
             "maas_store_errors", "Counter store operations that failed", ["op"], registry=r
         )
         self.store_seconds = Histogram(
-            "maas_store_seconds", "Counter store round-trip time", ["op"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "maas_store_seconds",
+            "Counter store round-trip time",
+            ["op"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.spool_depth = Gauge(
             "maas_spool_depth", "Charges waiting for the store to come back", registry=r
@@ -64,8 +77,10 @@ class Metrics:
             "maas_cache_lookups", "Cache lookups", ["cache", "result"], registry=r
         )
         self.unavailable = Counter(
-            "maas_dependency_unavailable", "Requests refused because a dependency failed",
-            ["dependency"], registry=r,
+            "maas_dependency_unavailable",
+            "Requests refused because a dependency failed",
+            ["dependency"],
+            registry=r,
         )
         self._decision_children: dict[tuple[str, str], Counter] = {}
 

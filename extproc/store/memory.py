@@ -36,7 +36,9 @@ class MemoryStore:
     async def admit(self, counters: Sequence[WindowCounter], now_ms: int) -> AdmitResult:
         states: list[CounterState] = []
         for index, counter in enumerate(counters):
-            value, start, reset = self._read(counter.key, counter.window_ms, counter.sliding, now_ms)
+            value, start, reset = self._read(
+                counter.key, counter.window_ms, counter.sliding, now_ms
+            )
             if value >= counter.limit:
                 states.append(CounterState(value, start, reset))
                 return AdmitResult(False, tuple(states), index)
@@ -60,8 +62,10 @@ class MemoryStore:
                     self._add(adj.key, adj.window_ms, True, adj.actual, now_ms)
                 continue
             window = self._windows.get(adj.key)
-            if window is not None and window.start_ms == adj.window_start_ms and not (
-                windows.fixed_expired(window.start_ms, adj.window_ms, now_ms)
+            if (
+                window is not None
+                and window.start_ms == adj.window_start_ms
+                and not (windows.fixed_expired(window.start_ms, adj.window_ms, now_ms))
             ):
                 window.value = max(0, window.value + adj.actual - adj.reserved)
             elif adj.actual:

@@ -1,0 +1,43 @@
+# maas-extproc: `make run` starts the local stack, `make test` installs and runs every test.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: install run test lint format unit e2e bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the project with its dev tools
+
+run: install  ## Envoy + sidecar + model simulator on loopback (REDIS_URL=redis://... for Redis)
+	$(PY) -m extproc demo
+
+lint: install  ## ruff and mypy --strict
+	$(VENV)/bin/ruff check extproc tests bench
+	$(VENV)/bin/ruff format --check extproc tests bench
+	$(VENV)/bin/mypy
+
+test: lint  ## lint, then the whole suite: unit, integration (real Redis), e2e (real Envoy)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+unit: install
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+e2e: install
+	$(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
+
+format: install
+	$(VENV)/bin/ruff format extproc tests bench
+	$(VENV)/bin/ruff check --fix extproc tests bench
+
+bench: install  ## load the local stack; writes docs/benchmarks.md
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

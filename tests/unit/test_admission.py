@@ -1,0 +1,157 @@
+"""Admission over the real file identities, file tiers and in-memory store: every outcome."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from extproc.admission import AdmissionRequest, RequestBody, bearer_token
+from extproc.config import parse
+from extproc.domain import Charge, Outcome, Usage
+from tests.helpers import CHAT, KEYS, LOCAL, Clock, build_admission, local_config
+
+
+def request(
+    tier: str | None = "premium",
+    path: str = CHAT,
+    method: str = "POST",
+    body: dict[str, object] | None = None,
+    **headers: str,
+) -> AdmissionRequest:
+    all_headers = {k.replace("_", "-"): v for k, v in headers.items()}
+    if tier is not None:
+        all_headers["authorization"] = f"Bearer {KEYS[tier]}"
+    payload = json.dumps(body if body is not None else {"model": "m", "max_tokens": 10})
+    return AdmissionRequest(method, path, all_headers, payload.encode())
+
+
+async def test_allowed_request_carries_identity_tier_and_reservation() -> None:
+    admission, _, _ = build_admission()
+    decision = await admission.decide(request("premium"))
+    assert decision.outcome is Outcome.ALLOW
+    assert decision.identity is not None
+    assert decision.identity.userid == "bob"
+    assert decision.tier is not None
+    assert decision.tier.name == "premium"
+    assert decision.model == "m"
+    assert decision.charged
+    assert decision.reserved_tokens == 10  # max_tokens from the body
+    assert decision.limit_kind == "requests"  # 19 of 20 requests left is the tightest budget
+    assert decision.remaining == 19
+
+
+@pytest.mark.parametrize("authorization", [None, "", "Bearer", "Basic abc", "Bearer nope"])
+async def test_missing_or_bad_token_is_unauthenticated(authorization: str | None) -> None:
+    admission, _, _ = build_admission()
+    headers = {} if authorization is None else {"authorization": authorization}
+    decision = await admission.decide(AdmissionRequest("POST", CHAT, headers))
+    assert decision.outcome is Outcome.UNAUTHENTICATED
+    assert decision.identity is None
+
+
+async def test_user_without_tier_is_refused() -> None:
+    admission, _, _ = build_admission()
+    decision = await admission.decide(request("none"))
+    assert decision.outcome is Outcome.NO_TIER
+
+
+async def test_free_tier_request_limit_refuses_the_sixth_request() -> None:
+    admission, _, _ = build_admission()
+    small = {"model": "m", "max_tokens": 1}
+    outcomes = [(await admission.decide(request("free", body=small))).outcome for _ in range(6)]
+    assert outcomes == [Outcome.ALLOW] * 5 + [Outcome.RATE_LIMITED]
+
+
+async def test_token_limit_refuses_once_the_window_is_used_up_and_resets_after_it() -> None:
+    clock = Clock()
+    admission, limiter, _ = build_admission(clock=clock)
+    first = await admission.decide(request("free", body={"model": "m", "max_tokens": 60}))
+    assert first.outcome is Outcome.ALLOW
+    assert first.identity is not None
+    await limiter.settle(
+        Charge("alice", "free", "m", Usage(10, 90, 100), first.reserved_tokens, first.token_windows)
+    )
+    clock.advance(1)
+    second = await admission.decide(request("free"))
+    assert second.outcome is Outcome.TOKEN_LIMITED
+    assert second.limit == 100
+    assert 1 <= second.retry_after_s <= 60
+    clock.advance(60)
+    third = await admission.decide(request("free"))
+    assert third.outcome is Outcome.ALLOW
+
+
+async def test_models_route_is_authenticated_but_never_limited_or_charged() -> None:
+    admission, _, _ = build_admission()
+    path = "/llm/facebook-opt-125m-simulated/v1/models"
+    for _ in range(10):  # well past the free tier's 5 requests
+        decision = await admission.decide(request("free", path=path, method="GET"))
+        assert decision.outcome is Outcome.ALLOW
+        assert not decision.charged
+    anonymous = await admission.decide(AdmissionRequest("GET", path, {}))
+    assert anonymous.outcome is Outcome.UNAUTHENTICATED
+
+
+async def test_spoofed_maas_headers_are_stripped_but_ours_are_overwritten() -> None:
+    admission, _, _ = build_admission()
+    decision = await admission.decide(
+        request("free", x_maas_username="admin", x_maas_tier="enterprise", x_maas_debug="1")
+    )
+    assert decision.outcome is Outcome.ALLOW
+    assert decision.strip_headers == ("x-maas-debug",)
+    assert decision.tier is not None
+    assert decision.tier.name == "free"
+
+
+async def test_spoofed_headers_can_be_rejected() -> None:
+    config = local_config({"MAAS_EXTPROC_ROUTES_SPOOFED_HEADERS": "reject"})
+    admission, _, _ = build_admission(config)
+    decision = await admission.decide(request("free", x_maas_tier="enterprise"))
+    assert decision.outcome is Outcome.SPOOFED
+
+
+async def test_reservation_falls_back_to_the_configured_default() -> None:
+    admission, _, _ = build_admission()
+    decision = await admission.decide(request("premium", body={"model": "m"}))
+    assert decision.reserved_tokens == 256
+
+
+async def test_per_model_override_adds_its_own_counter() -> None:
+    raw = {
+        "identity": {"api_keys_file": str(LOCAL / "api-keys.yaml")},
+        "tiers": {"file": str(LOCAL / "tiers.yaml")},
+        "limits": {"models": {"premium": {"big": {"requests": 1}}}},
+    }
+    admission, _, _ = build_admission(parse(raw))
+    assert (await admission.decide(request(body={"model": "big"}))).allowed
+    refused = await admission.decide(request(body={"model": "big"}))
+    assert refused.outcome is Outcome.RATE_LIMITED
+    assert refused.limit == 1
+    assert (await admission.decide(request(body={"model": "small"}))).allowed
+
+
+@pytest.mark.parametrize(
+    ("body", "model", "bound"),
+    [
+        (b'{"model": "a", "max_tokens": 7}', "a", 7),
+        (b'{"model": "a", "max_completion_tokens": 9, "max_tokens": 7}', "a", 9),
+        (b'{"max_output_tokens": 5}', "", 5),
+        (b'{"max_tokens": true}', "", None),
+        (b'{"max_tokens": -3}', "", None),
+        (b"not json", "", None),
+        (b"[1, 2]", "", None),
+        (b"\xff\xfe", "", None),
+        (b"", "", None),
+    ],
+)
+def test_request_body_parsing_never_raises(body: bytes, model: str, bound: int | None) -> None:
+    parsed = RequestBody.parse(body)
+    assert (parsed.model, parsed.max_tokens) == (model, bound)
+
+
+def test_bearer_token_parsing() -> None:
+    assert bearer_token("Bearer abc") == "abc"
+    assert bearer_token("bearer   abc ") == "abc"
+    assert bearer_token("Basic abc") is None
+    assert bearer_token("Bearer ") is None

@@ -1,0 +1,119 @@
+"""Config loading: defaults, the sample file, environment overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from extproc.__main__ import main
+from extproc.config import Config, Secret, load, parse
+from extproc.errors import ConfigError
+from tests.helpers import LOCAL, local_config
+
+
+def test_sample_config_loads_with_the_contract_defaults() -> None:
+    config = local_config()
+    assert config.server.port == 9000
+    assert config.identity.source == "api_keys"
+    free = config.limits.tiers["free"]
+    assert (free.requests, free.requests_window_s, free.tokens, free.tokens_window_s) == (
+        5,
+        120,
+        100,
+        60,
+    )
+    assert config.limits.tiers["enterprise"].tokens == 100_000
+    assert config.path(config.tiers.file) == LOCAL / "tiers.yaml"
+
+
+def test_environment_overrides_scalars() -> None:
+    config = local_config(
+        {"MAAS_EXTPROC_STORE_URL": "redis://127.0.0.1:6390/0", "MAAS_EXTPROC_SERVER_WORKERS": "3"}
+    )
+    assert str(config.store.url) == "redis://127.0.0.1:6390/0"
+    assert config.server.workers == 3
+
+
+def test_unknown_environment_setting_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="MAAS_EXTPROC_STORE_URLL"):
+        local_config({"MAAS_EXTPROC_STORE_URLL": "x"})
+
+
+@pytest.mark.parametrize(
+    ("raw", "key", "expected"),
+    [
+        ({"server": {"port": "nine"}}, "server.port", "whole number"),
+        ({"server": {"prot": 1}}, "server.prot", "one of"),
+        ({"store": {"failure_policy": "maybe"}}, "store.failure_policy", "fail_open"),
+        ({"limits": {"tiers": {"free": {"tokens": -1}}}}, "limits.tiers.free.tokens", ">= 0"),
+        ({"limits": {"tiers": {"free": {"tokens_window": "soon"}}}}, "tokens_window", "like"),
+        ({"limits": {"window": "rolling"}}, "limits.window", "fixed or sliding"),
+        ({"store": {"url": "postgres://x"}}, "store.url", "redis://"),
+        ({"server": {"grace_period_s": "10 minutes"}}, "server.grace_period_s", "duration"),
+        ({"access": {"body_models": {"m": "nope"}}}, "access.body_models.m", "<namespace>/<name>"),
+    ],
+)
+def test_errors_name_the_key_and_what_was_expected(
+    raw: dict[str, object], key: str, expected: str
+) -> None:
+    raw = {"identity": {"api_keys_file": "k"}, "tiers": {"file": "t"}, **raw}
+    with pytest.raises(ConfigError) as caught:
+        parse(raw)
+    assert key in str(caught.value)
+    assert expected in str(caught.value)
+
+
+def test_files_are_required_for_file_sources() -> None:
+    with pytest.raises(ConfigError, match="identity.api_keys_file"):
+        parse({})
+
+
+def test_durations_accept_units() -> None:
+    config = parse(
+        {
+            "identity": {"api_keys_file": "k", "cache_ttl_s": "2m"},
+            "tiers": {"file": "t"},
+            "store": {"timeout_s": "250ms"},
+            "limits": {"tiers": {"free": {"tokens_window": "1h"}}},
+        }
+    )
+    assert config.identity.cache_ttl_s == 120.0
+    assert config.store.timeout_s == 0.25
+    assert config.limits.tiers["free"].tokens_window_s == 3600
+    assert config.limits.tiers["free"].tokens == 100  # untouched fields keep the defaults
+
+
+def test_redis_password_never_shows_in_repr() -> None:
+    config = parse(
+        {
+            "identity": {"api_keys_file": "k"},
+            "tiers": {"file": "t"},
+            "store": {"url": "rediss://user:hunter2@redis.example:6380/0"},
+        }
+    )
+    assert "hunter2" not in repr(config)
+    assert "hunter2" not in repr(config.store)
+    assert "***@redis.example:6380" in repr(config.store.url)
+    assert str(config.store.url) == "rediss://user:hunter2@redis.example:6380/0"
+    assert isinstance(config.store.url, Secret)
+
+
+def test_config_is_frozen() -> None:
+    config = Config()
+    with pytest.raises(AttributeError):
+        config.server = config.server  # type: ignore[misc]
+
+
+def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", str(LOCAL / "config.yaml")]) == 0
+    assert "ok" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server:\n  port: 70000\nidentity: {api_keys_file: k}\ntiers: {file: t}\n")
+    assert main(["check-config", str(bad)]) == 2
+    assert "server.port" in capsys.readouterr().err
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="readable"):
+        load(tmp_path / "absent.yaml", {})

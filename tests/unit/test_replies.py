@@ -1,0 +1,101 @@
+"""The outcome -> Envoy reply table: statuses, headers, bodies and metadata."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from google.protobuf import json_format
+from google.rpc import code_pb2
+
+from extproc.domain import Decision, Identity, Outcome, Tier
+from extproc.envoy.replies import check_response
+
+ALICE = Identity("alice", "alice", ("tier-free-users",))
+FREE = Tier("free", 0, frozenset({"tier-free-users"}))
+
+
+def headers_of(options: object) -> dict[str, str]:
+    return {o.header.key: o.header.value for o in options}  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("outcome", "status", "code"),
+    [
+        (Outcome.UNAUTHENTICATED, 401, code_pb2.UNAUTHENTICATED),
+        (Outcome.NO_TIER, 403, code_pb2.PERMISSION_DENIED),
+        (Outcome.FORBIDDEN, 403, code_pb2.PERMISSION_DENIED),
+        (Outcome.SPOOFED, 403, code_pb2.PERMISSION_DENIED),
+        (Outcome.RATE_LIMITED, 429, code_pb2.RESOURCE_EXHAUSTED),
+        (Outcome.TOKEN_LIMITED, 429, code_pb2.RESOURCE_EXHAUSTED),
+        (Outcome.UNAVAILABLE, 503, code_pb2.UNAVAILABLE),
+    ],
+)
+def test_every_refusal_has_a_status_and_a_json_reason(
+    outcome: Outcome, status: int, code: int
+) -> None:
+    reply = check_response(Decision(outcome, "because"), "/p")
+    assert reply.status.code == code
+    assert reply.denied_response.status.code == status
+    body = json.loads(reply.denied_response.body)
+    assert body["error"]["code"] == outcome.value
+    assert headers_of(reply.denied_response.headers)["content-type"] == "application/json"
+
+
+def test_unauthenticated_asks_for_a_bearer_token() -> None:
+    reply = check_response(Decision(Outcome.UNAUTHENTICATED, "missing bearer token"), "/p")
+    assert headers_of(reply.denied_response.headers)["www-authenticate"].startswith("Bearer")
+
+
+def test_token_limit_reply_has_retry_after_and_rate_limit_headers() -> None:
+    decision = Decision(
+        Outcome.TOKEN_LIMITED,
+        identity=ALICE,
+        tier=FREE,
+        limit_kind="tokens",
+        limit=100,
+        remaining=0,
+        reset_s=42,
+        retry_after_s=42,
+    )
+    reply = check_response(decision, "/p")
+    headers = headers_of(reply.denied_response.headers)
+    assert headers["retry-after"] == "42"
+    assert headers["x-ratelimit-limit"] == "100"
+    assert headers["x-ratelimit-remaining"] == "0"
+    assert headers["x-ratelimit-reset"] == "42"
+    message = json.loads(reply.denied_response.body)["error"]["message"]
+    assert "rate limit" in message
+    assert "quota" in message
+
+
+def test_allow_sets_identity_headers_strips_spoofed_and_fills_metadata() -> None:
+    decision = Decision(
+        Outcome.ALLOW,
+        identity=ALICE,
+        tier=FREE,
+        model="m",
+        charged=True,
+        reserved_tokens=64,
+        token_windows=(1234,),
+        limit=100,
+        remaining=36,
+        reset_s=60,
+        strip_headers=("x-maas-debug",),
+    )
+    reply = check_response(decision, "/ns/m/v1/chat/completions")
+    ok = reply.ok_response
+    assert headers_of(ok.headers) == {"x-maas-username": "alice", "x-maas-tier": "free"}
+    assert list(ok.headers_to_remove) == ["x-maas-debug", "accept-encoding"]
+    assert headers_of(ok.response_headers_to_add)["x-ratelimit-remaining"] == "36"
+    meta = json_format.MessageToDict(reply.dynamic_metadata)
+    assert meta["identity"] == {"userid": "alice", "tier": "free", "groups": ["tier-free-users"]}
+    assert meta["maas"]["reserved"] == 64
+    assert meta["maas"]["windows"] == [1234]
+    assert meta["maas"]["charged"] is True
+
+
+def test_uncharged_allow_keeps_accept_encoding() -> None:
+    decision = Decision(Outcome.ALLOW, identity=ALICE, tier=FREE, charged=False)
+    reply = check_response(decision, "/v1/models")
+    assert list(reply.ok_response.headers_to_remove) == []
