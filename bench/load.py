@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.0, help="requests/s; 0: closed loop")
     args = parser.parse_args()
     try:
-        import uvloop  # noqa: PLC0415
+        import uvloop
 
         result = uvloop.run(run(args))
     except ImportError:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 _LF = 10  # b"\n"
 _COLON = 58  # b":"
@@ -14,8 +13,7 @@ _BRACE = 123  # b"{"
 _WHITESPACE = frozenset(b" \t\r\n")
 
 
-@dataclass(frozen=True, slots=True)
-class SseEvent:
+class SseEvent(NamedTuple):
     """One dispatched event: its ``event:`` name ("" if none) and its joined ``data:`` lines."""
 
     event: str
@@ -78,11 +76,14 @@ class SseSplitter:
         while True:
             while start < size and data[start] == _LF:
                 start += 1
-            end = data.find(b"\n\n", max(start, scan))
+            end = data.find(b"\n\n", start if start > scan else scan)
             if end < 0:
                 break
             if end - start > limit:
                 self.dropped_events += 1
+            elif data.startswith(b"data:", start) and data.find(b"\n", start, end) < 0:
+                start += 6 if data.startswith(b" ", start + 5) else 5  # the common one-line event
+                events.append(SseEvent("", bytes(data[start:end])))
             else:
                 self._dispatch(bytes(data[start:end]), events)
             start = end + 2
@@ -92,7 +93,7 @@ class SseSplitter:
             self._buf = bytearray(data[-1:])
         elif data is self._buf:
             del self._buf[:start]
-        else:
+        elif start < size:
             self._buf = bytearray(data[start:])
 
     def _skip(self, chunk: bytes) -> bytes:
@@ -111,10 +112,6 @@ class SseSplitter:
     def _dispatch(self, block: bytes, events: list[SseEvent]) -> None:
         if len(block) > self.max_event_bytes:
             self.dropped_events += 1
-            return
-        if b"\n" not in block and block.startswith(b"data:"):  # the common one-line event
-            value = block[5:]
-            events.append(SseEvent("", value[1:] if value[:1] == b" " else value))
             return
         name, data = "", []
         for line in block.split(b"\n"):
@@ -158,15 +155,25 @@ def string_chars(data: bytes, key: bytes) -> int:
     total, step = 0, len(key)
     found = data.find(key)
     while found >= 0:
-        at = _value_at(data, found, step) if found == 0 or data[found - 1] != _BACKSLASH else -1
-        if 0 <= at < len(data) and data[at] == _QUOTE:
+        after = found + step
+        if found and data[found - 1] == _BACKSLASH:
+            found = data.find(key, after)
+            continue
+        at = after + 1 if data.startswith(b':"', after) else _value_at(data, found, step)
+        if at < 0 or at >= len(data) or data[at] != _QUOTE:
+            found = data.find(key, after)
+            continue
+        end = data.find(b'"', at + 1)
+        if end > 0 and data[end - 1] == _BACKSLASH:
             end = _string_end(data, at + 1)
-            if end < 0:
-                break
-            total += _literal_chars(data, at, end)
-            found = data.find(key, end + 1)
+        if end < 0:
+            break
+        raw = data[at + 1 : end]
+        if raw.isascii() and b"\\" not in raw:
+            total += len(raw)
         else:
-            found = data.find(key, found + step)
+            total += _literal_chars(data, at, end)
+        found = data.find(key, end + 1)
     return total
 
 
@@ -212,13 +219,12 @@ def _string_end(data: bytes, start: int) -> int:
 
 
 def _literal_chars(data: bytes, opening: int, closing: int) -> int:
+    """Characters of the JSON string literal ``data[opening:closing + 1]`` (escapes decoded)."""
     raw = data[opening + 1 : closing]
     if b"\\" in raw:
         text = load_json(data[opening : closing + 1])
         if isinstance(text, str):
             return len(text)
-    elif raw.isascii():
-        return len(raw)
     return len(raw.decode("utf-8", "replace"))
 
 

@@ -65,7 +65,7 @@ def test_errors_name_the_key_and_what_was_expected(
 
 
 def test_files_are_required_for_file_sources() -> None:
-    with pytest.raises(ConfigError, match="identity.api_keys_file"):
+    with pytest.raises(ConfigError, match=r"identity\.api_keys_file"):
         parse({})
 
 
