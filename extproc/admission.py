@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from extproc.accounting import estimate
 from extproc.authz.base import AccessChecker, IdentitySource, TierSource
+from extproc.config import AccountingConfig
 from extproc.domain import Decision, Identity, Outcome, Tier
 from extproc.errors import StoreUnavailable, Unavailable
 from extproc.limits.limiter import Limiter
@@ -18,6 +20,11 @@ log = logging.getLogger("extproc.admission")
 
 OWN_HEADERS = ("x-maas-username", "x-maas-tier")
 SPOOF_PREFIX = "x-maas-"
+# APIs whose streams report usage only when asked (stream_options.include_usage).
+USAGE_OPT_IN_SUFFIXES = ("/chat/completions", "/v1/completions")
+# With dependency_failure fail_open, a caller whose tier cannot be resolved is admitted as this
+# tier: limited by ``limits.tiers.unknown`` if configured, else not limited.
+UNRESOLVED_TIER = Tier("unknown", -1, frozenset())
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +41,9 @@ class RequestBody:
 
     model: str = ""
     max_tokens: int | None = None
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage was asked for
+    prompt_chars: int = 0  # for estimates when the response reports no usage
 
     @classmethod
     def parse(cls, body: bytes) -> RequestBody:
@@ -52,7 +62,14 @@ class RequestBody:
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 bound = value
                 break
-        return cls(model=model if isinstance(model, str) else "", max_tokens=bound)
+        options = data.get("stream_options")
+        return cls(
+            model=model if isinstance(model, str) else "",
+            max_tokens=bound,
+            stream=data.get("stream") is True,
+            include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+            prompt_chars=estimate.prompt_chars(data),
+        )
 
 
 class Admission:
@@ -69,6 +86,7 @@ class Admission:
         spoofed_headers: Literal["strip", "reject"] = "strip",
         store_failure: Literal["fail_open", "fail_closed"] = "fail_open",
         dependency_failure: Literal["fail_open", "fail_closed"] = "fail_closed",
+        accounting: AccountingConfig | None = None,
     ) -> None:
         self._routes = routes
         self._identities = identities
@@ -78,6 +96,7 @@ class Admission:
         self._reject_spoofed = spoofed_headers == "reject"
         self._store_fail_open = store_failure == "fail_open"
         self._dependency_fail_open = dependency_failure == "fail_open"
+        self._accounting = accounting or AccountingConfig()
 
     async def decide(self, request: AdmissionRequest) -> Decision:
         route = self._routes.classify(request.method, request.path)
@@ -91,17 +110,33 @@ class Admission:
             return Decision(Outcome.UNAUTHENTICATED, "missing bearer token")
         try:
             identity = await self._identities.authenticate(token)
-            if identity is None:
-                return Decision(Outcome.UNAUTHENTICATED, "invalid or expired token")
-            tier = await self._tiers.tier_for(identity)
-            if tier is None:
-                return Decision(Outcome.NO_TIER, "no tier matches the caller's groups", identity)
-            body = RequestBody.parse(request.body) if route.charged else RequestBody()
-            if not await self._access_ok(identity, route, body.model):
-                return Decision(Outcome.FORBIDDEN, "no access to this model", identity, tier)
         except Unavailable as exc:
+            # Fail closed whatever the policy: an unauthenticated request is never let through.
             log.warning("admission dependency unavailable: %s", type(exc).__name__)
-            return Decision(Outcome.UNAVAILABLE, "identity or tier service unavailable")
+            return Decision(Outcome.UNAVAILABLE, "identity service unavailable")
+        if identity is None:
+            return Decision(Outcome.UNAUTHENTICATED, "invalid or expired token")
+        try:
+            tier = await self._tiers.tier_for(identity)
+        except Unavailable as exc:
+            if not self._dependency_fail_open:
+                log.warning("admission dependency unavailable: %s", type(exc).__name__)
+                return Decision(Outcome.UNAVAILABLE, "tier service unavailable", identity)
+            log.warning("tier unavailable: admitting as tier %s (fail_open)", UNRESOLVED_TIER.name)
+            tier = UNRESOLVED_TIER
+        if tier is None:
+            return Decision(Outcome.NO_TIER, "no tier matches the caller's groups", identity)
+        body = RequestBody.parse(request.body) if route.charged else RequestBody()
+        try:
+            access = await self._access_ok(identity, route, body.model)
+        except Unavailable as exc:
+            if not self._dependency_fail_open:
+                log.warning("admission dependency unavailable: %s", type(exc).__name__)
+                return Decision(Outcome.UNAVAILABLE, "access check unavailable", identity, tier)
+            log.warning("access check unavailable: admitting (fail_open)")
+            access = True
+        if not access:
+            return Decision(Outcome.FORBIDDEN, "no access to this model", identity, tier)
         model = body.model or route.model
         allowed = Decision(
             Outcome.ALLOW,
@@ -113,6 +148,16 @@ class Admission:
         )
         if not route.charged:
             return allowed
+        allowed = replace(
+            allowed,
+            inject_usage=self._accounting.inject_include_usage
+            and body.stream
+            and not body.include_usage
+            and route.path.endswith(USAGE_OPT_IN_SUFFIXES),
+            prompt_estimate=estimate.tokens_from_chars(
+                body.prompt_chars, self._accounting.chars_per_token
+            ),
+        )
         return await self._limit(allowed, identity, tier, model, body)
 
     async def _access_ok(self, identity: Identity, route: Route, body_model: str) -> bool:
@@ -150,19 +195,14 @@ class Admission:
                 reset_s=verdict.reset_s,
                 retry_after_s=verdict.retry_after_s,
             )
-        return Decision(
-            Outcome.ALLOW,
-            identity=identity,
-            tier=tier,
-            model=model,
-            charged=True,
+        return replace(
+            allowed,
             reserved_tokens=verdict.reserved_tokens,
             token_windows=verdict.token_windows,
             limit_kind=verdict.kind,
             limit=verdict.limit,
             remaining=verdict.remaining,
             reset_s=verdict.reset_s,
-            strip_headers=allowed.strip_headers,
         )
 
 

@@ -110,6 +110,14 @@ class StoreConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AccountingConfig:
+    inject_include_usage: bool = True  # ask streams for usage when the client did not
+    hide_injected_usage: bool = False  # drop that usage chunk before it reaches the client
+    chars_per_token: float = 4.0  # estimates: characters of text per token
+    max_body_bytes: int = 8 << 20  # JSON bodies kept whole up to this; beyond, a bounded tail
+
+
+@dataclass(frozen=True, slots=True)
 class RoutesConfig:
     charged_suffixes: tuple[str, ...] = (
         "/v1/chat/completions",
@@ -131,6 +139,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     routes: RoutesConfig = field(default_factory=RoutesConfig)
+    accounting: AccountingConfig = field(default_factory=AccountingConfig)
     base_dir: str = "."  # relative file paths resolve against the config file's folder
 
     def path(self, value: str) -> Path:
@@ -172,6 +181,7 @@ def parse(raw: Mapping[str, Any], base_dir: str = ".") -> Config:
         limits=_limits(raw.get("limits")),
         store=_section(StoreConfig, raw, "store"),
         routes=_section(RoutesConfig, raw, "routes"),
+        accounting=_section(AccountingConfig, raw, "accounting"),
         base_dir=base_dir,
     )
     _check(config)
@@ -187,6 +197,7 @@ def _apply_environ(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
         "access": AccessConfig,
         "store": StoreConfig,
         "routes": RoutesConfig,
+        "accounting": AccountingConfig,
     }
     known: dict[str, tuple[str, str]] = {}
     for section, cls in simple.items():
@@ -232,7 +243,9 @@ def _section(cls: type[_T], raw: Mapping[str, Any], name: str) -> _T:
 
 
 def _coerce(key: str, value: Any, default: Any, annotation: object) -> Any:
-    choices = re.findall(r"['\"]([^'\"]+)['\"]", str(annotation)) if "Literal" in str(annotation) else []
+    choices = (
+        re.findall(r"['\"]([^'\"]+)['\"]", str(annotation)) if "Literal" in str(annotation) else []
+    )
     if choices:
         if value not in choices:
             raise ConfigError(key, "one of " + ", ".join(choices), value)
@@ -249,6 +262,10 @@ def _coerce(key: str, value: Any, default: Any, annotation: object) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(key, "a whole number >= 0", value)
         return value
+    if isinstance(default, float) and key.endswith("chars_per_token"):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(key, "a number > 0", value)
+        return float(value)
     if isinstance(default, float):
         return _seconds(key, value)
     if isinstance(default, str):
@@ -385,6 +402,10 @@ def _check(config: Config) -> None:
         raise ConfigError("store.spool_size", "a whole number >= 1", config.store.spool_size)
     if config.store.retention_days < 1:
         raise ConfigError("store.retention_days", "a whole number >= 1")
+    if config.accounting.hide_injected_usage and not config.accounting.inject_include_usage:
+        raise ConfigError(
+            "accounting.hide_injected_usage", "false unless accounting.inject_include_usage is true"
+        )
     for suffix in (*config.routes.charged_suffixes, *config.routes.exempt_suffixes):
         if not suffix.startswith("/"):
             raise ConfigError("routes", "path suffixes starting with /", suffix)

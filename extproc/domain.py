@@ -113,6 +113,8 @@ class Decision:
     reset_s: int = 0
     retry_after_s: int = 0
     strip_headers: tuple[str, ...] = ()  # client-sent X-MaaS-* headers to remove
+    inject_usage: bool = False  # ext_proc rewrites the request to ask the stream for usage
+    prompt_estimate: int = 0  # prompt tokens estimated from the request, for missing usage
 
     @property
     def allowed(self) -> bool:

@@ -82,7 +82,9 @@ def render_envoy(
     if topology in ("full", "observability"):
         ext_proc = filters_doc["ext_proc"]
         if topology == "observability":
+            # Send-and-go: no replies, so no request rewrite either; request headers are skipped.
             ext_proc["typed_config"]["observability_mode"] = True
+            ext_proc["typed_config"]["processing_mode"]["request_header_mode"] = "SKIP"
         chosen.append(ext_proc)
     filters = _indent(yaml.safe_dump(chosen, sort_keys=False), 10) if chosen else ""
     endpoints = (

@@ -8,11 +8,13 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+from envoy.config.core.v3 import base_pb2 as cfg
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from extproc.charger import Charger
+from extproc.config import AccountingConfig
 from extproc.envoy.session import Session
 from extproc.observability.metrics import Metrics
 
@@ -28,6 +30,32 @@ _SKIP_BODY = ep.ProcessingResponse(
     response_headers=ep.HeadersResponse(),
     mode_override=pm.ProcessingMode(response_body_mode=pm.ProcessingMode.NONE),
 )
+# Requests whose body we rewrite (include_usage injection): send it to us, whole.
+_WANT_REQUEST_BODY = ep.ProcessingResponse(
+    request_headers=ep.HeadersResponse(),
+    mode_override=pm.ProcessingMode(
+        request_body_mode=pm.ProcessingMode.BUFFERED,
+        response_header_mode=pm.ProcessingMode.SEND,
+        response_body_mode=pm.ProcessingMode.STREAMED,
+    ),
+)
+
+
+def _replaced_request_body(body: bytes) -> ep.ProcessingResponse:
+    length = cfg.HeaderValueOption(
+        header=cfg.HeaderValue(key="content-length", raw_value=str(len(body)).encode()),
+        append_action=cfg.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+    common = ep.CommonResponse(
+        header_mutation=ep.HeaderMutation(set_headers=[length]),
+        body_mutation=ep.BodyMutation(body=body),
+    )
+    return ep.ProcessingResponse(request_body=ep.BodyResponse(response=common))
+
+
+def _replaced_response_body(body: bytes) -> ep.ProcessingResponse:
+    common = ep.CommonResponse(body_mutation=ep.BodyMutation(body=body))
+    return ep.ProcessingResponse(response_body=ep.BodyResponse(response=common))
 
 
 def header_value(headers: ep.HttpHeaders, name: str) -> str:
@@ -39,9 +67,12 @@ def header_value(headers: ep.HttpHeaders, name: str) -> str:
 
 
 class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, charger: Charger, metrics: Metrics) -> None:
+    def __init__(
+        self, charger: Charger, metrics: Metrics, config: AccountingConfig | None = None
+    ) -> None:
         self._charger = charger
         self._metrics = metrics
+        self._config = config or AccountingConfig()
         self._background: set[asyncio.Task[None]] = set()
 
     async def Process(  # noqa: N802 - the gRPC method name
@@ -49,7 +80,7 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):  # type: igno
         requests: AsyncIterator[ep.ProcessingRequest],
         context: grpc.aio.ServicerContext[object, object],
     ) -> AsyncIterator[ep.ProcessingResponse]:
-        session = Session()
+        session = Session(self._config)
         started = time.perf_counter()
         try:
             async for request in requests:
@@ -58,18 +89,24 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):  # type: igno
                     session.bind(request.metadata_context.filter_metadata)
                 if kind == "response_body":
                     body = request.response_body
-                    session.on_body(body.body)
+                    replacement = session.on_body(body.body, body.end_of_stream)
                     if body.end_of_stream:
                         await self._charge(session)
-                    if not request.observability_mode:
+                    if request.observability_mode:
+                        pass
+                    elif replacement is None:
                         yield _CONTINUE_BODY
+                    else:
+                        yield _replaced_response_body(replacement)
                     if body.end_of_stream:
                         break  # end the RPC now, or Envoy holds the stream open
                 elif kind == "response_headers":
                     headers = request.response_headers
                     status = int(header_value(headers, ":status") or 0)
                     follow = session.on_response_headers(
-                        status, header_value(headers, "content-type")
+                        status,
+                        header_value(headers, "content-type"),
+                        header_value(headers, "content-encoding"),
                     )
                     if headers.end_of_stream or not follow:
                         await self._charge(session)
@@ -78,11 +115,22 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):  # type: igno
                     if headers.end_of_stream or (not follow and request.observability_mode):
                         break
                 elif kind == "request_headers":
-                    if not request.observability_mode:
-                        yield _CONTINUE_REQUEST_HEADERS
+                    if request.observability_mode:
+                        continue
+                    wants_body = session.wants_request_body
+                    yield _WANT_REQUEST_BODY if wants_body else _CONTINUE_REQUEST_HEADERS
                 elif kind == "request_body":
-                    if not request.observability_mode:
+                    if request.observability_mode:
+                        continue
+                    rewritten = (
+                        session.rewrite_request(request.request_body.body)
+                        if session.wants_request_body and request.request_body.end_of_stream
+                        else None
+                    )
+                    if rewritten is None:
                         yield _CONTINUE_REQUEST_BODY
+                    else:
+                        yield _replaced_request_body(rewritten)
                 elif not request.observability_mode:
                     yield _continue_other(kind)
         finally:

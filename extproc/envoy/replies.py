@@ -84,6 +84,8 @@ def metadata(decision: Decision, path: str) -> struct_pb2.Struct:
                 "charged": decision.charged,
                 "reserved": decision.reserved_tokens,
                 "windows": list(decision.token_windows),
+                "inject": decision.inject_usage,
+                "prompt_est": decision.prompt_estimate,
             },
         }
     )

@@ -377,6 +377,7 @@ class SimServer:
             "total_tokens": 0,
             "status": 200,
             "completed": True,
+            "finished": True,  # false while a stream is still being written
             "headers": {k.lower(): v for k, v in request.headers.items()},
         }
         self.records.append(rec)
@@ -470,14 +471,14 @@ class SimServer:
         sent = 0
 
         def cut_short(completed: bool = False) -> None:
-            rec.update(usage_sent=False, completed=completed, completion_tokens=sent)
+            rec.update(usage_sent=False, completed=completed, finished=True, completion_tokens=sent)
             rec["total_tokens"] = g.prompt + sent
 
-        rec["completed"] = False
+        rec.update(completed=False, finished=False)
         try:
             await resp.prepare(request)
             if delay <= 0 and abort_after is None:  # fast path: one write
-                rec.update(usage_sent=usage_sent, completed=True)
+                rec.update(usage_sent=usage_sent, completed=True, finished=True)
                 await resp.write(b"".join([*head, *tokens, *tail]))
                 return resp
             await resp.write(b"".join(head))
@@ -494,7 +495,7 @@ class SimServer:
                 return resp
             if delay > 0:
                 await asyncio.sleep(delay)
-            rec.update(usage_sent=usage_sent, completed=True)
+            rec.update(usage_sent=usage_sent, completed=True, finished=True)
             await resp.write(b"".join(tail))
             return resp
         except ConnectionError:  # the client went away

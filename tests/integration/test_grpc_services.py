@@ -132,6 +132,7 @@ async def test_cancelled_stream_still_settles_its_charge(
         await asyncio.sleep(0.02)
     assert [(r.total_tokens, r.requests) for r in rows] == [(7, 1)]
     assert server.sidecar.metrics.disconnects.labels("premium")._value.get() == 1
+    assert not server.sidecar.proc._background  # no task outlives its stream
 
 
 async def test_health_and_reflection(server: Server, channel: grpc.aio.Channel) -> None:

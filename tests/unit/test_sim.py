@@ -479,6 +479,7 @@ async def test_records_endpoint(sim: SimServer, base: str, http: aiohttp.ClientS
         "total_tokens",
         "status",
         "completed",
+        "finished",
         "headers",
     }
     assert first["headers"]["x-tenant"] == "Acme"
