@@ -82,6 +82,11 @@ class Metrics:
             ["dependency"],
             registry=r,
         )
+        self.tier_mapping_rejected = Counter(
+            "maas_tier_mapping_rejected",
+            "Tier mapping updates rejected as invalid; the last good mapping stays in use",
+            registry=r,
+        )
         self._decision_children: dict[tuple[str, str], Counter] = {}
 
     def decided(self, decision: Decision, seconds: float) -> None:

@@ -1,0 +1,529 @@
+"""A local Kubernetes API server over HTTPS: TokenReview, SubjectAccessReview, watched ConfigMaps.
+
+It speaks the real JSON shapes so the official ``kubernetes`` client reaches it through a kubeconfig
+(``write_kubeconfig``). Tests script it live: tokens, RBAC rules, ConfigMap contents, failures
+(``fail_with(503)``, ``down()`` / ``up()``), and read request counters per endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import itertools
+import json
+import secrets
+import ssl
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+DEFAULT_AUDIENCE = "maas-default-gateway-sa"
+API_SERVER_AUDIENCE = "https://kubernetes.default.svc.cluster.local"
+CLIENT_TOKEN = "sidecar-own-service-account-token"
+
+Json = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    """What the API server knows about one token."""
+
+    username: str
+    groups: tuple[str, ...] = ()
+    audiences: tuple[str, ...] = (DEFAULT_AUDIENCE,)
+    exp: float | None = None  # unix seconds; the emulator's clock decides expiry
+
+
+@dataclass(frozen=True)
+class AllowRule:
+    """RBAC in one line: ``subject`` (a username or ``group:<name>``) may post to ns/name."""
+
+    subject: str
+    namespace: str
+    name: str = "*"
+    verb: str = "post"
+    group: str = "serving.kserve.io"
+    resource: str = "llminferenceservices"
+
+
+@dataclass
+class _Event:
+    rv: int
+    kind: str  # ADDED, MODIFIED, DELETED
+    obj: Json
+
+
+@dataclass
+class _State:
+    tokens: dict[str, TokenSpec] = field(default_factory=dict)
+    rules: list[AllowRule] = field(default_factory=list)
+    config_maps: dict[tuple[str, str], Json] = field(default_factory=dict)
+    history: list[_Event] = field(default_factory=list)
+    oldest_rv: int = 0  # a watch from before this answers 410 Gone
+    fail_status: int | None = None
+
+
+def mint_token(claims: Json) -> str:
+    """A JWT-shaped token (header.payload.signature); only the emulator's table makes it valid."""
+
+    def part(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    header = part(json.dumps({"alg": "RS256", "kid": "emulator"}).encode())
+    payload = part(json.dumps(claims).encode())
+    return f"{header}.{payload}.{part(secrets.token_bytes(32))}"
+
+
+def self_signed_cert(workdir: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, generated with the openssl CLI."""
+    cert, key = workdir / "apiserver.crt", workdir / "apiserver.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=kube-emulator",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+class KubeEmulator:
+    """The emulator; ``start`` runs it in a thread with its own event loop, ``stop`` ends both."""
+
+    def __init__(self, workdir: Path, clock: Callable[[], float] = time.time) -> None:
+        self.workdir = workdir
+        self.clock = clock
+        self.counts: Counter[str] = Counter()
+        self.access_reviews: list[Json] = []  # SubjectAccessReview specs received, in order
+        self.port = 0
+        self._state = _State()
+        self._lock = threading.Lock()
+        self._rv = itertools.count(100)
+        self._cert, self._key = self_signed_cert(workdir)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self._changed: asyncio.Event | None = None
+        self._closing: asyncio.Event | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> KubeEmulator:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._thread = threading.Thread(target=loop.run_forever, name="kube-emulator", daemon=True)
+        self._thread.start()
+        self._call(self._init_events())
+        self.up()
+        return self
+
+    def stop(self) -> None:
+        if self._loop is None or self._thread is None:
+            return
+        self.down()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+        self._loop = None
+        self._thread = None
+
+    def up(self) -> None:
+        """Listen (again, on the same port)."""
+        self._call(self._serve())
+
+    def down(self) -> None:
+        """Stop listening and drop every open connection, watches included."""
+        self._call(self._shutdown())
+
+    def __enter__(self) -> KubeEmulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def ca_pem(self) -> bytes:
+        return self._cert.read_bytes()
+
+    def write_kubeconfig(self, path: Path | None = None, token: str = CLIENT_TOKEN) -> Path:
+        """A kubeconfig trusting the emulator's certificate and carrying the sidecar's token."""
+        path = path or self.workdir / "kubeconfig"
+        doc = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "emulator",
+                    "cluster": {
+                        "server": self.url,
+                        "certificate-authority-data": base64.b64encode(self.ca_pem).decode(),
+                    },
+                }
+            ],
+            "users": [{"name": "maas-extproc", "user": {"token": token}}],
+            "contexts": [
+                {"name": "emulator", "context": {"cluster": "emulator", "user": "maas-extproc"}}
+            ],
+            "current-context": "emulator",
+        }
+        path.write_text(yaml.safe_dump(doc))
+        return path
+
+    # ------------------------------------------------------------------ scripting
+
+    def add_token(
+        self,
+        username: str,
+        groups: Iterable[str] = (),
+        *,
+        audiences: Iterable[str] = (DEFAULT_AUDIENCE,),
+        exp: float | None = None,
+        token: str | None = None,
+    ) -> str:
+        """Register a token and return it (JWT-shaped, with ``exp`` in its payload when given)."""
+        if token is None:
+            claims: Json = {"iss": "kube-emulator", "sub": username, "aud": list(audiences)}
+            if exp is not None:
+                claims["exp"] = int(exp)
+            token = mint_token(claims)
+        with self._lock:
+            self._state.tokens[token] = TokenSpec(username, tuple(groups), tuple(audiences), exp)
+        return token
+
+    def add_sa_token(
+        self,
+        namespace: str,
+        name: str,
+        extra_groups: Iterable[str] = (),
+        **kwargs: Any,
+    ) -> str:
+        """A service-account token with the groups Kubernetes gives it."""
+        groups = [
+            "system:serviceaccounts",
+            f"system:serviceaccounts:{namespace}",
+            "system:authenticated",
+            *extra_groups,
+        ]
+        return self.add_token(f"system:serviceaccount:{namespace}:{name}", groups, **kwargs)
+
+    def allow(self, subject: str, namespace: str, name: str = "*") -> None:
+        with self._lock:
+            self._state.rules.append(AllowRule(subject, namespace, name))
+
+    def fail_with(self, status: int | None) -> None:
+        """Answer every API request with this HTTP status (None: serve normally)."""
+        with self._lock:
+            self._state.fail_status = status
+
+    def set_config_map(self, namespace: str, name: str, data: dict[str, str]) -> str:
+        """Create or replace a ConfigMap; watchers see ADDED or MODIFIED. Returns its resourceVersion."""
+        with self._lock:
+            rv = next(self._rv)
+            known = (namespace, name) in self._state.config_maps
+            obj: Json = {
+                "kind": "ConfigMap",
+                "apiVersion": "v1",
+                "metadata": {
+                    "name": name,
+                    "namespace": namespace,
+                    "resourceVersion": str(rv),
+                    "uid": f"uid-{namespace}-{name}",
+                },
+                "data": dict(data),
+            }
+            self._state.config_maps[(namespace, name)] = obj
+            self._state.history.append(_Event(rv, "MODIFIED" if known else "ADDED", obj))
+        self._notify()
+        return str(rv)
+
+    def delete_config_map(self, namespace: str, name: str) -> None:
+        with self._lock:
+            obj = self._state.config_maps.pop((namespace, name))
+            rv = next(self._rv)
+            gone = {**obj, "metadata": {**obj["metadata"], "resourceVersion": str(rv)}}
+            self._state.history.append(_Event(rv, "DELETED", gone))
+        self._notify()
+
+    def compact(self) -> None:
+        """Forget the event history: a watch resumed from any earlier version gets 410 Gone."""
+        with self._lock:
+            self._state.history.clear()
+            self._state.oldest_rv = next(self._rv)
+
+    def drop_watches(self) -> None:
+        """End every open watch (clients must resume with their last resourceVersion)."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._end_watches)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _call(self, coro: Any) -> Any:
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)
+
+    async def _init_events(self) -> None:
+        self._changed = asyncio.Event()
+        self._closing = asyncio.Event()
+
+    def _notify(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        assert self._changed is not None
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _end_watches(self) -> None:
+        assert self._closing is not None
+        self._closing.set()
+        self._closing = asyncio.Event()
+
+    async def _serve(self) -> None:
+        if self._runner is not None:
+            return
+        app = web.Application()
+        app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self._token_review)
+        app.router.add_post(
+            "/apis/authorization.k8s.io/v1/subjectaccessreviews", self._access_review
+        )
+        app.router.add_get("/api/v1/namespaces/{ns}/configmaps/{name}", self._get_config_map)
+        app.router.add_get("/api/v1/namespaces/{ns}/configmaps", self._list_config_maps)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self._cert, self._key)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", self.port, ssl_context=context).start()
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+
+    async def _shutdown(self) -> None:
+        if self._runner is None:
+            return
+        self._end_watches()
+        runner, self._runner = self._runner, None
+        await runner.cleanup()
+
+    def _refusal(self, request: web.Request) -> web.Response | None:
+        if request.headers.get("Authorization") != f"Bearer {CLIENT_TOKEN}":
+            return _status(401, "Unauthorized", "Unauthorized")
+        with self._lock:
+            failing = self._state.fail_status
+        if failing is not None:
+            return _status(failing, "ServiceUnavailable", "the emulator was told to fail")
+        return None
+
+    async def _token_review(self, request: web.Request) -> web.Response:
+        self.counts["tokenreviews"] += 1
+        if refused := self._refusal(request):
+            return refused
+        review: Json = await request.json()
+        spec = review.get("spec") or {}
+        wanted = list(spec.get("audiences") or [API_SERVER_AUDIENCE])
+        with self._lock:
+            known = self._state.tokens.get(str(spec.get("token", "")))
+        status: Json
+        if known is None:
+            status = {"user": {}, "error": "[invalid bearer token, token lookup failed]"}
+        elif known.exp is not None and self.clock() >= known.exp:
+            status = {"user": {}, "error": "[invalid bearer token, token has expired]"}
+        elif not (shared := [a for a in wanted if a in known.audiences]):
+            status = {
+                "user": {},
+                "error": f"[invalid bearer token, token audiences {list(known.audiences)} "
+                f"is invalid for the target audiences {wanted}]",
+            }
+        else:
+            status = {
+                "authenticated": True,
+                "user": {
+                    "username": known.username,
+                    "uid": f"uid-{known.username}",
+                    "groups": list(known.groups),
+                },
+                "audiences": shared,
+            }
+        body = {
+            "kind": "TokenReview",
+            "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"creationTimestamp": None},
+            "spec": spec,
+            "status": status,
+        }
+        return web.json_response(body, status=201)
+
+    async def _access_review(self, request: web.Request) -> web.Response:
+        self.counts["subjectaccessreviews"] += 1
+        if refused := self._refusal(request):
+            return refused
+        review: Json = await request.json()
+        spec = review.get("spec") or {}
+        self.access_reviews.append(spec)
+        attrs = spec.get("resourceAttributes") or {}
+        subjects = {spec.get("user", "")} | {f"group:{g}" for g in spec.get("groups") or []}
+        with self._lock:
+            rules = list(self._state.rules)
+        allowed = any(
+            rule.subject in subjects
+            and rule.namespace == attrs.get("namespace")
+            and rule.name in ("*", attrs.get("name"))
+            and rule.verb == attrs.get("verb")
+            and rule.group == attrs.get("group")
+            and rule.resource == attrs.get("resource")
+            for rule in rules
+        )
+        status: Json = {"allowed": allowed}
+        if allowed:
+            status["reason"] = "RBAC: allowed by the emulator's rules"
+        body = {
+            "kind": "SubjectAccessReview",
+            "apiVersion": "authorization.k8s.io/v1",
+            "metadata": {"creationTimestamp": None},
+            "spec": spec,
+            "status": status,
+        }
+        return web.json_response(body, status=201)
+
+    async def _get_config_map(self, request: web.Request) -> web.Response:
+        self.counts["configmap_get"] += 1
+        if refused := self._refusal(request):
+            return refused
+        ns, name = request.match_info["ns"], request.match_info["name"]
+        with self._lock:
+            obj = self._state.config_maps.get((ns, name))
+        if obj is None:
+            return _status(404, "NotFound", f'configmaps "{name}" not found')
+        return web.json_response(obj)
+
+    async def _list_config_maps(self, request: web.Request) -> web.StreamResponse:
+        watching = request.query.get("watch") in ("true", "1")
+        self.counts["configmap_watch" if watching else "configmap_list"] += 1
+        if refused := self._refusal(request):
+            return refused
+        ns = request.match_info["ns"]
+        wanted = _field_selector_name(request.query.get("fieldSelector", ""))
+
+        def matches(obj: Json) -> bool:
+            meta = obj["metadata"]
+            return bool(meta["namespace"] == ns and wanted in (None, meta["name"]))
+
+        if watching:
+            return await self._watch(request, matches)
+        with self._lock:
+            items = [o for o in self._state.config_maps.values() if matches(o)]
+            current = self._state.history[-1].rv if self._state.history else self._state.oldest_rv
+        body = {
+            "kind": "ConfigMapList",
+            "apiVersion": "v1",
+            "metadata": {"resourceVersion": str(current)},
+            "items": items,
+        }
+        return web.json_response(body)
+
+    async def _watch(
+        self, request: web.Request, matches: Callable[[Json], bool]
+    ) -> web.StreamResponse:
+        assert self._closing is not None
+        closing = self._closing
+        since_text = request.query.get("resourceVersion", "")
+        timeout_s = float(request.query.get("timeoutSeconds", "1800"))
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+
+        async def send(kind: str, obj: Json) -> None:
+            line = json.dumps({"type": kind, "object": obj}) + "\n"
+            await response.write(line.encode())
+
+        with self._lock:
+            oldest = self._state.oldest_rv
+            snapshot = [o for o in self._state.config_maps.values() if matches(o)]
+            latest = self._state.history[-1].rv if self._state.history else oldest
+        if since_text in ("", "0"):  # "any version": the current objects, as ADDED events
+            for obj in snapshot:
+                await send("ADDED", obj)
+            since = latest
+        else:
+            since = int(since_text)
+            if since < oldest:
+                await send("ERROR", _status_body(410, "Expired", "too old resource version"))
+                await response.write_eof()
+                return response
+        while not closing.is_set():
+            with self._lock:
+                fresh = [e for e in self._state.history if e.rv > since and matches(e.obj)]
+                last = self._state.history[-1].rv if self._state.history else since
+            for event in fresh:
+                await send(event.kind, event.obj)
+            since = max(since, last)
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            assert self._changed is not None
+            changed = asyncio.ensure_future(self._changed.wait())
+            ended = asyncio.ensure_future(closing.wait())
+            _, pending = await asyncio.wait(
+                {changed, ended}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in pending:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        with contextlib.suppress(ConnectionError):
+            await response.write_eof()
+        return response
+
+
+def _field_selector_name(selector: str) -> str | None:
+    for term in filter(None, selector.split(",")):
+        key, _, value = term.replace("==", "=").partition("=")
+        if key == "metadata.name":
+            return value
+    return None
+
+
+def _status_body(code: int, reason: str, message: str) -> Json:
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+
+
+def _status(code: int, reason: str, message: str) -> web.Response:
+    return web.json_response(_status_body(code, reason, message), status=code)
