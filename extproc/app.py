@@ -20,12 +20,12 @@ from grpc_reflection.v1alpha import reflection
 from extproc.admission import Admission
 from extproc.authz.api_keys import ApiKeyIdentities
 from extproc.authz.base import AccessChecker, AllowAll, IdentitySource, TierSource
+from extproc.authz.kube import KubeConnector
 from extproc.authz.tiers import FileTiers
 from extproc.charger import Charger
 from extproc.config import Config
 from extproc.envoy.authz_service import AuthorizationService
 from extproc.envoy.proc_service import ExternalProcessorService
-from extproc.errors import ConfigError
 from extproc.limits.limiter import Limiter
 from extproc.observability.metrics import Metrics, serve_metrics
 from extproc.routes import RouteTable
@@ -44,12 +44,8 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def build_store(config: Config) -> CounterStore:
-    return build_inner_store(config)
-
-
 def build_inner_store(config: Config) -> CounterStore:
-    """The backend named by ``store.url``, without the failure policy around it."""
+    """The bare store for ``store.url``, without the failure policy (for one-shot readers)."""
     url = str(config.store.url)
     if url.startswith("memory:"):
         return MemoryStore(retention_days=config.store.retention_days)
@@ -58,20 +54,39 @@ def build_inner_store(config: Config) -> CounterStore:
     return RedisStore.from_config(config.store)
 
 
-def build_identities(config: Config) -> IdentitySource:
+def build_store(config: Config, metrics: Metrics) -> CounterStore:
+    """The serving store: the bare store wrapped in the failure policy and its charge spool."""
+    from extproc.store.resilient import ResilientStore
+
+    return ResilientStore(build_inner_store(config), config.store, metrics)
+
+
+def build_identities(config: Config, metrics: Metrics, kube: KubeConnector) -> IdentitySource:
     if config.identity.source == "api_keys":
         return ApiKeyIdentities.from_file(config.path(config.identity.api_keys_file))
-    raise ConfigError("identity.source", "api_keys (kubernetes is not built in yet)")
+    from extproc.authz.kubernetes_identity import KubernetesIdentities
+
+    return KubernetesIdentities(kube(), config.identity, metrics)
 
 
-def build_tiers(config: Config) -> TierSource:
+def build_tiers(config: Config, metrics: Metrics, kube: KubeConnector) -> TierSource:
     if config.tiers.source == "file":
         return FileTiers.from_file(config.path(config.tiers.file), config.tiers.instance)
-    raise ConfigError("tiers.source", "file (configmap and maas_api are not built in yet)")
+    if config.tiers.source == "configmap":
+        from extproc.authz.configmap_tiers import ConfigMapTiers
+
+        return ConfigMapTiers(kube(), config.tiers, metrics)
+    from extproc.authz.maas_api_tiers import MaasApiTiers
+
+    return MaasApiTiers(config.tiers, metrics)
 
 
-def build_access(config: Config) -> AccessChecker:
-    return AllowAll()
+def build_access(config: Config, metrics: Metrics, kube: KubeConnector) -> AccessChecker:
+    if config.access.check == "none":
+        return AllowAll()
+    from extproc.authz.access_review import SubjectAccessReviewAccess
+
+    return SubjectAccessReviewAccess(kube(), config.access, metrics)
 
 
 @dataclass
@@ -91,11 +106,12 @@ class Sidecar:
     @classmethod
     def build(cls, config: Config, metrics: Metrics | None = None) -> Sidecar:
         metrics = metrics or Metrics()
-        store = build_store(config)
+        store = build_store(config, metrics)
+        kube = KubeConnector.for_config(config)  # one shared client, built if needed
         identities, tiers, access = (
-            build_identities(config),
-            build_tiers(config),
-            build_access(config),
+            build_identities(config, metrics, kube),
+            build_tiers(config, metrics, kube),
+            build_access(config, metrics, kube),
         )
         limiter = Limiter(store, config.limits, now_ms)
         admission = Admission(
@@ -107,6 +123,7 @@ class Sidecar:
             spoofed_headers=config.routes.spoofed_headers,
             store_failure=config.store.failure_policy,
             dependency_failure=config.identity.unavailable,
+            accounting=config.accounting,
         )
         charger = Charger(limiter, metrics)
         return cls(
@@ -118,7 +135,7 @@ class Sidecar:
             access,
             admission,
             AuthorizationService(admission, metrics),
-            ExternalProcessorService(charger, metrics),
+            ExternalProcessorService(charger, metrics, config.accounting),
         )
 
     async def close(self) -> None:

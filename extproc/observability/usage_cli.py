@@ -53,7 +53,7 @@ def render(rows: list[LedgerRow], fmt: str) -> str:
 
 
 async def _rows(config: Config, user: str, days: list[str]) -> list[LedgerRow]:
-    from extproc.app import build_inner_store  # noqa: PLC0415 - avoid importing the server
+    from extproc.app import build_inner_store
 
     store = build_inner_store(config)
     try:

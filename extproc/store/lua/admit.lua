@@ -1,0 +1,84 @@
+-- admit.lua: check every window counter; only if all are under their limit, add each one's hits.
+--
+-- KEYS, per counter in order:
+--   fixed   -> 1 key: the window hash {v = value, t0 = window start ms}, TTL = window
+--   sliding -> 2 keys: the current aligned bucket, then the previous one (integers, TTL = 2 x window)
+-- ARGV[1] now_ms (the caller's clock, so every replica and the memory store agree)
+-- ARGV[2] number of counters, then 5 values per counter:
+--   limit, window_ms, hits, sliding (0 or 1), bucket_start_ms (sliding: current bucket; else 0)
+-- Returns {allowed (1/0), denied index (0-based, -1 when allowed),
+--          then value, window_start_ms, reset_ms for every counter checked}.
+-- A counter denies when its value has reached its limit (value + 1 > limit, as Limitador checks);
+-- the value returned is after this admission's hits when allowed, before them when denied.
+
+local now = tonumber(ARGV[1])
+local count = tonumber(ARGV[2])
+
+-- The open fixed window of a hash, or nil when there is none or it has ended at `now`.
+local function open_window(key, window)
+  local stored = redis.call('HMGET', key, 'v', 't0')
+  local t0 = tonumber(stored[2])
+  if stored[1] and t0 and now < t0 + window then
+    return tonumber(stored[1]), t0
+  end
+  return nil
+end
+
+local reply = {1, -1}
+local k = 1
+for i = 1, count do
+  local base = 2 + (i - 1) * 5
+  local limit = tonumber(ARGV[base + 1])
+  local window = tonumber(ARGV[base + 2])
+  local hits = tonumber(ARGV[base + 3])
+  local value, start, reset
+  if ARGV[base + 4] == '1' then
+    local bucket_start = tonumber(ARGV[base + 5])
+    local current = tonumber(redis.call('GET', KEYS[k]) or '0')
+    local previous = tonumber(redis.call('GET', KEYS[k + 1]) or '0')
+    value = current + math.floor(previous * ((window - (now - bucket_start)) / window))
+    start, reset = bucket_start, bucket_start + window - now
+    k = k + 2
+  else
+    value, start = open_window(KEYS[k], window)
+    if value then
+      reset = start + window - now
+    else
+      value, start, reset = 0, now, window
+    end
+    k = k + 1
+  end
+  if value >= limit then
+    reply[1], reply[2] = 0, i - 1
+    table.insert(reply, value)
+    table.insert(reply, start)
+    table.insert(reply, reset)
+    return reply
+  end
+  table.insert(reply, value + hits)
+  table.insert(reply, start)
+  table.insert(reply, reset)
+end
+
+k = 1
+for i = 1, count do
+  local base = 2 + (i - 1) * 5
+  local window = tonumber(ARGV[base + 2])
+  local hits = tonumber(ARGV[base + 3])
+  if ARGV[base + 4] == '1' then
+    redis.call('INCRBY', KEYS[k], hits)
+    if redis.call('PTTL', KEYS[k]) == -1 then
+      redis.call('PEXPIRE', KEYS[k], 2 * window)
+    end
+    k = k + 2
+  else
+    if open_window(KEYS[k], window) then
+      redis.call('HINCRBY', KEYS[k], 'v', hits)
+    else
+      redis.call('HSET', KEYS[k], 'v', hits, 't0', ARGV[1])
+      redis.call('PEXPIRE', KEYS[k], window)
+    end
+    k = k + 1
+  end
+end
+return reply

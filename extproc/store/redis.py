@@ -1,0 +1,342 @@
+"""The CounterStore over Redis (standalone, Cluster or Sentinel): one Lua script call per admit and settle."""
+
+from __future__ import annotations
+
+import calendar
+import datetime as dt
+import hashlib
+import logging
+import urllib.parse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, cast
+
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.connection import parse_url
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
+
+from extproc.config import StoreConfig
+from extproc.errors import StoreUnavailable
+from extproc.limits import windows
+from extproc.store import keys
+from extproc.store.base import (
+    Adjustment,
+    AdmitResult,
+    CounterState,
+    LedgerEntry,
+    LedgerRow,
+    WindowCounter,
+)
+from extproc.store.memory import ledger_amounts, ledger_rows
+
+log = logging.getLogger("extproc.store.redis")
+
+_DAY_MS = 86_400_000
+_KNOWN_DAYS = 3  # days of the users-set cache kept in memory (today, yesterday, a late spool)
+
+Client = Redis | RedisCluster
+
+
+@dataclass(frozen=True, slots=True)
+class _Script:
+    name: str
+    source: str
+    sha: str
+
+    @classmethod
+    def load(cls, name: str) -> _Script:
+        source = resources.files("extproc.store").joinpath(f"lua/{name}.lua").read_text()
+        return cls(name, source, hashlib.sha1(source.encode()).hexdigest())
+
+
+class RedisStore:
+    """Window counters and the usage ledger in Redis; every key of one user shares a hash slot."""
+
+    def __init__(
+        self,
+        client: Client,
+        url: str = "",
+        retention_days: int = 90,
+        helpers: Sequence[Redis] = (),
+    ) -> None:
+        self._client = client
+        self._helpers = tuple(helpers)  # e.g. the Sentinel connections, closed with the store
+        self._where = redact(url) if url else type(client).__name__
+        self._secrets = _secrets(url)
+        self._retention_ms = retention_days * _DAY_MS
+        self._admit = _Script.load("admit")
+        self._settle = _Script.load("settle")
+        # (day -> users) already added to the day's users set by this process; see _remember_user.
+        self._known_users: dict[str, set[str]] = {}
+
+    @classmethod
+    def from_config(cls, config: StoreConfig) -> RedisStore:
+        """A store for ``config.url``: redis://, rediss://, redis[s]+cluster://, redis+sentinel://."""
+        url = str(config.url)
+        try:
+            client, helpers = connect(url, config.timeout_s)
+        except (ValueError, RedisError) as exc:
+            detail = _scrub(str(exc), _secrets(url))
+            raise StoreUnavailable(f"cannot configure redis at {redact(url)}: {detail}") from None
+        return cls(client, url, config.retention_days, helpers)
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self._where!r})"
+
+    async def start(self) -> None:
+        """Load both scripts now so the first request does not pay for it (EVALSHA reloads anyway)."""
+        for script in (self._admit, self._settle):
+            await self._call("start", self._client.script_load(script.source))
+
+    async def admit(self, counters: Sequence[WindowCounter], now_ms: int) -> AdmitResult:
+        if not counters:
+            return AdmitResult(True, ())
+        script_keys: list[str] = []
+        args: list[int] = [now_ms, len(counters)]
+        for counter in counters:
+            bucket_start = 0
+            if counter.sliding:
+                bucket = windows.bucket_of(now_ms, counter.window_ms)
+                bucket_start = bucket * counter.window_ms
+                script_keys.append(keys.sliding_bucket_key(counter.key, bucket))
+                script_keys.append(keys.sliding_bucket_key(counter.key, bucket - 1))
+            else:
+                script_keys.append(counter.key)
+            args += [counter.limit, counter.window_ms, counter.hits, int(counter.sliding)]
+            args.append(bucket_start)
+        reply = await self._eval("admit", self._admit, script_keys, args)
+        states = tuple(
+            CounterState(int(reply[i]), int(reply[i + 1]), int(reply[i + 2]))
+            for i in range(2, len(reply), 3)
+        )
+        return AdmitResult(reply[0] == 1, states, int(reply[1]))
+
+    async def settle(
+        self, adjustments: Sequence[Adjustment], entry: LedgerEntry | None, now_ms: int
+    ) -> None:
+        if not adjustments and entry is None:
+            return
+        script_keys: list[str] = []
+        args: list[int | str] = [now_ms, len(adjustments)]
+        for adj in adjustments:
+            current_start = 0
+            reserved_start = adj.window_start_ms
+            if adj.sliding:
+                reserved_bucket = adj.window_start_ms // adj.window_ms
+                current_bucket = windows.bucket_of(now_ms, adj.window_ms)
+                reserved_start = reserved_bucket * adj.window_ms
+                current_start = current_bucket * adj.window_ms
+                script_keys.append(keys.sliding_bucket_key(adj.key, reserved_bucket))
+                script_keys.append(keys.sliding_bucket_key(adj.key, current_bucket))
+            else:
+                script_keys.append(adj.key)
+            args += [int(adj.sliding), adj.window_ms, reserved_start, current_start]
+            args += [adj.reserved, adj.actual]
+        if entry is None:
+            args.append(0)
+        else:
+            ttl_ms = self._ledger_ttl_ms(entry.day, now_ms)
+            await self._remember_user(entry, ttl_ms)
+            script_keys.append(keys.ledger_key(entry.userid, entry.day))
+            args.append(ttl_ms)
+            for kind, amount in zip(keys.LEDGER_KINDS, ledger_amounts(entry), strict=True):
+                args += [keys.ledger_field(entry.model, kind), amount]
+        await self._eval("settle", self._settle, script_keys, args)
+
+    async def ledger(self, userid: str, days: Sequence[str]) -> list[LedgerRow]:
+        if not days:
+            return []
+        # One user's days share a slot, so even on Cluster this pipeline is one round trip.
+        pipe = self._client.pipeline(transaction=False)
+        for day in days:
+            pipe.hgetall(keys.ledger_key(userid, day))
+        replies = await self._call("ledger", pipe.execute())
+        rows: list[LedgerRow] = []
+        for day, fields in zip(days, replies, strict=True):
+            if fields:
+                rows.extend(ledger_rows(day, {str(k): int(v) for k, v in fields.items()}))
+        return rows
+
+    async def ledger_users(self, days: Sequence[str]) -> list[str]:
+        if not days:
+            return []
+        # Day sets live on different slots; a pipeline asks each node once.
+        pipe = self._client.pipeline(transaction=False)
+        for day in days:
+            pipe.smembers(keys.ledger_users_key(day))
+        replies = await self._call("ledger_users", pipe.execute())
+        users: set[str] = set()
+        for members in replies:
+            users |= {str(m) for m in members}
+        return sorted(users)
+
+    async def ping(self) -> None:
+        await self._call("ping", self._client.ping())
+
+    async def close(self) -> None:
+        for client in (self._client, *self._helpers):
+            try:
+                await client.aclose()
+            except _FAILURES as exc:
+                log.debug("redis close failed store=%s error=%s", self._where, type(exc).__name__)
+
+    def _ledger_ttl_ms(self, day: str, now_ms: int) -> int:
+        """Keep a day while the memory store would: until ``retention_days`` after the day ends.
+
+        A relative TTL (not PEXPIREAT) because ``now_ms`` is the caller's clock, not the server's.
+        """
+        day_start_ms = calendar.timegm(dt.datetime.strptime(day, "%Y%m%d").timetuple()) * 1000
+        return max(1, day_start_ms + _DAY_MS + self._retention_ms - now_ms)
+
+    async def _remember_user(self, entry: LedgerEntry, ttl_ms: int) -> None:
+        """Add the user to the day's users set, once per (user, day) per process.
+
+        The set is not user-tagged, so on Cluster it cannot join the settle script. Doing it only
+        on this process's first ledger write of (user, day) keeps the hot path at one round trip;
+        that first settle pays one extra (SADD + PEXPIRE, pipelined). It runs before the script, so
+        if it fails nothing was charged yet and a replay of the whole settle is safe. The cache is
+        dropped whenever Redis fails, since a restarted Redis may have lost the set.
+        """
+        known = self._known_users.get(entry.day)
+        if known is not None and entry.userid in known:
+            return
+        users_key = keys.ledger_users_key(entry.day)
+        pipe = self._client.pipeline(transaction=False)
+        pipe.sadd(users_key, entry.userid)
+        pipe.pexpire(users_key, ttl_ms)
+        await self._call("settle", pipe.execute())
+        if known is None:
+            known = self._known_users[entry.day] = set()
+            for day in sorted(self._known_users)[:-_KNOWN_DAYS]:
+                del self._known_users[day]
+        known.add(entry.userid)
+
+    async def _eval(
+        self, op: str, script: _Script, script_keys: list[str], args: Sequence[int | str]
+    ) -> list[Any]:
+        """EVALSHA; on NOSCRIPT (a restarted or flushed server) load the script and retry once."""
+        try:
+            reply = await self._client.evalsha(script.sha, len(script_keys), *script_keys, *args)
+        except NoScriptError:
+            log.info("redis script reloaded script=%s store=%s", script.name, self._where)
+            await self._call(op, self._client.script_load(script.source))
+            reply = await self._call(
+                op, self._client.evalsha(script.sha, len(script_keys), *script_keys, *args)
+            )
+        except _FAILURES as exc:
+            raise self._unavailable(op, exc) from None
+        return cast(list[Any], reply)
+
+    async def _call(self, op: str, pending: Any) -> Any:
+        """Await one Redis call; every failure becomes ``StoreUnavailable``."""
+        try:
+            return await pending
+        except _FAILURES as exc:
+            raise self._unavailable(op, exc) from None
+
+    def _unavailable(self, op: str, exc: BaseException) -> StoreUnavailable:
+        """The error to raise, its message redacted; the cause is left off so it cannot leak."""
+        self._known_users.clear()
+        detail = _scrub(str(exc), self._secrets)
+        return StoreUnavailable(
+            f"redis {op} failed at {self._where}: {type(exc).__name__}: {detail}"
+        )
+
+
+_FAILURES = (RedisError, OSError, TimeoutError)
+
+
+def connect(url: str, timeout_s: float) -> tuple[Client, list[Redis]]:
+    """A client for ``url`` (any scheme ``config`` accepts), and helper clients to close with it.
+
+    The helpers are Sentinel's own connections; ``timeout_s`` 0 means no timeout.
+    """
+    scheme, _, rest = url.partition("://")
+    timeout = timeout_s or None
+    # One quick retry, on a fresh connection, and only for connection errors: it heals a pooled
+    # socket that died with a restarted server without risking a double charge after a timeout.
+    common: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "decode_responses": True,
+        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+    }
+    if scheme in ("redis", "rediss"):
+        return Redis.from_url(url, **common), []
+    userinfo, hosts, path, query = _split(rest)
+    tls = scheme.startswith("rediss")
+    # Reuse redis-py's parsing of credentials and query options on a one-host URL.
+    first_host = f"[{hosts[0][0]}]" if ":" in hosts[0][0] else hosts[0][0]
+    single = f"{'rediss' if tls else 'redis'}://{userinfo}{first_host}:{hosts[0][1]}{query}"
+    options: dict[str, Any] = dict(parse_url(single))
+    for name in ("host", "port", "connection_class"):
+        options.pop(name, None)
+    options.update(common)
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        nodes = [ClusterNode(host, port) for host, port in hosts]
+        return RedisCluster(startup_nodes=nodes, ssl=tls, **options), []
+    if scheme == "redis+sentinel":
+        service, _, db = path.strip("/").partition("/")
+        if not service:
+            raise ValueError("redis+sentinel:// needs /service_name")
+        sentinel_options = {name: options[name] for name in common if name != "decode_responses"}
+        sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_options, **options)  # type: ignore[no-untyped-call]
+        master = cast(Redis, sentinel.master_for(service, db=int(db or 0)))
+        return master, list(sentinel.sentinels)
+    raise ValueError(f"unsupported store URL scheme {scheme!r}")
+
+
+def _split(rest: str) -> tuple[str, list[tuple[str, int]], str, str]:
+    """``user:pass@h1:p1,h2:p2/path?query`` -> ('user:pass@', [(h1, p1), (h2, p2)], '/path', '?query')."""
+    netloc, _, tail = rest.partition("/")
+    path, _, query = ("/" + tail if tail or rest.endswith("/") else "").partition("?")
+    if "?" in netloc:
+        netloc, _, query = netloc.partition("?")
+    userinfo, at, hostlist = netloc.rpartition("@")
+    hosts: list[tuple[str, int]] = []
+    for item in hostlist.split(","):
+        host, port = _host_port(item)
+        hosts.append((host, port))
+    if not hosts or not hosts[0][0]:
+        raise ValueError("store URL needs at least one host")
+    return userinfo + at, hosts, path, "?" + query if query else ""
+
+
+def _host_port(item: str) -> tuple[str, int]:
+    if item.startswith("["):  # [ipv6]:port
+        host, _, port = item[1:].partition("]")
+        port = port.lstrip(":")
+    else:
+        host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
+    return host, int(port) if port else 6379
+
+
+def redact(url: str) -> str:
+    """The URL with its credentials masked; unlike ``config.redact_url`` it takes host lists."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, tail = rest.partition("/")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    return f"{scheme}{sep}{netloc}{slash}{tail}"
+
+
+def _secrets(url: str) -> tuple[str, ...]:
+    """The URL's password, raw and percent-decoded, to scrub from error texts."""
+    netloc = url.partition("://")[2].partition("/")[0]
+    userinfo, at, _ = netloc.rpartition("@")
+    password = userinfo.partition(":")[2] if at else ""
+    if not password:
+        return ()
+    return tuple({password, urllib.parse.unquote(password)})
+
+
+def _scrub(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
