@@ -31,6 +31,7 @@ from extproc.observability.metrics import Metrics, serve_metrics
 from extproc.routes import RouteTable
 from extproc.store.base import CounterStore
 from extproc.store.memory import MemoryStore
+from extproc.store.resilient import ResilientStore
 
 log = logging.getLogger("extproc.app")
 
@@ -54,10 +55,8 @@ def build_inner_store(config: Config) -> CounterStore:
     return RedisStore.from_config(config.store)
 
 
-def build_store(config: Config, metrics: Metrics) -> CounterStore:
+def build_store(config: Config, metrics: Metrics) -> ResilientStore:
     """The serving store: the bare store wrapped in the failure policy and its charge spool."""
-    from extproc.store.resilient import ResilientStore
-
     return ResilientStore(build_inner_store(config), config.store, metrics)
 
 
@@ -95,7 +94,7 @@ class Sidecar:
 
     config: Config
     metrics: Metrics
-    store: CounterStore
+    store: ResilientStore
     identities: IdentitySource
     tiers: TierSource
     access: AccessChecker
@@ -137,6 +136,10 @@ class Sidecar:
             AuthorizationService(admission, metrics),
             ExternalProcessorService(charger, metrics, config.accounting),
         )
+
+    async def start(self) -> None:
+        """Warm up what can be warmed before the first request (e.g. the store's scripts)."""
+        await self.store.start()
 
     async def close(self) -> None:
         await self.proc.drain()
@@ -184,6 +187,7 @@ class Server:
 async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     """Run one worker until SIGTERM or SIGINT, then stop gracefully."""
     sidecar = Sidecar.build(config)
+    await sidecar.start()
     server = Server(sidecar, config.server.host, config.server.port)
     metrics_server = None
     if config.server.metrics_port:

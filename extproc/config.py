@@ -40,13 +40,12 @@ class Secret(str):
 
 
 def redact_url(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None and not parts.username:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"***@{host}"))
+    """The URL with any credentials masked; works on host lists (``h1:1,h2:2``) too."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, tail = rest.partition("/")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    return f"{scheme}{sep}{netloc}{slash}{tail}"
 
 
 @dataclass(frozen=True, slots=True)

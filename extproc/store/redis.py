@@ -21,7 +21,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
-from extproc.config import StoreConfig
+from extproc.config import StoreConfig, redact_url
 from extproc.errors import StoreUnavailable
 from extproc.limits import windows
 from extproc.store import keys
@@ -67,7 +67,7 @@ class RedisStore:
     ) -> None:
         self._client = client
         self._helpers = tuple(helpers)  # e.g. the Sentinel connections, closed with the store
-        self._where = redact(url) if url else type(client).__name__
+        self._where = redact_url(url) if url else type(client).__name__
         self._secrets = _secrets(url)
         self._retention_ms = retention_days * _DAY_MS
         self._admit = _Script.load("admit")
@@ -83,7 +83,7 @@ class RedisStore:
             client, helpers = connect(url, config.timeout_s)
         except (ValueError, RedisError) as exc:
             detail = _scrub(str(exc), _secrets(url))
-            raise StoreUnavailable(f"cannot configure redis at {redact(url)}: {detail}") from None
+            raise StoreUnavailable(f"cannot configure redis at {redact_url(url)}: {detail}") from None
         return cls(client, url, config.retention_days, helpers)
 
     def __repr__(self) -> str:
@@ -315,15 +315,6 @@ def _host_port(item: str) -> tuple[str, int]:
     else:
         host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
     return host, int(port) if port else 6379
-
-
-def redact(url: str) -> str:
-    """The URL with its credentials masked; unlike ``config.redact_url`` it takes host lists."""
-    scheme, sep, rest = url.partition("://")
-    netloc, slash, tail = rest.partition("/")
-    if "@" in netloc:
-        netloc = "***@" + netloc.rpartition("@")[2]
-    return f"{scheme}{sep}{netloc}{slash}{tail}"
 
 
 def _secrets(url: str) -> tuple[str, ...]:
