@@ -83,7 +83,9 @@ class RedisStore:
             client, helpers = connect(url, config.timeout_s)
         except (ValueError, RedisError) as exc:
             detail = _scrub(str(exc), _secrets(url))
-            raise StoreUnavailable(f"cannot configure redis at {redact_url(url)}: {detail}") from None
+            raise StoreUnavailable(
+                f"cannot configure redis at {redact_url(url)}: {detail}"
+            ) from None
         return cls(client, url, config.retention_days, helpers)
 
     def __repr__(self) -> str:

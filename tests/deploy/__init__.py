@@ -1,0 +1,1 @@
+"""Offline checks of the cluster deployment in deploy/ and the Containerfile."""

