@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint format unit e2e bench clean
+.PHONY: install protos run test lint format unit e2e bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install the project with its dev tools
+GEN := extproc/_gen/__init__.py
+PROTO_SOURCES := $(shell find protos -name '*.proto') protos/generate.py
+
+$(GEN): $(PROTO_SOURCES) $(STAMP)
+	$(PY) protos/generate.py
+
+protos: $(GEN)  ## generate extproc/_gen/ from protos/ (Kuadrant's rate-limit service)
+
+install: $(STAMP) $(GEN)  ## create .venv, install the project with its dev tools, generate code
 
 run: install  ## Envoy + sidecar + model simulator on loopback (REDIS_URL=redis://... for Redis)
 	$(PY) -m extproc demo

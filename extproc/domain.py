@@ -133,3 +133,4 @@ class Charge:
     token_windows: tuple[int, ...] = ()
     status: int = 200
     disconnected: bool = False
+    path: str = ""  # the request path, which names the model route (for Kuadrant's domain)

@@ -181,4 +181,5 @@ class Session:
             token_windows=billing.windows,
             status=self.status,
             disconnected=disconnected,
+            path=billing.path,
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from extproc.config import LimitsConfig
 from extproc.domain import Charge, Limits
@@ -25,16 +26,39 @@ class Verdict:
     token_windows: tuple[int, ...] = ()  # start of each token window the reservation went into
 
 
+class LimitsProvider(Protocol):
+    """The limits in force now; they may change at run time (e.g. from watched policies)."""
+
+    def current(self) -> LimitsConfig: ...
+
+
+class FixedLimits:
+    """Limits that never change: the configured ones."""
+
+    def __init__(self, config: LimitsConfig) -> None:
+        self._config = config
+
+    def current(self) -> LimitsConfig:
+        return self._config
+
+
 class Limiter:
     """Builds the counters for (user, tier, model) and turns store answers into verdicts."""
 
     def __init__(
-        self, store: CounterStore, config: LimitsConfig, clock_ms: Callable[[], int]
+        self,
+        store: CounterStore,
+        config: LimitsConfig | LimitsProvider,
+        clock_ms: Callable[[], int],
     ) -> None:
         self._store = store
-        self._config = config
+        self._limits = FixedLimits(config) if isinstance(config, LimitsConfig) else config
         self._clock_ms = clock_ms
-        self._sliding = config.window == "sliding"
+        self._sliding = self._limits.current().window == "sliding"
+
+    @property
+    def _config(self) -> LimitsConfig:
+        return self._limits.current()
 
     def reservation_for(self, tier: str, requested: int | None) -> int:
         """Tokens to hold at admission: the request's own bound, else the tier's default."""
