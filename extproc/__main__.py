@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--from", dest="start", help="first day, YYYY-MM-DD (default: today)")
     usage.add_argument("--to", dest="end", help="last day, YYYY-MM-DD (default: today)")
     usage.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    usage.add_argument("--group-by", choices=("day", "model"), default="day", help="one row per")
     return parser
 
 
@@ -100,7 +101,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from extproc.observability.usage_cli import run_usage
 
         loaded = config_mod.load(args.config, os.environ)
-        return run_usage(loaded, args.user, args.start, args.end, args.format)
+        return run_usage(loaded, args.user, args.start, args.end, args.format, args.group_by)
     raise AssertionError(args.command)  # pragma: no cover
 
 

@@ -9,7 +9,7 @@ import multiprocessing
 import signal
 import time
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
@@ -28,10 +28,15 @@ from extproc.envoy.authz_service import AuthorizationService
 from extproc.envoy.proc_service import ExternalProcessorService
 from extproc.limits.limiter import Limiter
 from extproc.observability.metrics import Metrics, serve_metrics
+from extproc.observability.usage_api import UsageApi
 from extproc.routes import RouteTable
 from extproc.store.base import CounterStore
 from extproc.store.memory import MemoryStore
 from extproc.store.resilient import ResilientStore
+
+if TYPE_CHECKING:
+    from extproc.kuadrant.policies import PolicyLimits
+    from extproc.kuadrant.reporter import Reporter
 
 log = logging.getLogger("extproc.app")
 
@@ -88,6 +93,32 @@ def build_access(config: Config, metrics: Metrics, kube: KubeConnector) -> Acces
     return SubjectAccessReviewAccess(kube(), config.access, metrics)
 
 
+def build_policies(config: Config, metrics: Metrics, kube: KubeConnector) -> PolicyLimits | None:
+    """Watched Kuadrant policies overlaying the configured limits (``kuadrant.policies: watch``)."""
+    if config.kuadrant.policies != "watch":
+        return None
+    from extproc.kuadrant.policies import PolicyLimits
+
+    return PolicyLimits(kube(), config.kuadrant, config.limits, metrics)
+
+
+def build_reporter(
+    config: Config, metrics: Metrics, policies: PolicyLimits | None
+) -> Reporter | None:
+    """The Limitador reporter for ``kuadrant.mode`` gaps or all; None when off."""
+    settings = config.kuadrant
+    if settings.mode == "off":
+        return None
+    from extproc.kuadrant.limitador import LimitadorLimits
+    from extproc.kuadrant.policies import limit_names
+    from extproc.kuadrant.reporter import Reporter
+
+    limits = LimitadorLimits(
+        settings.limitador_http, refresh_s=settings.refresh_s, timeout_s=settings.timeout_s
+    )
+    return Reporter(settings, metrics, limits, limit_names(settings, policies))
+
+
 @dataclass
 class Sidecar:
     """Everything one worker process runs, wired together."""
@@ -101,10 +132,13 @@ class Sidecar:
     admission: Admission
     authz: AuthorizationService
     proc: ExternalProcessorService
+    reporter: Reporter | None = None
+    policies: PolicyLimits | None = None
 
     @classmethod
     def build(cls, config: Config, metrics: Metrics | None = None) -> Sidecar:
-        metrics = metrics or Metrics()
+        metrics = metrics or Metrics(per_user=config.observability.per_user_metrics)
+        metrics.set_limits(config.limits.tiers)
         store = build_store(config, metrics)
         kube = KubeConnector.for_config(config)  # one shared client, built if needed
         identities, tiers, access = (
@@ -112,7 +146,8 @@ class Sidecar:
             build_tiers(config, metrics, kube),
             build_access(config, metrics, kube),
         )
-        limiter = Limiter(store, config.limits, now_ms)
+        policies = build_policies(config, metrics, kube)
+        limiter = Limiter(store, policies or config.limits, now_ms)
         admission = Admission(
             RouteTable(config.routes),
             identities,
@@ -124,7 +159,8 @@ class Sidecar:
             dependency_failure=config.identity.unavailable,
             accounting=config.accounting,
         )
-        charger = Charger(limiter, metrics)
+        reporter = build_reporter(config, metrics, policies)
+        charger = Charger(limiter, metrics, reporter)
         return cls(
             config,
             metrics,
@@ -135,14 +171,22 @@ class Sidecar:
             admission,
             AuthorizationService(admission, metrics),
             ExternalProcessorService(charger, metrics, config.accounting),
+            reporter,
+            policies,
         )
 
     async def start(self) -> None:
         """Warm up what can be warmed before the first request (e.g. the store's scripts)."""
         await self.store.start()
+        if self.reporter is not None:
+            self.reporter.start()
 
     async def close(self) -> None:
         await self.proc.drain()
+        if self.reporter is not None:
+            await self.reporter.close()  # after the drain: the last charges are queued by now
+        if self.policies is not None:
+            await self.policies.close()
         for part in (self.identities, self.tiers, self.access, self.store):
             await part.close()
 
@@ -194,12 +238,22 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
         metrics_server, _ = serve_metrics(
             sidecar.metrics, config.server.host, config.server.metrics_port
         )
+    usage_api = None
+    if config.observability.usage_port:
+        usage_api = UsageApi(
+            sidecar.store,
+            sidecar.identities,
+            retention_days=config.store.retention_days,
+            admin_group=config.observability.admin_group,
+        )
+        await usage_api.start(config.server.host, config.observability.usage_port)
     await server.start()
     log.info(
-        "serving grpc=%s:%d metrics=%d store=%r",
+        "serving grpc=%s:%d metrics=%d usage=%d store=%r",
         config.server.host,
         server.port,
         config.server.metrics_port,
+        config.observability.usage_port,
         config.store.url,
     )
     stop = asyncio.Event()
@@ -212,6 +266,8 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
         await stop.wait()
     finally:
         log.info("stopping: grace %.1fs", config.server.grace_period_s)
+        if usage_api is not None:
+            await usage_api.stop()
         await server.stop(config.server.grace_period_s)
         if metrics_server is not None:
             metrics_server.shutdown()
@@ -231,12 +287,19 @@ def run_worker(config: Config) -> None:
 
 
 def worker_config(config: Config, index: int) -> Config:
-    """Worker ``index`` listens on base+index, and its metrics on metrics_port+index."""
+    """Worker ``index`` listens on base+index, and its metrics on metrics_port+index.
+
+    Only worker 0 serves the usage API: it reads the shared store, so one listener is enough.
+    """
     server = config.server
     metrics_port = server.metrics_port + index if server.metrics_port else 0
+    observability = config.observability
+    if index:
+        observability = replace(observability, usage_port=0)
     return replace(
         config,
         server=replace(server, port=server.port + index, metrics_port=metrics_port, workers=1),
+        observability=observability,
     )
 
 

@@ -130,6 +130,35 @@ class RoutesConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ObservabilityConfig:
+    per_user_metrics: bool = False  # a `user` label on token and request metrics (opt-in)
+    usage_port: int = 8081  # the usage query API (worker 0 only); 0: off
+    admin_group: str = "maas-admins"  # members may read every user's usage
+
+
+@dataclass(frozen=True, slots=True)
+class KuadrantConfig:
+    """Feeding Kuadrant's Limitador (README "Feeding Kuadrant")."""
+
+    mode: Literal["off", "gaps", "all"] = "off"  # gaps: only what the wasm filter charges 0
+    limitador_grpc: str = "limitador-limitador.kuadrant-system.svc:8081"
+    limitador_http: str = "http://limitador-limitador.kuadrant-system.svc:8080"
+    policy_namespace: str = "openshift-ingress"  # the TokenRateLimitPolicy whose limits we feed
+    policy_name: str = "gateway-token-rate-limits"
+    limit_name_template: str = "{tier}-user-tokens"  # the policy's limit for a tier ...
+    limit_names: tuple[tuple[str, str], ...] = ()  # ... unless named here (tier -> limit name)
+    route_template: str = "{namespace}/{name}-kserve-route"  # HTTPRoute of /<ns>/<name>/v1/...
+    default_route: str = ""  # "<namespace>/<name>" of the HTTPRoute for body-model routes
+    counter_expression: str = "auth.identity.userid"
+    batch_interval_s: float = 0.2  # hits are summed per counter this long before one Report
+    queue_size: int = 10_000  # charges waiting to be reported; beyond, the newest are dropped
+    refresh_s: float = 30.0  # how long a domain's discovered limits are trusted
+    timeout_s: float = 2.0  # per Report and per limits lookup
+    flush_timeout_s: float = 5.0  # on shutdown: how long to keep delivering what is queued
+    policies: Literal["off", "watch"] = "off"  # watch: per-tier limits from the cluster's policies
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
@@ -139,6 +168,8 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     routes: RoutesConfig = field(default_factory=RoutesConfig)
     accounting: AccountingConfig = field(default_factory=AccountingConfig)
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
+    kuadrant: KuadrantConfig = field(default_factory=KuadrantConfig)
     base_dir: str = "."  # relative file paths resolve against the config file's folder
 
     def path(self, value: str) -> Path:
@@ -181,6 +212,8 @@ def parse(raw: Mapping[str, Any], base_dir: str = ".") -> Config:
         store=_section(StoreConfig, raw, "store"),
         routes=_section(RoutesConfig, raw, "routes"),
         accounting=_section(AccountingConfig, raw, "accounting"),
+        observability=_section(ObservabilityConfig, raw, "observability"),
+        kuadrant=_kuadrant(raw.get("kuadrant")),
         base_dir=base_dir,
     )
     _check(config)
@@ -197,6 +230,8 @@ def _apply_environ(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
         "store": StoreConfig,
         "routes": RoutesConfig,
         "accounting": AccountingConfig,
+        "kuadrant": KuadrantConfig,
+        "observability": ObservabilityConfig,
     }
     known: dict[str, tuple[str, str]] = {}
     for section, cls in simple.items():
@@ -371,6 +406,46 @@ def _access(value: object) -> AccessConfig:
     return replace(config, body_models=tuple(pairs))
 
 
+def _kuadrant(value: object) -> KuadrantConfig:
+    raw = dict(_mapping(value, "kuadrant"))
+    limit_names = _mapping(raw.pop("limit_names", None), "kuadrant.limit_names")
+    for key in ("mode", "policies"):
+        if raw.get(key) is False:  # YAML 1.1 reads a bare `off` as false
+            raw[key] = "off"
+    config = _section(KuadrantConfig, {"kuadrant": raw}, "kuadrant")
+    pairs: list[tuple[str, str]] = []
+    for tier, name in limit_names.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"kuadrant.limit_names.{tier}", "a limit name of the policy", name)
+        pairs.append((str(tier), name))
+    config = replace(config, limit_names=tuple(pairs))
+    if "{tier}" not in config.limit_name_template:
+        raise ConfigError(
+            "kuadrant.limit_name_template", "a template with {tier}", config.limit_name_template
+        )
+    try:
+        route = config.route_template.format(namespace="ns", name="name")
+    except (KeyError, IndexError, ValueError):
+        route = ""
+    if route.count("/") != 1 or "{namespace}" not in config.route_template:
+        raise ConfigError(
+            "kuadrant.route_template",
+            "'<namespace part>/<name part>' using {namespace} and {name}",
+            config.route_template,
+        )
+    if config.default_route and (
+        config.default_route.count("/") != 1 or not all(config.default_route.split("/"))
+    ):
+        raise ConfigError("kuadrant.default_route", "'' or '<namespace>/<name>'")
+    if config.mode != "off" and not config.limitador_grpc:
+        raise ConfigError("kuadrant.limitador_grpc", "host:port when kuadrant.mode is not off")
+    if config.batch_interval_s <= 0:
+        raise ConfigError("kuadrant.batch_interval_s", "a duration > 0", config.batch_interval_s)
+    if config.queue_size < 1:
+        raise ConfigError("kuadrant.queue_size", "a whole number >= 1", config.queue_size)
+    return config
+
+
 def _check(config: Config) -> None:
     """Cross-field rules that no single key can check."""
     if config.identity.source == "api_keys" and not config.identity.api_keys_file:
@@ -383,6 +458,8 @@ def _check(config: Config) -> None:
         raise ConfigError("server.port", "a port from 1 to 65535", config.server.port)
     if config.server.metrics_port > 65535:
         raise ConfigError("server.metrics_port", "a port from 0 to 65535")
+    if config.observability.usage_port > 65535:
+        raise ConfigError("observability.usage_port", "a port from 0 to 65535")
     scheme = urllib.parse.urlsplit(str(config.store.url)).scheme
     if scheme not in (
         "memory",

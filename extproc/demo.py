@@ -26,6 +26,7 @@ def instructions(stack: LocalStack) -> str:
         f"  gateway (Envoy)  {url}",
         f"  sidecar gRPC     127.0.0.1:{','.join(map(str, stack.sidecar_ports))}",
         f"  metrics          http://127.0.0.1:{stack.metrics_ports[0]}/metrics",
+        f"  usage API        http://127.0.0.1:{stack.usage_port}/v1/usage",
         f"  model simulator  {stack.sim_url}   (what it served: {stack.sim_url}/_sim/records)",
         f"  logs             {stack.log_dir}",
         "",
@@ -54,6 +55,10 @@ def instructions(stack: LocalStack) -> str:
         "",
         "# What was charged:",
         f"curl -s http://127.0.0.1:{stack.metrics_ports[0]}/metrics | grep ^maas_tokens",
+        f"curl -s 'http://127.0.0.1:{stack.usage_port}/v1/usage?group_by=model' "
+        f"-H 'Authorization: Bearer {DEMO_KEYS['premium']}'",
+        f"curl -s http://127.0.0.1:{stack.usage_port}/v1/usage/users "
+        "-H 'Authorization: Bearer demo-admin-key'   # everyone (admin group)",
         "",
         "Ctrl-C stops everything.",
     ]

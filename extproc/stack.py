@@ -153,6 +153,7 @@ class LocalStack:
     sim_port: int = 0
     sidecar_ports: list[int] = field(default_factory=list)
     metrics_ports: list[int] = field(default_factory=list)
+    usage_port: int = 0  # the usage API (worker 0), on a free port
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
@@ -183,9 +184,11 @@ class LocalStack:
         if self.topology != "envoy":
             self.sidecar_ports = free_ports(self.workers)
             self.metrics_ports = free_ports(self.workers)
+            self.usage_port = self.usage_port or free_port()
             env = {
                 "MAAS_EXTPROC_SERVER_PORT": str(self.sidecar_ports[0]),
                 "MAAS_EXTPROC_SERVER_METRICS_PORT": str(self.metrics_ports[0]),
+                "MAAS_EXTPROC_OBSERVABILITY_USAGE_PORT": str(self.usage_port),
                 "MAAS_EXTPROC_SERVER_WORKERS": str(self.workers),
                 "MAAS_EXTPROC_SERVER_GRACE_PERIOD_S": "2",
                 **self.env,
@@ -217,6 +220,8 @@ class LocalStack:
         wait_for_port(self.sim_port, 20, self.procs["sim"])
         for port in self.sidecar_ports:
             wait_for_port(port, 20, self.procs["sidecar"])
+        if self.topology != "envoy":
+            wait_for_port(self.usage_port, 20, self.procs["sidecar"])
         wait_envoy_ready(self.admin_port, 20, self.procs["envoy"])
 
     def _spawn(self, name: str, cmd: list[str], env: Mapping[str, str] | None = None) -> None:

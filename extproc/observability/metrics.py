@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from extproc.domain import Charge, Decision
+from extproc.domain import Charge, Decision, Limits
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _STREAM_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0)
@@ -20,13 +21,17 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         self.per_user = per_user
         r = self.registry
+        user = ["user"] if per_user else []  # opt-in: one series per user
         self.requests = Counter(
-            "maas_requests", "Admission decisions", ["decision", "tier"], registry=r
+            "maas_requests", "Admission decisions", ["decision", "tier", *user], registry=r
         )
         self.limited = Counter(
-            "maas_limited_requests", "Requests refused by a limit", ["limit", "tier"], registry=r
+            "maas_limited_requests",
+            "Requests refused by a limit",
+            ["limit", "tier", *user],
+            registry=r,
         )
-        token_labels = ["tier", "model", "kind", *(["user"] if per_user else [])]
+        token_labels = ["tier", "model", "kind", *user]
         self.tokens = Counter(
             "maas_tokens",
             "Tokens charged, by kind (prompt, completion, total)",
@@ -37,6 +42,24 @@ class Metrics:
             "maas_charges",
             "Responses charged, by how usage was known",
             ["tier", "source"],
+            registry=r,
+        )
+        self.responses = Counter(
+            "maas_responses",
+            "Metered responses, by upstream status class (none: no response headers)",
+            ["status_class", "tier"],
+            registry=r,
+        )
+        self.tier_limit = Gauge(
+            "maas_tier_limit",
+            "Configured per-user limit of each tier, per window (kind: requests, tokens)",
+            ["tier", "kind"],
+            registry=r,
+        )
+        self.tier_limit_window = Gauge(
+            "maas_tier_limit_window_seconds",
+            "Window of each configured tier limit",
+            ["tier", "kind"],
             registry=r,
         )
         self.disconnects = Counter(
@@ -82,23 +105,58 @@ class Metrics:
             ["dependency"],
             registry=r,
         )
+        for dependency in ("identity", "tiers", "access"):  # known values start at 0, not absent
+            self.unavailable.labels(dependency)
         self.tier_mapping_rejected = Counter(
             "maas_tier_mapping_rejected",
             "Tier mapping updates rejected as invalid; the last good mapping stays in use",
             registry=r,
         )
-        self._decision_children: dict[tuple[str, str], Counter] = {}
+        self.kuadrant_reports = Counter(
+            "maas_kuadrant_reports",
+            "Limitador Report calls: sent, failed (each failed attempt), dropped (never delivered)",
+            ["result"],
+            registry=r,
+        )
+        self.kuadrant_queue_depth = Gauge(
+            "maas_kuadrant_queue_depth", "Charges and hits waiting to be reported", registry=r
+        )
+        self.kuadrant_skipped = Counter(
+            "maas_kuadrant_skipped",
+            "Charges not reported because no discovered limit fits (no_route, no_limit, ...)",
+            ["reason"],
+            registry=r,
+        )
+        self.policy_predicates_ignored = Counter(
+            "maas_policy_predicates_ignored",
+            "Policy limits whose predicates, counters or rates are not understood (not enforced)",
+            registry=r,
+        )
+        self._decision_children: dict[tuple[str, ...], Counter] = {}
+        self._response_children: dict[tuple[int, str], Counter] = {}
+
+    def set_limits(self, tiers: Mapping[str, Limits]) -> None:
+        """Export the configured tier limits, so a dashboard can draw them; 0 (unlimited) is left out."""
+        for tier, limits in tiers.items():
+            for kind, amount, window_s in (
+                ("requests", limits.requests, limits.requests_window_s),
+                ("tokens", limits.tokens, limits.tokens_window_s),
+            ):
+                if amount:
+                    self.tier_limit.labels(tier, kind).set(amount)
+                    self.tier_limit_window.labels(tier, kind).set(window_s)
 
     def decided(self, decision: Decision, seconds: float) -> None:
         tier = decision.tier.name if decision.tier else ""
-        key = (decision.outcome.value, tier)
+        user = (decision.identity.userid if decision.identity else "",) if self.per_user else ()
+        key = (decision.outcome.value, tier, *user)
         child = self._decision_children.get(key)
         if child is None:
             child = self._decision_children[key] = self.requests.labels(*key)
         child.inc()
         self.admission_seconds.observe(seconds)
         if decision.limit_kind and not decision.allowed:
-            self.limited.labels(decision.limit_kind, tier).inc()
+            self.limited.labels(decision.limit_kind, tier, *user).inc()
 
     def charged(self, charge: Charge) -> None:
         usage = charge.usage
@@ -112,6 +170,14 @@ class Metrics:
                 self.tokens.labels(charge.tier, charge.model, kind, *extra).inc(amount)
         source = "estimated" if usage.estimated else ("reported" if usage.reported else "none")
         self.charges.labels(charge.tier, source).inc()
+        status_key = (charge.status // 100, charge.tier)
+        child = self._response_children.get(status_key)
+        if child is None:
+            status_class = f"{status_key[0]}xx" if charge.status else "none"
+            child = self._response_children[status_key] = self.responses.labels(
+                status_class, charge.tier
+            )
+        child.inc()
         if charge.disconnected:
             self.disconnects.labels(charge.tier).inc()
 

@@ -103,6 +103,8 @@ async def identities(
 @pytest.fixture
 async def tiers(kube: Kube, metrics: Metrics) -> AsyncIterator[ConfigMapTiers]:
     source = ConfigMapTiers(kube.retain(), TiersConfig(source="configmap"), metrics, backoff_s=0.05)
+    # Tests that break the API server later need the mapping read first (the watch is a thread).
+    await eventually(lambda: source.mapping is not None, "the first tier mapping is read")
     yield source
     await source.close()
 

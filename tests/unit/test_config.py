@@ -117,3 +117,29 @@ def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="readable"):
         load(tmp_path / "absent.yaml", {})
+
+
+def test_observability_section_defaults_and_overrides() -> None:
+    config = local_config()
+    assert config.observability.per_user_metrics is False
+    assert config.observability.usage_port == 8081
+    assert config.observability.admin_group == "maas-admins"
+    environ = {
+        "MAAS_EXTPROC_OBSERVABILITY_PER_USER_METRICS": "true",
+        "MAAS_EXTPROC_OBSERVABILITY_USAGE_PORT": "0",
+    }
+    overridden = local_config(environ)
+    assert overridden.observability.per_user_metrics is True
+    assert overridden.observability.usage_port == 0
+    with pytest.raises(ConfigError, match=r"^observability\.usage_port: expected a port"):
+        local_config({"MAAS_EXTPROC_OBSERVABILITY_USAGE_PORT": "70000"})
+    with pytest.raises(ConfigError, match=r"^observability\.per_user_metrics: expected true"):
+        local_config({"MAAS_EXTPROC_OBSERVABILITY_PER_USER_METRICS": "yes please"})
+
+
+def test_only_worker_zero_serves_the_usage_api() -> None:
+    from extproc.app import worker_config
+
+    config = local_config()
+    assert worker_config(config, 0).observability.usage_port == 8081
+    assert worker_config(config, 1).observability.usage_port == 0

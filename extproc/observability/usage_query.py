@@ -1,0 +1,169 @@
+"""Usage queries shared by the CLI and the HTTP API: periods, retention, grouping and rendering."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from extproc.errors import ConfigError
+from extproc.store.base import LedgerRow
+
+GroupBy = Literal["day", "model"]
+GROUPS: tuple[GroupBy, ...] = ("day", "model")
+AMOUNTS = ("prompt_tokens", "completion_tokens", "total_tokens", "estimated_tokens", "requests")
+
+Row = dict[str, str | int]
+
+
+def utc_today() -> dt.date:
+    return dt.datetime.now(tz=dt.UTC).date()
+
+
+@dataclass(frozen=True, slots=True)
+class Period:
+    """Whole UTC days from ``first`` to ``last``, both included."""
+
+    first: dt.date
+    last: dt.date
+
+    @property
+    def length(self) -> int:
+        return (self.last - self.first).days + 1
+
+    @property
+    def days(self) -> list[str]:
+        """Every day in the ledger's YYYYMMDD form."""
+        return [(self.first + dt.timedelta(days=i)).strftime("%Y%m%d") for i in range(self.length)]
+
+
+def parse_period(
+    start: str | None,
+    end: str | None,
+    today: dt.date,
+    *,
+    start_key: str = "from",
+    end_key: str = "to",
+) -> Period:
+    """The period from two YYYY-MM-DD strings (None: today); errors name ``start_key``/``end_key``."""
+    first = _day(start_key, start, today)
+    last = _day(end_key, end, today)
+    if last < first:
+        raise ConfigError(end_key, f"a day on or after {start_key} ({first.isoformat()})", end)
+    return Period(first, last)
+
+
+def _day(key: str, value: str | None, today: dt.date) -> dt.date:
+    if value is None:
+        return today
+    try:
+        if len(value) != 10:  # fromisoformat also takes 20240101 and week dates
+            raise ValueError(value)
+        return dt.date.fromisoformat(value)
+    except ValueError as exc:
+        raise ConfigError(key, "a day as YYYY-MM-DD", value) from exc
+
+
+def days_between(start: str | None, end: str | None, today: dt.date) -> list[str]:
+    """Every day from ``start`` to ``end`` (YYYY-MM-DD, inclusive) in the ledger's YYYYMMDD form."""
+    return parse_period(start, end, today, start_key="--from", end_key="--to").days
+
+
+def check_retention(
+    period: Period, today: dt.date, retention_days: int, *, start_key: str = "from"
+) -> None:
+    """Refuse a period the ledger no longer (fully) holds, rather than answer it cut short."""
+    oldest = today - dt.timedelta(days=retention_days - 1)
+    if period.length > retention_days:
+        raise ConfigError(
+            start_key,
+            f"a period of at most store.retention_days ({retention_days}) days",
+            f"{period.length} days",
+        )
+    if period.first < oldest:
+        raise ConfigError(
+            start_key,
+            f"a day on or after {oldest.isoformat()} (store.retention_days is {retention_days})",
+            period.first.isoformat(),
+        )
+
+
+def parse_group_by(value: str | None, key: str = "group_by") -> GroupBy:
+    for choice in GROUPS:
+        if value is None or value == choice:
+            return choice
+    raise ConfigError(key, "one of " + ", ".join(GROUPS), value)
+
+
+def iso_day(day: str) -> str:
+    """YYYYMMDD (the ledger's form) as YYYY-MM-DD."""
+    return f"{day[:4]}-{day[4:6]}-{day[6:]}"
+
+
+def zero_totals() -> Row:
+    return dict.fromkeys(AMOUNTS, 0)
+
+
+def add_amounts(into: Row, row: LedgerRow | Mapping[str, str | int]) -> None:
+    for name in AMOUNTS:
+        amount = row[name] if isinstance(row, Mapping) else getattr(row, name)
+        into[name] = int(into[name]) + int(amount)
+
+
+def summarize(rows: Iterable[LedgerRow], group_by: GroupBy) -> tuple[list[Row], Row]:
+    """One row per day or per model (sorted), and the totals over the period."""
+    groups: dict[str, Row] = {}
+    totals = zero_totals()
+    for row in rows:
+        name = iso_day(row.day) if group_by == "day" else row.model
+        group = groups.setdefault(name, {group_by: name, **zero_totals()})
+        add_amounts(group, row)
+        add_amounts(totals, row)
+    return [groups[name] for name in sorted(groups)], totals
+
+
+def usage_document(
+    user: str, period: Period, group_by: GroupBy, rows: Iterable[LedgerRow]
+) -> dict[str, object]:
+    """What ``GET /v1/usage`` answers and ``maas-extproc usage --format json`` prints."""
+    grouped, totals = summarize(rows, group_by)
+    return {
+        "user": user,
+        "from": period.first.isoformat(),
+        "to": period.last.isoformat(),
+        "group_by": group_by,
+        "rows": grouped,
+        "totals": totals,
+    }
+
+
+def to_json(document: Mapping[str, object]) -> str:
+    return json.dumps(document, indent=2)
+
+
+def to_csv(rows: Sequence[Row], key: str) -> str:
+    """A header line and one line per row; totals are left out so that columns sum cleanly."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow((key, *AMOUNTS))
+    writer.writerows([row[key], *(row[name] for name in AMOUNTS)] for row in rows)
+    return out.getvalue()
+
+
+def to_table(rows: Sequence[Row], totals: Row, key: str) -> str:
+    """Aligned columns for a terminal, with a ``total`` line at the end."""
+    lines = [[key, *AMOUNTS]]
+    lines += [[str(row[key]), *(str(row[name]) for name in AMOUNTS)] for row in rows]
+    lines.append(["total", *(str(totals[name]) for name in AMOUNTS)])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join(
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        for line in lines
+    )

@@ -1,0 +1,66 @@
+"""The metrics the sidecar records: response status classes, tier limits, the opt-in user label."""
+
+from __future__ import annotations
+
+from extproc.config import DEFAULT_LIMITS
+from extproc.domain import Charge, Decision, Identity, Limits, Outcome, Tier, Usage
+from extproc.observability.metrics import Metrics
+
+FREE = Tier("free", 0, frozenset())
+ALICE = Identity("alice", "alice")
+USAGE = Usage(prompt_tokens=2, completion_tokens=3, total_tokens=5)
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_responses_count_by_status_class_and_tier() -> None:
+    metrics = Metrics()
+    for status in (200, 201, 429, 503, 0):
+        metrics.charged(Charge("alice", "free", "m", USAGE, status=status))
+    assert value(metrics, "maas_responses_total", status_class="2xx", tier="free") == 2
+    assert value(metrics, "maas_responses_total", status_class="4xx", tier="free") == 1
+    assert value(metrics, "maas_responses_total", status_class="5xx", tier="free") == 1
+    assert value(metrics, "maas_responses_total", status_class="none", tier="free") == 1
+
+
+def test_tier_limits_are_exported_per_window_and_unlimited_ones_left_out() -> None:
+    metrics = Metrics()
+    metrics.set_limits({**DEFAULT_LIMITS, "open": Limits(requests=0, tokens=10)})
+    assert value(metrics, "maas_tier_limit", tier="free", kind="tokens") == 100
+    assert value(metrics, "maas_tier_limit_window_seconds", tier="free", kind="tokens") == 60
+    assert value(metrics, "maas_tier_limit", tier="premium", kind="requests") == 20
+    assert value(metrics, "maas_tier_limit_window_seconds", tier="premium", kind="requests") == 120
+    assert (
+        metrics.registry.get_sample_value("maas_tier_limit", {"tier": "open", "kind": "requests"})
+        is None
+    )
+
+
+def test_the_user_label_is_opt_in() -> None:
+    plain, per_user = Metrics(), Metrics(per_user=True)
+    limited = Decision(Outcome.RATE_LIMITED, identity=ALICE, tier=FREE, limit_kind="requests")
+    for metrics in (plain, per_user):
+        metrics.decided(Decision(Outcome.ALLOW, identity=ALICE, tier=FREE), 0.001)
+        metrics.decided(limited, 0.001)
+        metrics.charged(Charge("alice", "free", "m", USAGE))
+    assert value(plain, "maas_requests_total", decision="allow", tier="free") == 1
+    assert value(plain, "maas_tokens_total", tier="free", model="m", kind="total") == 5
+    user = {"user": "alice"}
+    assert value(per_user, "maas_requests_total", decision="allow", tier="free", **user) == 1
+    assert (
+        value(per_user, "maas_limited_requests_total", limit="requests", tier="free", **user) == 1
+    )
+    assert value(per_user, "maas_tokens_total", tier="free", model="m", kind="total", **user) == 5
+
+
+def test_known_dependencies_start_at_zero() -> None:
+    metrics = Metrics()
+    for dependency in ("identity", "tiers", "access"):
+        assert (
+            metrics.registry.get_sample_value(
+                "maas_dependency_unavailable_total", {"dependency": dependency}
+            )
+            == 0
+        )
