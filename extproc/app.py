@@ -25,6 +25,7 @@ from extproc.authz.tiers import FileTiers
 from extproc.charger import Charger
 from extproc.config import Config
 from extproc.envoy.authz_service import AuthorizationService
+from extproc.envoy.inline_admission import InlineAdmission
 from extproc.envoy.proc_service import ExternalProcessorService
 from extproc.limits.limiter import Limiter
 from extproc.observability.metrics import Metrics, serve_metrics
@@ -148,8 +149,9 @@ class Sidecar:
         )
         policies = build_policies(config, metrics, kube)
         limiter = Limiter(store, policies or config.limits, now_ms)
+        routes = RouteTable(config.routes)
         admission = Admission(
-            RouteTable(config.routes),
+            routes,
             identities,
             tiers,
             access,
@@ -170,7 +172,14 @@ class Sidecar:
             access,
             admission,
             AuthorizationService(admission, metrics),
-            ExternalProcessorService(charger, metrics, config.accounting),
+            ExternalProcessorService(
+                charger,
+                metrics,
+                config.accounting,
+                InlineAdmission(admission, routes, metrics)
+                if config.server.admission == "ext_proc"
+                else None,
+            ),
             reporter,
             policies,
         )

@@ -56,6 +56,9 @@ class ServerConfig:
     metrics_port: int = 9090  # 0: no metrics endpoint
     grace_period_s: float = 10.0
     log_level: str = "info"
+    # Where admission runs: ext_authz Check (default), or inside the ext_proc stream (no
+    # ext_authz filter: one gRPC stream per request instead of a unary call plus a stream).
+    admission: Literal["ext_authz", "ext_proc"] = "ext_authz"
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ import yaml
 
 LOCAL_DIR = Path(__file__).resolve().parent.parent / "deploy" / "local"
 
-Topology = Literal["envoy", "authz", "full", "observability"]
+Topology = Literal["envoy", "authz", "full", "observability", "extproc"]
 
 
 def free_port() -> int:
@@ -77,10 +77,13 @@ def render_envoy(
     """The checked-in template with ports and the chosen filters filled in."""
     filters_doc: dict[str, Any] = yaml.safe_load((LOCAL_DIR / "filters.yaml").read_text())
     chosen: list[dict[str, Any]] = []
-    if topology != "envoy":
+    if topology not in ("envoy", "extproc"):
         chosen.append(filters_doc["ext_authz"])
-    if topology in ("full", "observability"):
+    if topology in ("full", "observability", "extproc"):
         ext_proc = filters_doc["ext_proc"]
+        if topology == "extproc":
+            # Admission happens here: the sidecar down must refuse, not let traffic through.
+            ext_proc["typed_config"]["failure_mode_allow"] = False
         if topology == "observability":
             # Send-and-go: no replies, so no request rewrite either; request headers are skipped.
             ext_proc["typed_config"]["observability_mode"] = True
@@ -191,6 +194,11 @@ class LocalStack:
                 "MAAS_EXTPROC_OBSERVABILITY_USAGE_PORT": str(self.usage_port),
                 "MAAS_EXTPROC_SERVER_WORKERS": str(self.workers),
                 "MAAS_EXTPROC_SERVER_GRACE_PERIOD_S": "2",
+                **(
+                    {"MAAS_EXTPROC_SERVER_ADMISSION": "ext_proc"}
+                    if self.topology == "extproc"
+                    else {}
+                ),
                 **self.env,
             }
             cmd = [python, "-m", "extproc", "serve", "--config", str(self.config_path)]

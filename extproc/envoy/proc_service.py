@@ -15,6 +15,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from extproc.charger import Charger
 from extproc.config import AccountingConfig
+from extproc.envoy.inline_admission import InlineAdmission, response_headers_reply
 from extproc.envoy.session import Session
 from extproc.observability.metrics import Metrics
 
@@ -68,11 +69,16 @@ def header_value(headers: ep.HttpHeaders, name: str) -> str:
 
 class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     def __init__(
-        self, charger: Charger, metrics: Metrics, config: AccountingConfig | None = None
+        self,
+        charger: Charger,
+        metrics: Metrics,
+        config: AccountingConfig | None = None,
+        inline: InlineAdmission | None = None,
     ) -> None:
         self._charger = charger
         self._metrics = metrics
         self._config = config or AccountingConfig()
+        self._inline = inline  # admission in this stream (server.admission: ext_proc)
         self._background: set[asyncio.Task[None]] = set()
 
     async def Process(  # noqa: N802 - the gRPC method name
@@ -110,17 +116,37 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):  # type: igno
                     )
                     if headers.end_of_stream or not follow:
                         await self._charge(session)
-                    if not request.observability_mode:
+                    if request.observability_mode:
+                        pass
+                    elif self._inline is not None:
+                        yield response_headers_reply(session.decision, follow)
+                    else:
                         yield _CONTINUE_RESPONSE_HEADERS if follow else _SKIP_BODY
                     if headers.end_of_stream or (not follow and request.observability_mode):
                         break
                 elif kind == "request_headers":
                     if request.observability_mode:
                         continue
+                    if self._inline is not None:
+                        reply = await self._inline.on_request_headers(
+                            session, request.request_headers
+                        )
+                        yield reply
+                        if reply.HasField("immediate_response"):
+                            break
+                        continue
                     wants_body = session.wants_request_body
                     yield _WANT_REQUEST_BODY if wants_body else _CONTINUE_REQUEST_HEADERS
                 elif kind == "request_body":
                     if request.observability_mode:
+                        continue
+                    if self._inline is not None and session.pending is not None:
+                        reply = await self._inline.on_request_body(
+                            session, request.request_body.body
+                        )
+                        yield reply
+                        if reply.HasField("immediate_response"):
+                            break
                         continue
                     rewritten = (
                         session.rewrite_request(request.request_body.body)

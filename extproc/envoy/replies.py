@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as authz
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
@@ -96,12 +97,7 @@ def check_response(decision: Decision, path: str) -> authz.CheckResponse:
     if decision.allowed:
         return _allow(decision, path)
     status, code, _ = _TABLE[decision.outcome]
-    headers = [_header("content-type", "application/json")]
-    if decision.outcome is Outcome.UNAUTHENTICATED:
-        headers.append(_header("www-authenticate", 'Bearer realm="maas"'))
-    if decision.retry_after_s:
-        headers.append(_header("retry-after", str(decision.retry_after_s)))
-    headers.extend(_rate_headers(decision))
+    headers = _refusal_headers(decision)
     return authz.CheckResponse(
         status=status_pb2.Status(code=code, message=decision.reason),
         denied_response=authz.DeniedHttpResponse(
@@ -131,3 +127,59 @@ def _allow(decision: Decision, path: str) -> authz.CheckResponse:
 def _removals(spoofed: Iterable[str], charged: bool) -> list[str]:
     # Charged responses must arrive uncompressed so their usage can be read (CONTRACTS §7).
     return [*spoofed, "accept-encoding"] if charged else list(spoofed)
+
+
+# ------------------------------------------------- the same answers as ext_proc replies (no ext_authz)
+
+
+def _raw(options: list[base_pb2.HeaderValueOption]) -> list[base_pb2.HeaderValueOption]:
+    """ext_proc reads header values from ``raw_value`` (ext_authz from ``value``)."""
+    for option in options:
+        option.header.raw_value = option.header.value.encode()
+        option.header.value = ""
+    return options
+
+
+def _refusal_headers(decision: Decision) -> list[base_pb2.HeaderValueOption]:
+    headers = [_header("content-type", "application/json")]
+    if decision.outcome is Outcome.UNAUTHENTICATED:
+        headers.append(_header("www-authenticate", 'Bearer realm="maas"'))
+    if decision.retry_after_s:
+        headers.append(_header("retry-after", str(decision.retry_after_s)))
+    headers.extend(_rate_headers(decision))
+    return headers
+
+
+def immediate_response(decision: Decision) -> ep.ProcessingResponse:
+    """A refusal sent by ext_proc itself: the same status, headers and body as ext_authz sends."""
+    status, _, _ = _TABLE[decision.outcome]
+    return ep.ProcessingResponse(
+        immediate_response=ep.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=status),
+            headers=ep.HeaderMutation(set_headers=_raw(_refusal_headers(decision))),
+            body=error_body(decision),
+            details=decision.outcome.value,
+        )
+    )
+
+
+def request_mutation(decision: Decision, body_length: int = -1) -> ep.HeaderMutation:
+    """What ext_authz's OK reply does to the request: our identity headers in, spoofed ones out."""
+    assert decision.identity is not None
+    assert decision.tier is not None
+    headers = [
+        _header("x-maas-username", decision.identity.userid),
+        _header("x-maas-tier", decision.tier.name),
+    ]
+    if body_length >= 0:
+        headers.append(_header("content-length", str(body_length)))
+    return ep.HeaderMutation(
+        set_headers=_raw(headers),
+        remove_headers=_removals(decision.strip_headers, decision.charged),
+    )
+
+
+def response_mutation(decision: Decision) -> ep.HeaderMutation | None:
+    """The remaining budget on the response, as ext_authz's ``response_headers_to_add``."""
+    headers = _rate_headers(decision)
+    return ep.HeaderMutation(set_headers=_raw(headers)) if headers else None

@@ -10,8 +10,9 @@ from extproc.accounting import estimate
 from extproc.accounting.decompress import Decoder, encoding_of
 from extproc.accounting.extractor import UsageExtractor, extractor_for
 from extproc.accounting.usage_filter import UsageEventFilter
+from extproc.admission import AdmissionRequest
 from extproc.config import AccountingConfig
-from extproc.domain import Charge, Usage
+from extproc.domain import Charge, Decision, Usage
 from extproc.envoy.replies import METADATA_NAMESPACE
 
 
@@ -27,6 +28,24 @@ class Billing:
     windows: tuple[int, ...]
     inject: bool = False
     prompt_estimate: int = 0
+
+    @classmethod
+    def from_decision(cls, decision: Decision, path: str) -> Billing | None:
+        """The same record built in-process, when admission ran in the ext_proc stream."""
+        if not decision.allowed or not decision.charged:
+            return None
+        assert decision.identity is not None
+        assert decision.tier is not None
+        return cls(
+            userid=decision.identity.userid,
+            tier=decision.tier.name,
+            model=decision.model,
+            path=path,
+            reserved=decision.reserved_tokens,
+            windows=decision.token_windows,
+            inject=decision.inject_usage,
+            prompt_estimate=decision.prompt_estimate,
+        )
 
     @classmethod
     def from_metadata(cls, filter_metadata: Any) -> Billing | None:
@@ -78,13 +97,17 @@ class Session:
         "_extractor",
         "_filter",
         "billing",
+        "decision",
         "injected",
+        "pending",
         "status",
     )
 
     def __init__(self, config: AccountingConfig) -> None:
         self._config = config
         self.billing: Billing | None = None
+        self.decision: Decision | None = None  # inline admission: the request's decision
+        self.pending: AdmissionRequest | None = None  # inline admission: waiting for the body
         self.status = 0
         self.injected = False
         self._extractor: UsageExtractor | None = None

@@ -99,3 +99,29 @@ def test_uncharged_allow_keeps_accept_encoding() -> None:
     decision = Decision(Outcome.ALLOW, identity=ALICE, tier=FREE, charged=False)
     reply = check_response(decision, "/v1/models")
     assert list(reply.ok_response.headers_to_remove) == []
+
+
+def test_ext_proc_refusal_matches_the_ext_authz_one() -> None:
+    from extproc.envoy.replies import immediate_response
+
+    decision = Decision(
+        Outcome.RATE_LIMITED, identity=ALICE, tier=FREE, limit_kind="requests", limit=5,
+        remaining=0, reset_s=30, retry_after_s=30,
+    )  # fmt: skip
+    reply = immediate_response(decision).immediate_response
+    assert reply.status.code == 429
+    raw = {h.header.key: h.header.raw_value.decode() for h in reply.headers.set_headers}
+    assert raw["retry-after"] == "30"
+    assert json.loads(reply.body) == json.loads(check_response(decision, "/p").denied_response.body)
+
+
+def test_ext_proc_request_mutation_sets_raw_values() -> None:
+    from extproc.envoy.replies import request_mutation
+
+    decision = Decision(
+        Outcome.ALLOW, identity=ALICE, tier=FREE, charged=True, strip_headers=("x-maas-x",)
+    )
+    mutation = request_mutation(decision, body_length=42)
+    raw = {h.header.key: h.header.raw_value for h in mutation.set_headers}
+    assert raw == {"x-maas-username": b"alice", "x-maas-tier": b"free", "content-length": b"42"}
+    assert list(mutation.remove_headers) == ["x-maas-x", "accept-encoding"]
