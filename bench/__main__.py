@@ -1,31 +1,39 @@
 """`make bench`: load the local stack in each topology and write docs/benchmarks.md.
 
 For every topology (Envoy alone, ext_authz only, ext_authz + ext_proc STREAMED, ext_authz +
-ext_proc observability mode) and sidecar worker count, and every scenario (JSON, fast SSE, paced
-SSE of ~50 chunks, denial), it measures in one run on this machine:
+ext_proc observability mode, ext_proc-only admission) and sidecar worker count, and every scenario
+(JSON, fast SSE, paced SSE of ~50 chunks, denial), it measures in one run on this machine:
 - closed-loop throughput, and its ratio to Envoy alone;
-- sidecar CPU per request (utime + stime from /proc, all worker processes);
+- sidecar CPU per request (utime + stime from /proc, every worker process);
 - latency at a fixed offered rate (open loop; half of Envoy alone's closed-loop rate), p50/p99,
-  and what the sidecar adds over Envoy alone at the same rate.
+  and what the sidecar adds over Envoy alone at the same rate;
+- Redis round trips per request, when the sidecar runs against Redis (the default when a
+  ``redis-server`` binary is installed: the harness starts one on a free loopback port).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from extproc.stack import LocalStack, Topology
+from extproc.stack import LocalStack, Topology, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = Path(__file__).resolve().parent / "config.yaml"
+BASELINE = Path(__file__).resolve().parent / "baseline.md"
 CHAT = "/llm/facebook-opt-125m-simulated/v1/chat/completions"
 KEY = "demo-enterprise-key"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -47,27 +55,22 @@ def _messages() -> list[dict[str, str]]:
     return [{"role": "user", "content": "Say something short about gateways."}]
 
 
+def _stream(max_tokens: int) -> dict[str, Any]:
+    return {
+        "model": "sim-model",
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": _messages(),
+    }
+
+
 SCENARIOS = {
     "json": Scenario("json", {"model": "sim-model", "max_tokens": 16, "messages": _messages()}),
-    "sse": Scenario(
-        "sse",
-        {
-            "model": "sim-model",
-            "max_tokens": 16,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "messages": _messages(),
-        },
-    ),
+    "sse": Scenario("sse", _stream(16)),
     "sse-paced-50": Scenario(
         "sse-paced-50",
-        {
-            "model": "sim-model",
-            "max_tokens": 50,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "messages": _messages(),
-        },
+        _stream(50),
         headers=(f"Authorization: Bearer {KEY}", "x-sim-delay-ms: 2"),
         conns=32,
     ),
@@ -83,6 +86,7 @@ TOPOLOGIES: dict[str, Topology] = {
     "ext_authz only": "authz",
     "ext_authz + ext_proc STREAMED": "full",
     "ext_authz + ext_proc observability": "observability",
+    "ext_proc-only admission": "extproc",
 }
 
 
@@ -110,6 +114,61 @@ def process_tree_cpu_s(root_pid: int) -> float:
     return total / CLK_TCK
 
 
+class RedisCounter:
+    """Round trips the sidecar makes: top-level EVALSHA and SADD calls from ``INFO commandstats``.
+
+    A script's inner commands are counted by Redis too, so only the commands a client sends are
+    summed; the SADD + PEXPIRE pair of a user's first charge of the day is one pipelined trip.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def round_trips(self) -> int:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+            sock.sendall(b"INFO commandstats\r\n")
+            data = b""
+            while not data.endswith(b"\r\n") or data.count(b"\r\n") < 2:
+                data += sock.recv(65536)
+        total = 0
+        for line in data.decode().splitlines():
+            if line.startswith(("cmdstat_evalsha:", "cmdstat_sadd:")):
+                total += int(line.split("calls=", 1)[1].split(",", 1)[0])
+        return total
+
+
+@contextlib.contextmanager
+def redis_server(mode: str) -> Iterator[tuple[str, RedisCounter | None]]:
+    """The store URL for the sidecar: a fresh loopback redis-server, a given URL, or memory."""
+    binary = shutil.which("redis-server")
+    if mode == "off" or (mode == "auto" and binary is None):
+        yield "memory://", None
+        return
+    if mode not in ("auto", "on"):
+        port = int(mode.rsplit(":", 1)[1].split("/", 1)[0])
+        yield mode, RedisCounter(port)
+        return
+    if binary is None:
+        raise SystemExit("--redis on: no redis-server on PATH")
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="bench-redis-")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", workdir],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0", RedisCounter(port)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 def load(port: int, scenario: Scenario, seconds: float, rate: float = 0.0) -> dict[str, Any]:
     cmd = [
         sys.executable, "-m", "bench.load", "--port", str(port), "--path", CHAT,
@@ -133,31 +192,44 @@ class Row:
     p99_ms: float
     cpu_us: float  # sidecar CPU per request
     envoy_cpu_us: float
-    rate: float = 0.0
+    redis_trips: float = -1.0  # -1: not measured (memory store)
+    rate: float = 0.0  # half Envoy alone's throughput
     open_p50_ms: float = 0.0
     open_p99_ms: float = 0.0
+    fixed_p50_ms: float = 0.0  # at --rate, the same modest rate for every topology
+    fixed_p99_ms: float = 0.0
     errors: int = 0
     statuses: str = ""
 
 
 def measure(
-    topology_name: str, workers: int, seconds: float, base_rates: dict[str, float]
+    topology_name: str,
+    workers: int,
+    seconds: float,
+    base_rates: dict[str, float],
+    scenarios: list[Scenario],
+    store_url: str,
+    redis: RedisCounter | None,
+    fixed_rate: float,
 ) -> list[Row]:
     topology = TOPOLOGIES[topology_name]
     rows = []
-    stack = LocalStack(config_path=CONFIG, workers=workers, topology=topology)
+    env = {"MAAS_EXTPROC_STORE_URL": store_url}
+    stack = LocalStack(config_path=CONFIG, workers=workers, topology=topology, env=env)
     with stack:
         sidecar = stack.procs.get("sidecar")
         envoy = stack.procs["envoy"]
-        for scenario in SCENARIOS.values():
+        for scenario in scenarios:
             if topology == "envoy" and scenario.name == "denied":
                 continue
             before = process_tree_cpu_s(sidecar.pid) if sidecar else 0.0
             envoy_before = process_tree_cpu_s(envoy.pid)
+            trips_before = redis.round_trips() if redis and sidecar else 0
             closed = load(stack.listen_port, scenario, seconds)
             cpu = (process_tree_cpu_s(sidecar.pid) - before) if sidecar else 0.0
             envoy_cpu = process_tree_cpu_s(envoy.pid) - envoy_before
-            total = max(1, closed["requests"] + closed["errors"])
+            # CPU and Redis counters also saw the warm-up requests: divide by everything served.
+            total = max(1, closed["requests"] + closed["errors"] + closed["warmup_requests"])
             row = Row(
                 topology_name,
                 workers,
@@ -170,53 +242,88 @@ def measure(
                 errors=closed["errors"],
                 statuses=",".join(f"{k}:{v}" for k, v in sorted(closed["statuses"].items())),
             )
+            if redis and sidecar:
+                # Charges settle just before the last reply: let the final ones land.
+                time.sleep(0.2)
+                row.redis_trips = (redis.round_trips() - trips_before) / total
             if topology == "envoy":
                 base_rates[scenario.name] = closed["rps"]
             rate = base_rates.get(scenario.name, closed["rps"]) / 2
             opened = load(stack.listen_port, scenario, seconds, rate=rate)
             row.rate, row.open_p50_ms, row.open_p99_ms = rate, opened["p50_ms"], opened["p99_ms"]
+            fixed = load(stack.listen_port, scenario, seconds, rate=min(fixed_rate, rate))
+            row.fixed_p50_ms, row.fixed_p99_ms = fixed["p50_ms"], fixed["p99_ms"]
             rows.append(row)
+            trips = f" redis {row.redis_trips:.2f}/req" if row.redis_trips >= 0 else ""
             print(
                 f"{topology_name:36} w={workers} {scenario.name:13} {row.rps:8.0f} rps "
-                f"cpu {row.cpu_us:6.0f} us/req  open@{rate:.0f}/s p50 {row.open_p50_ms:.2f} "
-                f"p99 {row.open_p99_ms:.2f} ms  [{row.statuses}]",
+                f"cpu {row.cpu_us:6.0f} us/req{trips}  @{fixed_rate:.0f}/s p50 "
+                f"{row.fixed_p50_ms:.2f} p99 {row.fixed_p99_ms:.2f}  @{rate:.0f}/s p50 "
+                f"{row.open_p50_ms:.2f} p99 {row.open_p99_ms:.2f} ms  [{row.statuses}]",
                 flush=True,
             )
     return rows
 
 
-def report(rows: list[Row], command: str, seconds: float) -> str:
+def table(rows: list[Row], fixed_rate: float) -> list[str]:
     base = {r.scenario: r for r in rows if r.topology == "envoy alone"}
     lines = [
-        "# Benchmarks",
-        "",
-        f"Command: `{command}` ({seconds:g} s per measurement, after a 0.5 s warm-up).",
-        "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()},"
-        f" {platform.platform()}. Everything (load generator, Envoy with --concurrency 2, sidecar,"
-        " model simulator) runs on the same machine, so absolute numbers are lower bounds; the"
-        " ratios and the sidecar's own CPU per request are what carry over.",
-        "",
-        "Columns: closed-loop throughput and its share of Envoy alone; sidecar CPU (user + system,"
-        " all workers) per request; Envoy CPU per request; latency at a fixed offered rate of half"
-        " Envoy alone's throughput (open loop), and the p50/p99 added over Envoy alone at that"
-        " rate.",
-        "",
-        "| topology | workers | scenario | rps | vs Envoy | sidecar CPU µs/req | Envoy CPU µs/req"
-        " | rate/s | p50 ms | p99 ms | added p50 ms | added p99 ms | statuses |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| topology | workers | scenario | max rps | vs Envoy | sidecar CPU µs/req"
+        " | Envoy CPU µs/req | Redis trips/req"
+        f" | p50 / p99 ms at {fixed_rate:.0f}/s | added p50 / p99 ms at {fixed_rate:.0f}/s"
+        " | rate = ½ Envoy alone | p50 / p99 ms there | added p50 / p99 ms there | statuses |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ref = base.get(r.scenario)
         share = f"{r.rps / ref.rps:.2f}" if ref and ref.rps else "-"
-        added50 = f"{r.open_p50_ms - ref.open_p50_ms:+.2f}" if ref else "-"
-        added99 = f"{r.open_p99_ms - ref.open_p99_ms:+.2f}" if ref else "-"
+        fixed_added = (
+            f"{r.fixed_p50_ms - ref.fixed_p50_ms:+.2f} / {r.fixed_p99_ms - ref.fixed_p99_ms:+.2f}"
+            if ref
+            else "-"
+        )
+        added = (
+            f"{r.open_p50_ms - ref.open_p50_ms:+.2f} / {r.open_p99_ms - ref.open_p99_ms:+.2f}"
+            if ref
+            else "-"
+        )
+        trips = f"{r.redis_trips:.2f}" if r.redis_trips >= 0 else "-"
         lines.append(
             f"| {r.topology} | {r.workers} | {r.scenario} | {r.rps:.0f} | {share} | "
-            f"{r.cpu_us:.0f} | {r.envoy_cpu_us:.0f} | {r.rate:.0f} | {r.open_p50_ms:.2f} | "
-            f"{r.open_p99_ms:.2f} | {added50} | {added99} | {r.statuses} |"
+            f"{r.cpu_us:.0f} | {r.envoy_cpu_us:.0f} | {trips} | "
+            f"{r.fixed_p50_ms:.2f} / {r.fixed_p99_ms:.2f} | {fixed_added} | {r.rate:.0f} | "
+            f"{r.open_p50_ms:.2f} / {r.open_p99_ms:.2f} | {added} | {r.statuses} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def report(rows: list[Row], command: str, seconds: float, store: str, fixed_rate: float) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Command: `{command}` ({seconds:g} s per measurement, after a 0.5 s warm-up); sidecar"
+        f" store: {store}. Written by the harness; `bench/notes.md` is appended unchanged.",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python"
+        f" {platform.python_version()}, {platform.platform()}. Everything (load generator, Envoy"
+        " with --concurrency 2, sidecar, model simulator, Redis) runs on the same machine, so"
+        " absolute throughput is a lower bound; the sidecar's own CPU per request and the ratios"
+        " are what carry over.",
+        "",
+        "Columns: closed-loop throughput and its share of Envoy alone; sidecar CPU (user + system,"
+        " all workers, warm-up included in both CPU and request count) per request; Envoy CPU per"
+        " request; Redis round trips per request; open-loop latency (measured from each request's"
+        " scheduled send time, so queueing counts) at a modest rate every topology sustains, and"
+        " at half Envoy alone's throughput, with what each adds over Envoy alone at the same"
+        " rate.",
+        "",
+        *table(rows, fixed_rate),
+        "",
+    ]
+    notes = Path(__file__).resolve().parent / "notes.md"
+    if notes.exists():
+        lines += [notes.read_text()]
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -226,18 +333,29 @@ def main() -> int:
     parser.add_argument(
         "--topologies", default=",".join(TOPOLOGIES), help="comma-separated topology names"
     )
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated")
+    parser.add_argument(
+        "--redis", default="auto", help="auto (start one if installed), on, off, or a redis:// URL"
+    )
+    parser.add_argument("--rate", type=float, default=200.0, help="fixed open-loop rate, req/s")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     args = parser.parse_args()
     rows: list[Row] = []
     base_rates: dict[str, float] = {}
     names = [t.strip() for t in args.topologies.split(",")]
-    for name in names:
-        counts = [1] if TOPOLOGIES[name] == "envoy" else [int(w) for w in args.workers.split(",")]
-        for workers in counts:
-            rows.extend(measure(name, workers, args.seconds, base_rates))
-            time.sleep(0.5)
+    scenarios = [SCENARIOS[s.strip()] for s in args.scenarios.split(",")]
+    with redis_server(args.redis) as (store_url, redis):
+        for name in names:
+            alone = TOPOLOGIES[name] == "envoy"
+            counts = [1] if alone else [int(w) for w in args.workers.split(",")]
+            for workers in counts:
+                rows += measure(
+                    name, workers, args.seconds, base_rates, scenarios, store_url, redis, args.rate
+                )
+                time.sleep(0.5)
+        store = "Redis (a local redis-server)" if redis else "memory://"
     command = "make bench" if len(sys.argv) == 1 else "python -m bench " + " ".join(sys.argv[1:])
-    Path(args.out).write_text(report(rows, command, args.seconds))
+    Path(args.out).write_text(report(rows, command, args.seconds, store, args.rate))
     print(f"wrote {args.out}")
     return 0
 

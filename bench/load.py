@@ -126,6 +126,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     lat = sorted(tally.latencies)
     return {
         "requests": len(lat),
+        "warmup_requests": len(warm.latencies) + warm.errors,  # served too: count them for CPU
         "errors": tally.errors,
         "statuses": dict(tally.statuses),
         "seconds": elapsed,
