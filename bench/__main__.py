@@ -211,16 +211,23 @@ def measure(
     store_url: str,
     redis: RedisCounter | None,
     fixed_rate: float,
+    floor: bool = False,
 ) -> list[Row]:
     topology = TOPOLOGIES[topology_name]
     rows = []
     env = {"MAAS_EXTPROC_STORE_URL": store_url}
-    stack = LocalStack(config_path=CONFIG, workers=workers, topology=topology, env=env)
+    command = [sys.executable, "-m", "bench.floor"] if floor else []
+    stack = LocalStack(
+        config_path=CONFIG, workers=workers, topology=topology, env=env, sidecar_command=command
+    )
+    if floor:
+        topology_name += " — do-nothing floor"
+        redis = None
     with stack:
         sidecar = stack.procs.get("sidecar")
         envoy = stack.procs["envoy"]
         for scenario in scenarios:
-            if topology == "envoy" and scenario.name == "denied":
+            if (topology == "envoy" or floor) and scenario.name == "denied":
                 continue
             before = process_tree_cpu_s(sidecar.pid) if sidecar else 0.0
             envoy_before = process_tree_cpu_s(envoy.pid)
@@ -338,6 +345,9 @@ def main() -> int:
         "--redis", default="auto", help="auto (start one if installed), on, off, or a redis:// URL"
     )
     parser.add_argument("--rate", type=float, default=200.0, help="fixed open-loop rate, req/s")
+    parser.add_argument(
+        "--no-floor", action="store_true", help="skip the do-nothing gRPC server measurements"
+    )
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     args = parser.parse_args()
     rows: list[Row] = []
@@ -353,6 +363,10 @@ def main() -> int:
                     name, workers, args.seconds, base_rates, scenarios, store_url, redis, args.rate
                 )
                 time.sleep(0.5)
+            if not alone and not args.no_floor:
+                rows += measure(
+                    name, 1, args.seconds, base_rates, scenarios, store_url, redis, args.rate, True
+                )
         store = "Redis (a local redis-server)" if redis else "memory://"
     command = "make bench" if len(sys.argv) == 1 else "python -m bench " + " ".join(sys.argv[1:])
     Path(args.out).write_text(report(rows, command, args.seconds, store, args.rate))

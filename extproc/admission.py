@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from extproc.accounting import estimate
@@ -13,7 +13,7 @@ from extproc.authz.base import AccessChecker, IdentitySource, TierSource
 from extproc.config import AccountingConfig
 from extproc.domain import Decision, Identity, Outcome, Tier
 from extproc.errors import StoreUnavailable, Unavailable
-from extproc.limits.limiter import Limiter
+from extproc.limits.limiter import Limiter, Verdict
 from extproc.routes import Route, RouteTable
 
 log = logging.getLogger("extproc.admission")
@@ -138,27 +138,12 @@ class Admission:
         if not access:
             return Decision(Outcome.FORBIDDEN, "no access to this model", identity, tier)
         model = body.model or route.model
-        allowed = Decision(
-            Outcome.ALLOW,
-            identity=identity,
-            tier=tier,
-            model=model,
-            charged=route.charged,
-            strip_headers=tuple(h for h in spoofed if h not in OWN_HEADERS),
-        )
+        strip = tuple(h for h in spoofed if h not in OWN_HEADERS) if spoofed else ()
         if not route.charged:
-            return allowed
-        allowed = replace(
-            allowed,
-            inject_usage=self._accounting.inject_include_usage
-            and body.stream
-            and not body.include_usage
-            and route.path.endswith(USAGE_OPT_IN_SUFFIXES),
-            prompt_estimate=estimate.tokens_from_chars(
-                body.prompt_chars, self._accounting.chars_per_token
-            ),
-        )
-        return await self._limit(allowed, identity, tier, model, body)
+            return Decision(
+                Outcome.ALLOW, identity=identity, tier=tier, model=model, strip_headers=strip
+            )
+        return await self._limit(route, identity, tier, model, body, strip)
 
     async def _access_ok(self, identity: Identity, route: Route, body_model: str) -> bool:
         if route.exempt and not route.name:
@@ -170,16 +155,32 @@ class Admission:
         return True
 
     async def _limit(
-        self, allowed: Decision, identity: Identity, tier: Tier, model: str, body: RequestBody
+        self,
+        route: Route,
+        identity: Identity,
+        tier: Tier,
+        model: str,
+        body: RequestBody,
+        strip: tuple[str, ...],
     ) -> Decision:
+        """The limits step of a charged route; the Decision is built once, here."""
         reserve = self._limiter.reservation_for(tier.name, body.max_tokens)
+        inject = (
+            self._accounting.inject_include_usage
+            and body.stream
+            and not body.include_usage
+            and route.path.endswith(USAGE_OPT_IN_SUFFIXES)
+        )
+        prompt_estimate = estimate.tokens_from_chars(
+            body.prompt_chars, self._accounting.chars_per_token
+        )
         try:
             verdict = await self._limiter.admit(identity.userid, tier.name, model, reserve)
         except StoreUnavailable:
-            if self._store_fail_open:
-                log.warning("counter store unavailable: admitting without a reservation")
-                return allowed
-            return Decision(Outcome.UNAVAILABLE, "rate-limit store unavailable", identity, tier)
+            if not self._store_fail_open:
+                return Decision(Outcome.UNAVAILABLE, "rate-limit store unavailable", identity, tier)
+            log.warning("counter store unavailable: admitting without a reservation")
+            verdict = Verdict(allowed=True)
         if not verdict.allowed:
             outcome = Outcome.TOKEN_LIMITED if verdict.kind == "tokens" else Outcome.RATE_LIMITED
             return Decision(
@@ -195,14 +196,21 @@ class Admission:
                 reset_s=verdict.reset_s,
                 retry_after_s=verdict.retry_after_s,
             )
-        return replace(
-            allowed,
+        return Decision(
+            Outcome.ALLOW,
+            identity=identity,
+            tier=tier,
+            model=model,
+            charged=True,
             reserved_tokens=verdict.reserved_tokens,
             token_windows=verdict.token_windows,
             limit_kind=verdict.kind,
             limit=verdict.limit,
             remaining=verdict.remaining,
             reset_s=verdict.reset_s,
+            strip_headers=strip,
+            inject_usage=inject,
+            prompt_estimate=prompt_estimate,
         )
 
 

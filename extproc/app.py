@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing
 import signal
@@ -257,6 +258,9 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
         )
         await usage_api.start(config.server.host, config.observability.usage_port)
     await server.start()
+    # Everything built so far lives as long as the process: keep the collector from walking the
+    # imported modules (kubernetes, protobuf descriptors) on every full collection.
+    gc.freeze()
     log.info(
         "serving grpc=%s:%d metrics=%d usage=%d store=%r",
         config.server.host,

@@ -158,6 +158,9 @@ class LocalStack:
     metrics_ports: list[int] = field(default_factory=list)
     usage_port: int = 0  # the usage API (worker 0), on a free port
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # Another gRPC server in the sidecar's place (the benchmark's do-nothing floor); it gets the
+    # same MAAS_EXTPROC_* environment and must listen on MAAS_EXTPROC_SERVER_PORT.
+    sidecar_command: Sequence[str] = ()
 
     @property
     def url(self) -> str:
@@ -202,7 +205,7 @@ class LocalStack:
                 **self.env,
             }
             cmd = [python, "-m", "extproc", "serve", "--config", str(self.config_path)]
-            self._spawn("sidecar", cmd, env)
+            self._spawn("sidecar", list(self.sidecar_command) or cmd, env)
         config = self.log_dir / "envoy.yaml"
         config.write_text(
             render_envoy(
@@ -228,7 +231,7 @@ class LocalStack:
         wait_for_port(self.sim_port, 20, self.procs["sim"])
         for port in self.sidecar_ports:
             wait_for_port(port, 20, self.procs["sidecar"])
-        if self.topology != "envoy":
+        if self.topology != "envoy" and not self.sidecar_command:
             wait_for_port(self.usage_port, 20, self.procs["sidecar"])
         wait_envoy_ready(self.admin_port, 20, self.procs["envoy"])
 

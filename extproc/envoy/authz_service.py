@@ -21,6 +21,7 @@ class AuthorizationService(authz_grpc.AuthorizationServicer):  # type: ignore[mi
     def __init__(self, admission: Admission, metrics: Metrics) -> None:
         self._admission = admission
         self._metrics = metrics
+        self._replies = replies.CheckReplies()
 
     async def Check(  # noqa: N802 - the gRPC method name
         self, request: authz.CheckRequest, context: grpc.aio.ServicerContext[object, object]
@@ -45,4 +46,4 @@ class AuthorizationService(authz_grpc.AuthorizationServicer):  # type: ignore[mi
                 decision.tier.name if decision.tier else "",
                 path.split("?", 1)[0],
             )
-        return replies.check_response(decision, path.split("?", 1)[0])
+        return self._replies.reply(decision, path.split("?", 1)[0])

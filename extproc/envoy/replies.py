@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import replace
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as authz
@@ -122,6 +123,43 @@ def _allow(decision: Decision, path: str) -> authz.CheckResponse:
     return authz.CheckResponse(
         status=_OK_STATUS, ok_response=ok, dynamic_metadata=metadata(decision, path)
     )
+
+
+class CheckReplies:
+    """``check_response`` with the allow replies' fixed part built once per caller and copied.
+
+    Headers, removals and the identity metadata depend only on who is calling; building them
+    takes ~20 µs (protobuf Struct updates are pure Python), copying a prebuilt one ~3 µs.
+    """
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        self._bases: dict[tuple[object, ...], authz.CheckResponse] = {}
+        self._max_entries = max_entries
+
+    def reply(self, decision: Decision, path: str) -> authz.CheckResponse:
+        if not decision.allowed:
+            return check_response(decision, path)
+        assert decision.identity is not None
+        assert decision.tier is not None
+        key = (decision.identity, decision.tier.name, decision.charged, decision.strip_headers)
+        base = self._bases.get(key)
+        if base is None:
+            if len(self._bases) >= self._max_entries:
+                self._bases.clear()
+            base = self._bases[key] = _allow(replace(decision, limit=0, token_windows=()), "")
+        out = authz.CheckResponse()
+        out.CopyFrom(base)
+        maas = out.dynamic_metadata.fields["maas"].struct_value.fields
+        maas["model"].string_value = decision.model
+        maas["path"].string_value = path
+        maas["reserved"].number_value = decision.reserved_tokens
+        windows = maas["windows"].list_value.values
+        for start in decision.token_windows:
+            windows.add().number_value = start
+        maas["inject"].bool_value = decision.inject_usage
+        maas["prompt_est"].number_value = decision.prompt_estimate
+        out.ok_response.response_headers_to_add.extend(_rate_headers(decision))
+        return out
 
 
 def _removals(spoofed: Iterable[str], charged: bool) -> list[str]:

@@ -42,6 +42,17 @@ class FixedLimits:
         return self._config
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """The counters of one (user, tier, model), built once: keys, limits, windows, kinds."""
+
+    requests: tuple[tuple[str, int, int], ...]  # (key, limit, window_ms)
+    tokens: tuple[tuple[str, int, int], ...]
+
+
+_PLAN_CACHE_SIZE = 50_000
+
+
 class Limiter:
     """Builds the counters for (user, tier, model) and turns store answers into verdicts."""
 
@@ -55,6 +66,9 @@ class Limiter:
         self._limits = FixedLimits(config) if isinstance(config, LimitsConfig) else config
         self._clock_ms = clock_ms
         self._sliding = self._limits.current().window == "sliding"
+        # Key strings and limits per (user, tier, model), rebuilt when the limits change.
+        self._plans: dict[tuple[str, str, str], _Plan] = {}
+        self._plans_for: LimitsConfig | None = None
 
     @property
     def _config(self) -> LimitsConfig:
@@ -78,27 +92,41 @@ class Limiter:
 
     def token_counters(self, userid: str, tier: str, model: str) -> list[tuple[str, int]]:
         """(key, window_ms) of every token counter this request is charged to, in admit order."""
-        return [
-            (keys.tokens_key(userid, tier, scope), limits.tokens_window_s * 1000)
-            for limits, scope in self._limit_sets(tier, model)
-            if limits.tokens
-        ]
+        return [(key, window) for key, _, window in self._plan(userid, tier, model).tokens]
+
+    def _plan(self, userid: str, tier: str, model: str) -> _Plan:
+        config = self._config
+        if config is not self._plans_for or len(self._plans) >= _PLAN_CACHE_SIZE:
+            self._plans.clear()
+            self._plans_for = config
+        plan = self._plans.get((userid, tier, model))
+        if plan is None:
+            sets = self._limit_sets(tier, model)
+            plan = _Plan(
+                requests=tuple(
+                    (
+                        keys.requests_key(userid, tier, scope),
+                        lim.requests,
+                        lim.requests_window_s * 1000,
+                    )
+                    for lim, scope in sets
+                    if lim.requests
+                ),
+                tokens=tuple(
+                    (keys.tokens_key(userid, tier, scope), lim.tokens, lim.tokens_window_s * 1000)
+                    for lim, scope in sets
+                    if lim.tokens
+                ),
+            )
+            self._plans[(userid, tier, model)] = plan
+        return plan
 
     async def admit(self, userid: str, tier: str, model: str, reserve: int) -> Verdict:
-        counters: list[WindowCounter] = []
-        kinds: list[str] = []
-        for limits, scope in self._limit_sets(tier, model):
-            if limits.requests:
-                key = keys.requests_key(userid, tier, scope)
-                window = limits.requests_window_s * 1000
-                counters.append(WindowCounter(key, limits.requests, window, 1, self._sliding))
-                kinds.append("requests")
-        for limits, scope in self._limit_sets(tier, model):
-            if limits.tokens:
-                key = keys.tokens_key(userid, tier, scope)
-                window = limits.tokens_window_s * 1000
-                counters.append(WindowCounter(key, limits.tokens, window, reserve, self._sliding))
-                kinds.append("tokens")
+        plan = self._plan(userid, tier, model)
+        sliding = self._sliding
+        counters = [WindowCounter(k, lim, w, 1, sliding) for k, lim, w in plan.requests]
+        counters += [WindowCounter(k, lim, w, reserve, sliding) for k, lim, w in plan.tokens]
+        kinds = ["requests"] * len(plan.requests) + ["tokens"] * len(plan.tokens)
         if not counters:
             return Verdict(allowed=True)
         result = await self._store.admit(counters, self._clock_ms())

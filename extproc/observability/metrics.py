@@ -14,6 +14,9 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 _STREAM_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0)
 
 
+_CHILD_CACHE_SIZE = 10_000  # per-model / per-user label sets cached; beyond it the cache restarts
+
+
 class Metrics:
     """Every metric the sidecar exports, documented in the README's metrics table."""
 
@@ -134,6 +137,9 @@ class Metrics:
         )
         self._decision_children: dict[tuple[str, ...], Counter] = {}
         self._response_children: dict[tuple[int, str], Counter] = {}
+        # Label children are looked up once: ``labels()`` costs more than the increment itself.
+        self._token_children: dict[tuple[str, ...], tuple[Counter, ...]] = {}
+        self._charge_children: dict[tuple[str, str], Counter] = {}
 
     def set_limits(self, tiers: Mapping[str, Limits]) -> None:
         """Export the configured tier limits, so a dashboard can draw them; 0 (unlimited) is left out."""
@@ -160,16 +166,28 @@ class Metrics:
 
     def charged(self, charge: Charge) -> None:
         usage = charge.usage
-        extra = [charge.userid] if self.per_user else []
-        for kind, amount in (
-            ("prompt", usage.prompt_tokens),
-            ("completion", usage.completion_tokens),
-            ("total", usage.total()),
+        user = (charge.userid,) if self.per_user else ()
+        children = self._token_children.get((charge.tier, charge.model, *user))
+        if children is None:
+            if len(self._token_children) >= _CHILD_CACHE_SIZE:
+                self._token_children.clear()
+            children = tuple(
+                self.tokens.labels(charge.tier, charge.model, kind, *user)
+                for kind in ("prompt", "completion", "total")
+            )
+            self._token_children[(charge.tier, charge.model, *user)] = children
+        for token_child, amount in zip(
+            children, (usage.prompt_tokens, usage.completion_tokens, usage.total()), strict=True
         ):
             if amount:
-                self.tokens.labels(charge.tier, charge.model, kind, *extra).inc(amount)
+                token_child.inc(amount)
         source = "estimated" if usage.estimated else ("reported" if usage.reported else "none")
-        self.charges.labels(charge.tier, source).inc()
+        by_source = self._charge_children.get((charge.tier, source))
+        if by_source is None:
+            by_source = self._charge_children[(charge.tier, source)] = self.charges.labels(
+                charge.tier, source
+            )
+        by_source.inc()
         status_key = (charge.status // 100, charge.tier)
         child = self._response_children.get(status_key)
         if child is None:

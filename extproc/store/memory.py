@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -172,4 +173,10 @@ def ledger_rows(day: str, fields: dict[str, int]) -> list[LedgerRow]:
 
 def day_of(now_ms: int) -> str:
     """The UTC day of a millisecond timestamp, as the ledger names it (YYYYMMDD)."""
-    return dt.datetime.fromtimestamp(now_ms / 1000, tz=dt.UTC).strftime("%Y%m%d")
+    return _day_name(now_ms // 86_400_000)
+
+
+@functools.lru_cache(maxsize=16)
+def _day_name(day: int) -> str:
+    # Pure and called on every charge: worth remembering the few days in play.
+    return dt.datetime.fromtimestamp(day * 86_400, tz=dt.UTC).strftime("%Y%m%d")

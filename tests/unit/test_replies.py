@@ -125,3 +125,18 @@ def test_ext_proc_request_mutation_sets_raw_values() -> None:
     raw = {h.header.key: h.header.raw_value for h in mutation.set_headers}
     assert raw == {"x-maas-username": b"alice", "x-maas-tier": b"free", "content-length": b"42"}
     assert list(mutation.remove_headers) == ["x-maas-x", "accept-encoding"]
+
+
+@pytest.mark.parametrize("charged", [True, False])
+def test_cached_allow_replies_equal_freshly_built_ones(charged: bool) -> None:
+    from extproc.envoy.replies import CheckReplies
+
+    cache = CheckReplies(max_entries=2)
+    for remaining, windows, model in [(36, (1234,), "m"), (35, (), "other"), (0, (1, 2), "m")]:
+        decision = Decision(
+            Outcome.ALLOW, identity=ALICE, tier=FREE, model=model, charged=charged,
+            reserved_tokens=remaining, token_windows=windows, limit=100, remaining=remaining,
+            reset_s=60, strip_headers=("x-maas-debug",), inject_usage=charged, prompt_estimate=3,
+        )  # fmt: skip
+        for path in ("/a/b/v1/chat/completions", "/v1/models"):
+            assert cache.reply(decision, path) == check_response(decision, path)
