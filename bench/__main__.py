@@ -216,10 +216,9 @@ def measure(
     topology = TOPOLOGIES[topology_name]
     rows = []
     env = {"MAAS_EXTPROC_STORE_URL": store_url}
-    command = [sys.executable, "-m", "bench.floor"] if floor else []
-    stack = LocalStack(
-        config_path=CONFIG, workers=workers, topology=topology, env=env, sidecar_command=command
-    )
+    stack = LocalStack(config_path=CONFIG, workers=workers, topology=topology, env=env)
+    if floor:
+        stack.sidecar_command = [sys.executable, "-m", "bench.floor"]
     if floor:
         topology_name += " — do-nothing floor"
         redis = None

@@ -46,7 +46,7 @@ def instructions(stack: LocalStack) -> str:
         "# The free tier has 100 tokens a minute; the third call gets 429 with Retry-After:",
         f"for i in 1 2 3; do curl -s -o /dev/null -w '%{{http_code}}\\n' {chat} "
         f"-H 'Authorization: Bearer {DEMO_KEYS['free']}' -H 'Content-Type: application/json' "
-        '-d \'{"model": "facebook/opt-125m", "max_tokens": 48, '
+        '-d \'{"model": "facebook/opt-125m", "max_tokens": 60, '
         '"messages": [{"role": "user", "content": "Hi"}]}\'; done',
         "",
         "# No token: 401.   Model list: allowed, never charged:",

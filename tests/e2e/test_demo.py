@@ -1,0 +1,89 @@
+"""`maas-extproc demo` (what `make run` starts): every line it prints to paste works as printed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.helpers import ROOT
+
+
+@pytest.fixture(scope="module")
+def demo() -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "extproc", "demo", "--port", "0"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "REDIS_URL"},
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line.rstrip("\n"))
+        if line.startswith("Ctrl-C stops everything."):
+            break
+    try:
+        assert lines, "the demo printed nothing"
+        assert lines[-1].startswith("Ctrl-C"), "\n".join(lines)
+        yield proc, lines
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=30)
+
+
+def run(line: str) -> str:
+    done = subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def commands(lines: list[str]) -> list[str]:
+    return [line for line in lines if line.startswith(("curl ", "for "))]
+
+
+def test_every_printed_command_works_as_printed(
+    demo: tuple[subprocess.Popen[str], list[str]],
+) -> None:
+    _, lines = demo
+    cmds = commands(lines)
+    assert len(cmds) == 8
+    stream, plain, loop, anonymous, models, metrics, usage, users = cmds
+    out = run(stream)
+    assert "data: [DONE]" in out
+    assert '"usage":{' in out
+    out = run(plain)
+    assert out.startswith("HTTP/1.1 200")
+    assert "x-ratelimit-remaining" in out
+    assert run(loop).split() == ["200", "200", "429"]
+    assert "401" in run(anonymous)
+    assert json.loads(run(models))["object"] == "list"
+    assert re.search(r'^maas_tokens_total\{.*tier="premium"', run(metrics), re.MULTILINE)
+    assert json.loads(run(usage))["totals"]["total_tokens"] > 0
+    assert "bob" in run(users)
+
+
+def test_ctrl_c_stops_every_child(demo: tuple[subprocess.Popen[str], list[str]]) -> None:
+    proc, lines = demo
+    ports = [int(p) for line in lines for p in re.findall(r"127\.0\.0\.1:(\d+)", line)]
+    assert ports
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+    for port in ports:
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still open"
