@@ -11,7 +11,7 @@ import urllib3
 from kubernetes import watch
 from kubernetes.client.exceptions import ApiException
 
-from extproc.authz.kube import CONNECT_TIMEOUT_S, Kube
+from extproc.authz.kube import CONNECT_TIMEOUT_S, Kube, stop_watches
 from extproc.authz.tiers import TierMapping, parse_mapping_text
 from extproc.config import TiersConfig
 from extproc.domain import Identity, Tier
@@ -216,14 +216,7 @@ class ConfigMapTiers:
             return
         self._closed = True
         self._stop.set()
-        await asyncio.to_thread(self._join)
+        await asyncio.to_thread(
+            stop_watches, [self._thread], [self._watch], "tier mapping watch thread"
+        )
         await self._kube.release()
-
-    def _join(self) -> None:
-        # Watch.stop shuts the open watch socket; repeat it in case a new watch was just opening.
-        for _ in range(300):
-            if not self._thread.is_alive():
-                return
-            self._watch.stop()
-            self._thread.join(0.1)
-        log.warning("tier mapping watch thread did not stop")

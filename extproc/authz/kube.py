@@ -154,3 +154,17 @@ class KubeConnector:
         if self._kube is None:
             self._kube = Kube.connect(self._kubeconfig, threads=self._threads)
         return self._kube.retain()
+
+
+def stop_watches(threads: list[threading.Thread], watches: list[Any], what: str) -> None:
+    """Stop watch threads: ``Watch.stop`` shuts each open watch socket; it is repeated, since a
+    thread may be opening a new watch just then. Blocking: run it off the event loop."""
+    for _ in range(300):
+        alive = [thread for thread in threads if thread.is_alive()]
+        if not alive:
+            return
+        for stream in watches:
+            stream.stop()
+        for thread in alive:
+            thread.join(0.05)
+    log.warning("%s did not stop", what)

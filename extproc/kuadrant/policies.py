@@ -21,7 +21,7 @@ import urllib3
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
-from extproc.authz.kube import CONNECT_TIMEOUT_S, Kube
+from extproc.authz.kube import CONNECT_TIMEOUT_S, Kube, stop_watches
 from extproc.config import KuadrantConfig, LimitsConfig
 from extproc.domain import Limits
 from extproc.observability.metrics import Metrics
@@ -318,19 +318,8 @@ class PolicyLimits:
             return
         self._closed = True
         self._stop.set()
-        await asyncio.to_thread(self._join)
+        await asyncio.to_thread(stop_watches, self._threads, self._watches, "policy watch threads")
         await self._kube.release()
-
-    def _join(self) -> None:
-        for _ in range(300):
-            alive = [t for t in self._threads if t.is_alive()]
-            if not alive:
-                return
-            for stream in self._watches:
-                stream.stop()
-            for thread in alive:
-                thread.join(0.05)
-        log.warning("policy watch threads did not stop")
 
 
 def limit_names(config: KuadrantConfig, policies: PolicyLimits | None) -> Callable[[str], str]:
