@@ -59,12 +59,18 @@ def _replaced_response_body(body: bytes) -> ep.ProcessingResponse:
     return ep.ProcessingResponse(response_body=ep.BodyResponse(response=common))
 
 
-def header_value(headers: ep.HttpHeaders, name: str) -> str:
+_RESPONSE_HEADERS = (":status", "content-type", "content-encoding")
+
+
+def response_header_values(headers: ep.HttpHeaders) -> tuple[str, str, str]:
+    """``:status``, ``content-type`` and ``content-encoding`` in one pass over the headers."""
+    found = ["", "", ""]
     for header in headers.headers.headers:
-        if header.key == name:
+        key = header.key
+        if key in _RESPONSE_HEADERS:
             raw: bytes = header.raw_value
-            return raw.decode("latin-1") if raw else str(header.value)
-    return ""
+            found[_RESPONSE_HEADERS.index(key)] = raw.decode("latin-1") if raw else header.value
+    return found[0], found[1], found[2]
 
 
 class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -108,11 +114,9 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):  # type: igno
                         break  # end the RPC now, or Envoy holds the stream open
                 elif kind == "response_headers":
                     headers = request.response_headers
-                    status = int(header_value(headers, ":status") or 0)
+                    status, content_type, encoding = response_header_values(headers)
                     follow = session.on_response_headers(
-                        status,
-                        header_value(headers, "content-type"),
-                        header_value(headers, "content-encoding"),
+                        int(status) if status.isdigit() else 0, content_type, encoding
                     )
                     if headers.end_of_stream or not follow:
                         await self._charge(session)
