@@ -115,3 +115,41 @@ def test_fail_closed_answers_503_while_redis_is_down(own_redis_server: RedisServ
         assert models.status_code == 200  # never limited, so the store is not needed
         own_redis_server.start()
         assert traffic(stack, model, 1) == [200]
+
+
+def command_calls(server: RedisServer) -> dict[str, int]:
+    """Calls per command from ``INFO commandstats`` (script-inner commands count under their own
+    names, so ``evalsha`` counts exactly the scripts clients ran)."""
+    calls: dict[str, int] = {}
+    for line in server.cli_command("INFO", "commandstats").splitlines():
+        if line.startswith("cmdstat_"):
+            name, _, stats = line[len("cmdstat_") :].partition(":")
+            calls[name] = int(stats.split("calls=", 1)[1].split(",", 1)[0])
+    return calls
+
+
+def test_one_round_trip_at_admission_and_one_at_completion(
+    redis_stack: LocalStack, own_redis_server: RedisServer
+) -> None:
+    model = f"m-{uuid.uuid4().hex[:8]}"
+    assert traffic(redis_stack, model, 1) == [200]  # the day's first charge also adds the user
+    before = command_calls(own_redis_server)
+    assert traffic(redis_stack, model, 10) == [200] * 10
+    after = command_calls(own_redis_server)
+    sent = {name: after[name] - before.get(name, 0) for name in after}
+    assert sent["evalsha"] == 20  # one script per admission, one per settle
+    assert sent.get("sadd", 0) == 0
+    # Everything else a client could have sent (not run inside the scripts):
+    inner = {
+        "hget",
+        "hgetall",
+        "hset",
+        "hincrby",
+        "hmset",
+        "pexpire",
+        "pttl",
+        "get",
+        "set",
+        "incrby",
+    }
+    assert {n for n, c in sent.items() if c and n not in inner | {"evalsha", "info"}} == set()
