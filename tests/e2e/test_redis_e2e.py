@@ -139,17 +139,6 @@ def test_one_round_trip_at_admission_and_one_at_completion(
     sent = {name: after[name] - before.get(name, 0) for name in after}
     assert sent["evalsha"] == 20  # one script per admission, one per settle
     assert sent.get("sadd", 0) == 0
-    # Everything else a client could have sent (not run inside the scripts):
-    inner = {
-        "hget",
-        "hgetall",
-        "hset",
-        "hincrby",
-        "hmset",
-        "pexpire",
-        "pttl",
-        "get",
-        "set",
-        "incrby",
-    }
-    assert {n for n, c in sent.items() if c and n not in inner | {"evalsha", "info"}} == set()
+    # Commands scripts run are counted too, so commandstats cannot tell a client's stray call
+    # from a script's; tests/integration/test_store_redis.py checks the exact client commands
+    # with MONITOR.
