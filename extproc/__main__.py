@@ -100,7 +100,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "usage":
         from extproc.observability.usage_cli import run_usage
 
-        loaded = config_mod.load(args.config, os.environ)
+        loaded = config_mod.load(args.config, os.environ, serving=False)
         return run_usage(loaded, args.user, args.start, args.end, args.format, args.group_by)
     raise AssertionError(args.command)  # pragma: no cover
 

@@ -184,8 +184,12 @@ class Config:
 # ----------------------------------------------------------------------------------------- parse
 
 
-def load(path: str | Path | None, environ: Mapping[str, str]) -> Config:
-    """Read ``path`` (None: defaults only), apply ``MAAS_EXTPROC_*`` overrides, validate."""
+def load(path: str | Path | None, environ: Mapping[str, str], *, serving: bool = True) -> Config:
+    """Read ``path`` (None: defaults only), apply ``MAAS_EXTPROC_*`` overrides, validate.
+
+    ``serving=False`` is for commands that only read the store (``usage``): the identity and tier
+    files a server needs are then not required.
+    """
     raw: dict[str, Any] = {}
     base_dir = "."
     if path is not None:
@@ -201,10 +205,10 @@ def load(path: str | Path | None, environ: Mapping[str, str]) -> Config:
         raw = loaded or {}
         base_dir = str(file.resolve().parent)
     _apply_environ(raw, environ)
-    return parse(raw, base_dir)
+    return parse(raw, base_dir, serving=serving)
 
 
-def parse(raw: Mapping[str, Any], base_dir: str = ".") -> Config:
+def parse(raw: Mapping[str, Any], base_dir: str = ".", *, serving: bool = True) -> Config:
     _no_unknown(raw, "", {f.name for f in fields(Config)} - {"base_dir"})
     config = Config(
         server=_section(ServerConfig, raw, "server"),
@@ -219,7 +223,7 @@ def parse(raw: Mapping[str, Any], base_dir: str = ".") -> Config:
         kuadrant=_kuadrant(raw.get("kuadrant")),
         base_dir=base_dir,
     )
-    _check(config)
+    _check(config, serving)
     return config
 
 
@@ -449,11 +453,11 @@ def _kuadrant(value: object) -> KuadrantConfig:
     return config
 
 
-def _check(config: Config) -> None:
+def _check(config: Config, serving: bool) -> None:
     """Cross-field rules that no single key can check."""
-    if config.identity.source == "api_keys" and not config.identity.api_keys_file:
+    if serving and config.identity.source == "api_keys" and not config.identity.api_keys_file:
         raise ConfigError("identity.api_keys_file", "a file path when identity.source is api_keys")
-    if config.tiers.source == "file" and not config.tiers.file:
+    if serving and config.tiers.source == "file" and not config.tiers.file:
         raise ConfigError("tiers.file", "a file path when tiers.source is file")
     if config.server.workers < 1:
         raise ConfigError("server.workers", "a whole number >= 1", config.server.workers)

@@ -101,3 +101,24 @@ def test_bad_dates_exit_2_naming_the_flag(
     assert done.returncode == 2
     assert done.stdout == ""
     assert f"config error: {key}: expected" in done.stderr
+
+
+def usage_cli_without_config(server: RedisServer, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MAAS_EXTPROC_STORE_URL": f"redis://127.0.0.1:{server.port}/{REDIS_DB}"}
+    return subprocess.run(
+        [sys.executable, "-m", "extproc", "usage", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=False,
+    )
+
+
+async def test_no_config_file_is_needed_only_the_store_url(
+    redis_server: RedisServer, seeded: RedisStore
+) -> None:
+    done = usage_cli_without_config(redis_server, "--user", "alice", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["user"] == "alice"
+    assert json.loads(done.stdout)["totals"]["total_tokens"] > 0
