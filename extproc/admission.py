@@ -105,6 +105,10 @@ class Admission:
             return Decision(
                 Outcome.SPOOFED, "X-MaaS-* request headers are reserved for the gateway"
             )
+        if request.method == "OPTIONS" and "access-control-request-method" in request.headers:
+            # A browser's CORS preflight carries no credentials and no body: it passes, unbilled
+            # and anonymous, so the upstream (or Envoy's CORS filter) can answer it.
+            return Decision(Outcome.ALLOW, "cors preflight", strip_headers=spoofed)
         token = bearer_token(request.headers.get("authorization", ""))
         if token is None:
             return Decision(Outcome.UNAUTHENTICATED, "missing bearer token")

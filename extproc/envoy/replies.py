@@ -109,14 +109,19 @@ def check_response(decision: Decision, path: str) -> authz.CheckResponse:
     )
 
 
+def _identity_headers(decision: Decision) -> list[base_pb2.HeaderValueOption]:
+    """X-MaaS-Username and X-MaaS-Tier; none for anonymous passes (CORS preflights)."""
+    if decision.identity is None or decision.tier is None:
+        return []
+    return [
+        _header("x-maas-username", decision.identity.userid),
+        _header("x-maas-tier", decision.tier.name),
+    ]
+
+
 def _allow(decision: Decision, path: str) -> authz.CheckResponse:
-    assert decision.identity is not None
-    assert decision.tier is not None
     ok = authz.OkHttpResponse(
-        headers=[
-            _header("x-maas-username", decision.identity.userid),
-            _header("x-maas-tier", decision.tier.name),
-        ],
+        headers=_identity_headers(decision),
         headers_to_remove=_removals(decision.strip_headers, decision.charged),
         response_headers_to_add=_rate_headers(decision),
     )
@@ -137,10 +142,8 @@ class CheckReplies:
         self._max_entries = max_entries
 
     def reply(self, decision: Decision, path: str) -> authz.CheckResponse:
-        if not decision.allowed:
+        if not decision.allowed or decision.identity is None or decision.tier is None:
             return check_response(decision, path)
-        assert decision.identity is not None
-        assert decision.tier is not None
         key = (decision.identity, decision.tier.name, decision.charged, decision.strip_headers)
         base = self._bases.get(key)
         if base is None:
@@ -203,12 +206,7 @@ def immediate_response(decision: Decision) -> ep.ProcessingResponse:
 
 def request_mutation(decision: Decision, body_length: int = -1) -> ep.HeaderMutation:
     """What ext_authz's OK reply does to the request: our identity headers in, spoofed ones out."""
-    assert decision.identity is not None
-    assert decision.tier is not None
-    headers = [
-        _header("x-maas-username", decision.identity.userid),
-        _header("x-maas-tier", decision.tier.name),
-    ]
+    headers = _identity_headers(decision)
     if body_length >= 0:
         headers.append(_header("content-length", str(body_length)))
     return ep.HeaderMutation(

@@ -133,3 +133,19 @@ def test_user_without_a_tier_gets_403(stack: LocalStack) -> None:
     response = post(stack, {"model": "x", "messages": messages()}, key="none")
     assert response.status_code == 403
     assert response.json()["error"]["code"] == "no_tier"
+
+
+def test_cors_preflight_is_not_refused_for_lack_of_a_token(stack: LocalStack) -> None:
+    response = httpx.options(
+        stack.url + CHAT,
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "POST",
+            "X-MaaS-Tier": "enterprise",
+        },
+        timeout=10,
+    )
+    # The simulator has no OPTIONS handler: its 405 shows the preflight reached the upstream
+    # (ours would be 401 or 403, with a JSON error body).
+    assert response.status_code == 405
+    assert "unauthenticated" not in response.text

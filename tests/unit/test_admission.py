@@ -155,3 +155,19 @@ def test_bearer_token_parsing() -> None:
     assert bearer_token("bearer   abc ") == "abc"
     assert bearer_token("Basic abc") is None
     assert bearer_token("Bearer ") is None
+
+
+async def test_cors_preflight_passes_anonymous_and_unbilled() -> None:
+    admission, _, _ = build_admission()
+    preflight = AdmissionRequest(
+        "OPTIONS",
+        CHAT,
+        {"access-control-request-method": "POST", "origin": "https://app", "x-maas-tier": "x"},
+    )
+    decision = await admission.decide(preflight)
+    assert decision.outcome is Outcome.ALLOW
+    assert decision.identity is None
+    assert not decision.charged
+    assert decision.strip_headers == ("x-maas-tier",)
+    plain_options = AdmissionRequest("OPTIONS", CHAT, {})
+    assert (await admission.decide(plain_options)).outcome is Outcome.UNAUTHENTICATED

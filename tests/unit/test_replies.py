@@ -140,3 +140,14 @@ def test_cached_allow_replies_equal_freshly_built_ones(charged: bool) -> None:
         )  # fmt: skip
         for path in ("/a/b/v1/chat/completions", "/v1/models"):
             assert cache.reply(decision, path) == check_response(decision, path)
+
+
+def test_anonymous_pass_sets_no_identity_and_no_metadata() -> None:
+    from extproc.envoy.replies import CheckReplies, request_mutation
+
+    decision = Decision(Outcome.ALLOW, "cors preflight", strip_headers=("x-maas-tier",))
+    reply = CheckReplies().reply(decision, "/p")
+    assert list(reply.ok_response.headers) == []
+    assert list(reply.ok_response.headers_to_remove) == ["x-maas-tier"]
+    assert not reply.dynamic_metadata.fields
+    assert list(request_mutation(decision).set_headers) == []
