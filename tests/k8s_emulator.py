@@ -1,8 +1,10 @@
-"""A local Kubernetes API server over HTTPS: TokenReview, SubjectAccessReview, watched ConfigMaps.
+"""A local Kubernetes API server over HTTPS: TokenReview, SubjectAccessReview, watched ConfigMaps
+and watched custom objects (e.g. Kuadrant policies).
 
 It speaks the real JSON shapes so the official ``kubernetes`` client reaches it through a kubeconfig
-(``write_kubeconfig``). Tests script it live: tokens, RBAC rules, ConfigMap contents, failures
-(``fail_with(503)``, ``down()`` / ``up()``), and read request counters per endpoint.
+(``write_kubeconfig``). Tests script it live: tokens, RBAC rules, ConfigMap contents, custom
+objects (``define_custom``, ``put_custom``, ``delete_custom``), failures (``fail_with(503)``,
+``down()`` / ``up()``), and read request counters per endpoint.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import copy
 import itertools
 import json
 import secrets
@@ -29,6 +32,8 @@ from aiohttp import web
 DEFAULT_AUDIENCE = "maas-default-gateway-sa"
 API_SERVER_AUDIENCE = "https://kubernetes.default.svc.cluster.local"
 CLIENT_TOKEN = "sidecar-own-service-account-token"
+# The collection ConfigMaps live in; custom objects live in "<group>/<version>/<plural>".
+CONFIG_MAPS = "v1/configmaps"
 
 Json = dict[str, Any]
 
@@ -57,6 +62,7 @@ class AllowRule:
 
 @dataclass
 class _Event:
+    collection: str  # CONFIG_MAPS or <group>/<version>/<plural>
     rv: int
     kind: str  # ADDED, MODIFIED, DELETED
     obj: Json
@@ -66,8 +72,10 @@ class _Event:
 class _State:
     tokens: dict[str, TokenSpec] = field(default_factory=dict)
     rules: list[AllowRule] = field(default_factory=list)
-    config_maps: dict[tuple[str, str], Json] = field(default_factory=dict)
-    history: list[_Event] = field(default_factory=list)
+    # (collection, namespace, name) -> the object as served
+    objects: dict[tuple[str, str, str], Json] = field(default_factory=dict)
+    custom_kinds: dict[str, str] = field(default_factory=dict)  # served collection -> Kind
+    history: list[_Event] = field(default_factory=list)  # of every collection: one version sequence
     oldest_rv: int = 0  # a watch from before this answers 410 Gone
     fail_status: int | None = None
 
@@ -247,32 +255,41 @@ class KubeEmulator:
 
     def set_config_map(self, namespace: str, name: str, data: dict[str, str]) -> str:
         """Create or replace a ConfigMap; watchers see ADDED or MODIFIED. Returns its resourceVersion."""
-        with self._lock:
-            rv = next(self._rv)
-            known = (namespace, name) in self._state.config_maps
-            obj: Json = {
-                "kind": "ConfigMap",
-                "apiVersion": "v1",
-                "metadata": {
-                    "name": name,
-                    "namespace": namespace,
-                    "resourceVersion": str(rv),
-                    "uid": f"uid-{namespace}-{name}",
-                },
-                "data": dict(data),
-            }
-            self._state.config_maps[(namespace, name)] = obj
-            self._state.history.append(_Event(rv, "MODIFIED" if known else "ADDED", obj))
-        self._notify()
-        return str(rv)
+        obj: Json = {"kind": "ConfigMap", "apiVersion": "v1", "data": dict(data)}
+        return self._put(CONFIG_MAPS, namespace, name, obj)
 
     def delete_config_map(self, namespace: str, name: str) -> None:
+        self._delete(CONFIG_MAPS, namespace, name)
+
+    def define_custom(self, group: str, version: str, plural: str, kind: str) -> None:
+        """Serve a custom resource (as installing its CRD does); until then its URLs answer 404."""
         with self._lock:
-            obj = self._state.config_maps.pop((namespace, name))
-            rv = next(self._rv)
-            gone = {**obj, "metadata": {**obj["metadata"], "resourceVersion": str(rv)}}
-            self._state.history.append(_Event(rv, "DELETED", gone))
-        self._notify()
+            self._state.custom_kinds[_collection(group, version, plural)] = kind
+
+    def put_custom(self, group: str, version: str, namespace: str, plural: str, obj: Json) -> str:
+        """Create or replace a custom object (a copy of ``obj``, which needs ``metadata.name``);
+        watchers see ADDED or MODIFIED. Serves the resource if not yet defined, with the
+        object's ``kind``. Returns the new resourceVersion."""
+        collection = _collection(group, version, plural)
+        with self._lock:
+            kind = self._state.custom_kinds.get(collection) or obj.get("kind")
+        if not kind:
+            raise ValueError(f"{collection}: give the object a kind or call define_custom first")
+        self.define_custom(group, version, plural, kind)
+        body = {**copy.deepcopy(obj), "apiVersion": f"{group}/{version}", "kind": kind}
+        return self._put(collection, namespace, str(obj["metadata"]["name"]), body)
+
+    def delete_custom(
+        self, group: str, version: str, namespace: str, plural: str, name: str
+    ) -> str:
+        """Delete a custom object; watchers see DELETED. Returns the deletion's resourceVersion."""
+        return self._delete(_collection(group, version, plural), namespace, name)
+
+    def get_custom(self, group: str, version: str, namespace: str, plural: str, name: str) -> Json:
+        """The stored custom object (a copy), as the API serves it."""
+        with self._lock:
+            obj = self._state.objects[(_collection(group, version, plural), namespace, name)]
+            return copy.deepcopy(obj)
 
     def compact(self) -> None:
         """Forget the event history: a watch resumed from any earlier version gets 410 Gone."""
@@ -286,6 +303,39 @@ class KubeEmulator:
         self._loop.call_soon_threadsafe(self._end_watches)
 
     # ------------------------------------------------------------------ plumbing
+
+    def _latest_rv(self) -> int:
+        """The newest resourceVersion a list reports (call with the lock held)."""
+        return self._state.history[-1].rv if self._state.history else self._state.oldest_rv
+
+    def _put(self, collection: str, namespace: str, name: str, obj: Json) -> str:
+        with self._lock:
+            rv = next(self._rv)
+            key = (collection, namespace, name)
+            known = key in self._state.objects
+            meta = {
+                **(obj.get("metadata") or {}),
+                "name": name,
+                "namespace": namespace,
+                "resourceVersion": str(rv),
+                "uid": f"uid-{namespace}-{name}",
+            }
+            stored = {**obj, "metadata": meta}
+            self._state.objects[key] = stored
+            self._state.history.append(
+                _Event(collection, rv, "MODIFIED" if known else "ADDED", stored)
+            )
+        self._notify()
+        return str(rv)
+
+    def _delete(self, collection: str, namespace: str, name: str) -> str:
+        with self._lock:
+            obj = self._state.objects.pop((collection, namespace, name))
+            rv = next(self._rv)
+            gone = {**obj, "metadata": {**obj["metadata"], "resourceVersion": str(rv)}}
+            self._state.history.append(_Event(collection, rv, "DELETED", gone))
+        self._notify()
+        return str(rv)
 
     def _call(self, coro: Any) -> Any:
         assert self._loop is not None
@@ -319,6 +369,9 @@ class KubeEmulator:
         )
         app.router.add_get("/api/v1/namespaces/{ns}/configmaps/{name}", self._get_config_map)
         app.router.add_get("/api/v1/namespaces/{ns}/configmaps", self._list_config_maps)
+        custom = "/apis/{group}/{version}/namespaces/{ns}/{plural}"
+        app.router.add_get(custom, self._list_custom)
+        app.router.add_get(custom + "/{name}", self._get_custom)
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(self._cert, self._key)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
@@ -420,14 +473,52 @@ class KubeEmulator:
             return refused
         ns, name = request.match_info["ns"], request.match_info["name"]
         with self._lock:
-            obj = self._state.config_maps.get((ns, name))
+            obj = self._state.objects.get((CONFIG_MAPS, ns, name))
         if obj is None:
             return _status(404, "NotFound", f'configmaps "{name}" not found')
         return web.json_response(obj)
 
     async def _list_config_maps(self, request: web.Request) -> web.StreamResponse:
+        return await self._list_or_watch(request, CONFIG_MAPS, "configmap", "v1", "ConfigMap")
+
+    def _custom_kind(self, request: web.Request) -> tuple[str, str | None]:
+        """The collection a custom-object URL names, and its Kind (None: not served)."""
+        info = request.match_info
+        collection = _collection(info["group"], info["version"], info["plural"])
+        with self._lock:
+            return collection, self._state.custom_kinds.get(collection)
+
+    async def _list_custom(self, request: web.Request) -> web.StreamResponse:
+        collection, kind = self._custom_kind(request)
+        info = request.match_info
+        if kind is None:  # no such CRD installed
+            self.counts[f"{info['plural']}_unknown"] += 1
+            if refused := self._refusal(request):
+                return refused
+            return _status(404, "NotFound", "the server could not find the requested resource")
+        api_version = f"{info['group']}/{info['version']}"
+        return await self._list_or_watch(request, collection, info["plural"], api_version, kind)
+
+    async def _get_custom(self, request: web.Request) -> web.Response:
+        collection, kind = self._custom_kind(request)
+        info = request.match_info
+        self.counts[f"{info['plural']}_get"] += 1
+        if refused := self._refusal(request):
+            return refused
+        with self._lock:
+            obj = self._state.objects.get((collection, info["ns"], info["name"]))
+        if kind is None or obj is None:
+            what = f'{info["plural"]}.{info["group"]} "{info["name"]}"'
+            return _status(404, "NotFound", f"{what} not found")
+        return web.json_response(obj)
+
+    async def _list_or_watch(
+        self, request: web.Request, collection: str, counter: str, api_version: str, kind: str
+    ) -> web.StreamResponse:
+        """A namespaced list (``<Kind>List``) or, with ``?watch=true``, a watch of one collection;
+        counted as ``<counter>_list`` / ``<counter>_watch``."""
         watching = request.query.get("watch") in ("true", "1")
-        self.counts["configmap_watch" if watching else "configmap_list"] += 1
+        self.counts[f"{counter}_watch" if watching else f"{counter}_list"] += 1
         if refused := self._refusal(request):
             return refused
         ns = request.match_info["ns"]
@@ -438,20 +529,22 @@ class KubeEmulator:
             return bool(meta["namespace"] == ns and wanted in (None, meta["name"]))
 
         if watching:
-            return await self._watch(request, matches)
+            return await self._watch(request, collection, matches)
         with self._lock:
-            items = [o for o in self._state.config_maps.values() if matches(o)]
-            current = self._state.history[-1].rv if self._state.history else self._state.oldest_rv
+            items = [
+                o for (c, _, _), o in self._state.objects.items() if c == collection and matches(o)
+            ]
+            current = self._latest_rv()
         body = {
-            "kind": "ConfigMapList",
-            "apiVersion": "v1",
+            "kind": f"{kind}List",
+            "apiVersion": api_version,
             "metadata": {"resourceVersion": str(current)},
             "items": items,
         }
         return web.json_response(body)
 
     async def _watch(
-        self, request: web.Request, matches: Callable[[Json], bool]
+        self, request: web.Request, collection: str, matches: Callable[[Json], bool]
     ) -> web.StreamResponse:
         assert self._closing is not None
         closing = self._closing
@@ -466,10 +559,15 @@ class KubeEmulator:
             line = json.dumps({"type": kind, "object": obj}) + "\n"
             await response.write(line.encode())
 
+        def wanted(event: _Event) -> bool:
+            return event.collection == collection and matches(event.obj)
+
         with self._lock:
             oldest = self._state.oldest_rv
-            snapshot = [o for o in self._state.config_maps.values() if matches(o)]
-            latest = self._state.history[-1].rv if self._state.history else oldest
+            snapshot = [
+                o for (c, _, _), o in self._state.objects.items() if c == collection and matches(o)
+            ]
+            latest = self._latest_rv()
         if since_text in ("", "0"):  # "any version": the current objects, as ADDED events
             for obj in snapshot:
                 await send("ADDED", obj)
@@ -482,7 +580,7 @@ class KubeEmulator:
                 return response
         while not closing.is_set():
             with self._lock:
-                fresh = [e for e in self._state.history if e.rv > since and matches(e.obj)]
+                fresh = [e for e in self._state.history if e.rv > since and wanted(e)]
                 last = self._state.history[-1].rv if self._state.history else since
             for event in fresh:
                 await send(event.kind, event.obj)
@@ -503,6 +601,10 @@ class KubeEmulator:
         with contextlib.suppress(ConnectionError):
             await response.write_eof()
         return response
+
+
+def _collection(group: str, version: str, plural: str) -> str:
+    return f"{group}/{version}/{plural}"
 
 
 def _field_selector_name(selector: str) -> str | None:

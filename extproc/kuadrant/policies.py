@@ -178,6 +178,7 @@ class PolicyLimits:
         self._objects: dict[tuple[str, str], dict[str, Any]] = {}  # (plural, name) -> object
         self._current = base
         self._limits: tuple[PolicyLimit, ...] = ()
+        self._ignored: frozenset[tuple[str, str]] = frozenset()  # (plural, reason) in force now
         self._stop = threading.Event()
         self._closed = False
         self._watches: list[watch.Watch] = []
@@ -293,16 +294,26 @@ class PolicyLimits:
         return version
 
     def _recompute(self) -> None:
+        # Under the lock the objects change under: both watch threads recompute, and a view of an
+        # older snapshot must not replace a newer one. An ignored limit is counted (and logged)
+        # when it appears, not again on each recompute.
         with self._lock:
-            objects = sorted(self._objects.items())
+            self._recompute_locked()
+
+    def _recompute_locked(self) -> None:
+        objects = sorted(self._objects.items())
         understood: list[PolicyLimit] = []
+        ignored_now: set[tuple[str, str]] = set()
         for (plural, _name), obj in objects:
             kind: Kind = "tokens" if plural == TOKEN_POLICIES.plural else "requests"
             found, ignored = policy_limits(obj, kind, self._config.counter_expression)
             understood.extend(found)
             for reason in ignored:
-                self._metrics.policy_predicates_ignored.inc()
-                log.warning("policy limit ignored: %s", " ".join(reason.split()))
+                ignored_now.add((plural, reason))
+                if (plural, reason) not in self._ignored:
+                    self._metrics.policy_predicates_ignored.inc()
+                    log.warning("policy limit ignored: %s", " ".join(reason.split()))
+        self._ignored = frozenset(ignored_now)
         limits = tuple(understood)
         if limits != self._limits:
             self._limits = limits
