@@ -7,11 +7,9 @@ import logging
 import threading
 from typing import Any
 
-import urllib3
 from kubernetes import watch
-from kubernetes.client.exceptions import ApiException
 
-from extproc.authz.kube import CONNECT_TIMEOUT_S, Kube, stop_watches
+from extproc.authz.kube import CONNECT_TIMEOUT_S, Kube, run_list_watch, stop_watches
 from extproc.authz.tiers import TierMapping, parse_mapping_text
 from extproc.config import TiersConfig
 from extproc.domain import Identity, Tier
@@ -21,7 +19,6 @@ from extproc.observability.metrics import Metrics
 log = logging.getLogger("extproc.tiers")
 
 TIERS_KEY = "tiers"
-HTTP_GONE = 410
 
 
 class ConfigMapTiers:
@@ -101,42 +98,16 @@ class ConfigMapTiers:
     # ------------------------------------------------------------------ the watch thread
 
     def _run(self) -> None:
-        backoff = self._backoff_s
-        version: str | None = None
-        gone_in_a_row = 0
-        while not self._stop.is_set():
-            try:
-                if version is None:
-                    try:
-                        version = self._list()
-                    finally:
-                        self._attempted.set()
-                version = self._follow(version)
-                backoff, gone_in_a_row = self._backoff_s, 0
-                continue
-            except ApiException as exc:
-                if self._stop.is_set():
-                    break
-                version = None
-                if exc.status == HTTP_GONE:
-                    gone_in_a_row += 1
-                    log.info("tier mapping watch expired (410 Gone): listing again")
-                    if gone_in_a_row == 1:
-                        continue
-                else:
-                    self._kube.note_failure("ConfigMap list/watch", f"HTTP {exc.status}")
-            except (urllib3.exceptions.HTTPError, OSError) as exc:
-                if self._stop.is_set():
-                    break
-                version = None
-                self._kube.note_failure("ConfigMap list/watch", type(exc).__name__)
-            except Exception:  # the thread must outlive any surprise; the mapping stays
-                if self._stop.is_set():
-                    break
-                version = None
-                log.exception("tier mapping watch failed unexpectedly")
-            self._stop.wait(backoff)
-            backoff = min(backoff * 2, self._max_backoff_s)
+        run_list_watch(
+            self._kube,
+            self._stop,
+            "tier mapping ConfigMap",
+            self._list,
+            self._follow,
+            backoff_s=self._backoff_s,
+            max_backoff_s=self._max_backoff_s,
+            listed=self._attempted.set,
+        )
 
     def _list(self) -> str | None:
         listed = self._kube.core.list_namespaced_config_map(

@@ -168,3 +168,59 @@ def stop_watches(threads: list[threading.Thread], watches: list[Any], what: str)
         for thread in alive:
             thread.join(0.05)
     log.warning("%s did not stop", what)
+
+
+HTTP_GONE = 410
+
+
+def run_list_watch(
+    kube: Kube,
+    stop: threading.Event,
+    what: str,
+    list_all: Callable[[], str | None],
+    follow: Callable[[str | None], str | None],
+    *,
+    backoff_s: float,
+    max_backoff_s: float,
+    listed: Callable[[], None] = lambda: None,
+) -> None:
+    """An informer's loop, for a watch thread: list, then follow the watch from the list's
+    resourceVersion until the server ends it, and again. 410 Gone lists again at once (the first
+    time in a row); other failures wait a doubling backoff. ``listed`` runs after every list
+    attempt, successful or not. It never raises: the last good state stays in force."""
+    backoff = backoff_s
+    version: str | None = None
+    gone_in_a_row = 0
+    while not stop.is_set():
+        try:
+            if version is None:
+                try:
+                    version = list_all()
+                finally:
+                    listed()
+            version = follow(version)
+            backoff, gone_in_a_row = backoff_s, 0
+            continue
+        except ApiException as exc:
+            if stop.is_set():
+                break
+            version = None
+            if exc.status == HTTP_GONE:
+                gone_in_a_row += 1
+                log.info("%s watch expired (410 Gone): listing again", what)
+                if gone_in_a_row == 1:
+                    continue
+            else:
+                kube.note_failure(f"{what} list/watch", f"HTTP {exc.status}")
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            if stop.is_set():
+                break
+            version = None
+            kube.note_failure(f"{what} list/watch", type(exc).__name__)
+        except Exception:  # the thread must outlive any surprise
+            if stop.is_set():
+                break
+            version = None
+            log.exception("%s watch failed unexpectedly", what)
+        stop.wait(backoff)
+        backoff = min(backoff * 2, max_backoff_s)

@@ -17,11 +17,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-import urllib3
 from kubernetes import client, watch
-from kubernetes.client.exceptions import ApiException
 
-from extproc.authz.kube import CONNECT_TIMEOUT_S, Kube, stop_watches
+from extproc.authz.kube import CONNECT_TIMEOUT_S, Kube, run_list_watch, stop_watches
 from extproc.config import KuadrantConfig, LimitsConfig
 from extproc.domain import Limits
 from extproc.observability.metrics import Metrics
@@ -31,7 +29,6 @@ log = logging.getLogger("extproc.kuadrant")
 Kind = Literal["tokens", "requests"]
 _TIER = re.compile(r"""^\s*auth\.identity\.tier\s*==\s*(["'])([^"'\\]+)\1\s*$""")
 _WINDOW = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
-HTTP_GONE = 410
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,34 +207,15 @@ class PolicyLimits:
     # ------------------------------------------------------------------ the watch threads
 
     def _run(self, kind: PolicyKind, stream: watch.Watch) -> None:
-        backoff = self._backoff_s
-        version: str | None = None
-        while not self._stop.is_set():
-            try:
-                if version is None:
-                    version = self._list(kind)
-                version = self._follow(kind, stream, version)
-                backoff = self._backoff_s
-                continue
-            except ApiException as exc:
-                if self._stop.is_set():
-                    break
-                version = None
-                if exc.status == HTTP_GONE:
-                    continue
-                self._kube.note_failure(f"{kind.plural} list/watch", f"HTTP {exc.status}")
-            except (urllib3.exceptions.HTTPError, OSError) as exc:
-                if self._stop.is_set():
-                    break
-                version = None
-                self._kube.note_failure(f"{kind.plural} list/watch", type(exc).__name__)
-            except Exception:  # the thread must outlive any surprise; the limits stay
-                if self._stop.is_set():
-                    break
-                version = None
-                log.exception("policy watch failed unexpectedly: %s", kind.plural)
-            self._stop.wait(backoff)
-            backoff = min(backoff * 2, self._max_backoff_s)
+        run_list_watch(
+            self._kube,
+            self._stop,
+            kind.plural,
+            lambda: self._list(kind),
+            lambda version: self._follow(kind, stream, version),
+            backoff_s=self._backoff_s,
+            max_backoff_s=self._max_backoff_s,
+        )
 
     def _list(self, kind: PolicyKind) -> str | None:
         listed = self._custom.list_namespaced_custom_object(
