@@ -104,7 +104,7 @@ class Metrics:
         )
         self.unavailable = Counter(
             "maas_dependency_unavailable",
-            "Requests refused because a dependency failed",
+            "Admissions that met a failed dependency (refused, or let through under fail_open)",
             ["dependency"],
             registry=r,
         )
