@@ -68,6 +68,11 @@ def _stream(max_tokens: int) -> dict[str, Any]:
 SCENARIOS = {
     "json": Scenario("json", {"model": "sim-model", "max_tokens": 16, "messages": _messages()}),
     "sse": Scenario("sse", _stream(16)),
+    # A stream whose client did not ask for usage: the sidecar rewrites the request to ask.
+    "sse-no-usage": Scenario(
+        "sse-no-usage",
+        {"model": "sim-model", "max_tokens": 16, "stream": True, "messages": _messages()},
+    ),
     "sse-paced-50": Scenario(
         "sse-paced-50",
         _stream(50),
@@ -87,6 +92,7 @@ TOPOLOGIES: dict[str, Topology] = {
     "ext_authz + ext_proc STREAMED": "full",
     "ext_authz + ext_proc observability": "observability",
     "ext_proc-only admission": "extproc",
+    "split: observability + on-demand injector": "split",
 }
 
 

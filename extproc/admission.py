@@ -19,6 +19,9 @@ from extproc.routes import Route, RouteTable
 log = logging.getLogger("extproc.admission")
 
 OWN_HEADERS = ("x-maas-username", "x-maas-tier")
+# Set by ext_authz on requests whose body ext_proc must rewrite (include_usage); the injector
+# filter of the split layout runs only when it is there, and removes it.
+INJECT_HEADER = "x-maas-inject"
 SPOOF_PREFIX = "x-maas-"
 # APIs whose streams report usage only when asked (stream_options.include_usage).
 USAGE_OPT_IN_SUFFIXES = ("/chat/completions", "/v1/completions")
@@ -178,6 +181,8 @@ class Admission:
         prompt_estimate = estimate.tokens_from_chars(
             body.prompt_chars, self._accounting.chars_per_token
         )
+        if inject and INJECT_HEADER in strip:
+            strip = tuple(h for h in strip if h != INJECT_HEADER)  # ours overwrites it
         try:
             verdict = await self._limiter.admit(identity.userid, tier.name, model, reserve)
         except StoreUnavailable:

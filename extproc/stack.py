@@ -22,7 +22,15 @@ import yaml
 
 LOCAL_DIR = Path(__file__).resolve().parent.parent / "deploy" / "local"
 
-Topology = Literal["envoy", "authz", "full", "observability", "extproc"]
+Topology = Literal["envoy", "authz", "full", "observability", "extproc", "split"]
+
+
+# What the sidecar must be told for a topology: where admission runs; that observability mode
+# alone cannot rewrite requests (so it must not mark them for a rewrite nobody will do).
+TOPOLOGY_ENV: dict[str, dict[str, str]] = {
+    "extproc": {"MAAS_EXTPROC_SERVER_ADMISSION": "ext_proc"},
+    "observability": {"MAAS_EXTPROC_ACCOUNTING_INJECT_INCLUDE_USAGE": "false"},
+}
 
 
 def free_port() -> int:
@@ -79,12 +87,14 @@ def render_envoy(
     chosen: list[dict[str, Any]] = []
     if topology not in ("envoy", "extproc"):
         chosen.append(filters_doc["ext_authz"])
-    if topology in ("full", "observability", "extproc"):
+    if topology == "split":
+        chosen.append(filters_doc["injector"])
+    if topology in ("full", "observability", "extproc", "split"):
         ext_proc = filters_doc["ext_proc"]
         if topology == "extproc":
             # Admission happens here: the sidecar down must refuse, not let traffic through.
             ext_proc["typed_config"]["failure_mode_allow"] = False
-        if topology == "observability":
+        if topology in ("observability", "split"):
             # Send-and-go: no replies, so no request rewrite either; request headers are skipped.
             ext_proc["typed_config"]["observability_mode"] = True
             ext_proc["typed_config"]["processing_mode"]["request_header_mode"] = "SKIP"
@@ -197,11 +207,7 @@ class LocalStack:
                 "MAAS_EXTPROC_OBSERVABILITY_USAGE_PORT": str(self.usage_port),
                 "MAAS_EXTPROC_SERVER_WORKERS": str(self.workers),
                 "MAAS_EXTPROC_SERVER_GRACE_PERIOD_S": "2",
-                **(
-                    {"MAAS_EXTPROC_SERVER_ADMISSION": "ext_proc"}
-                    if self.topology == "extproc"
-                    else {}
-                ),
+                **TOPOLOGY_ENV.get(self.topology, {}),
                 **self.env,
             }
             cmd = [python, "-m", "extproc", "serve", "--config", str(self.config_path)]

@@ -15,6 +15,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from extproc.charger import Charger
 from extproc.config import AccountingConfig
+from extproc.envoy import replies
 from extproc.envoy.inline_admission import InlineAdmission, response_headers_reply
 from extproc.envoy.session import Session
 from extproc.observability.metrics import Metrics
@@ -31,9 +32,16 @@ _SKIP_BODY = ep.ProcessingResponse(
     response_headers=ep.HeadersResponse(),
     mode_override=pm.ProcessingMode(response_body_mode=pm.ProcessingMode.NONE),
 )
+_DROP_INJECT_MARK = ep.CommonResponse(
+    header_mutation=ep.HeaderMutation(remove_headers=[replies.INJECT_HEADER])
+)
+# The split layout's injector filter is already set to buffer the request body.
+_INJECTOR_CONTINUE = ep.ProcessingResponse(
+    request_headers=ep.HeadersResponse(response=_DROP_INJECT_MARK)
+)
 # Requests whose body we rewrite (include_usage injection): send it to us, whole.
 _WANT_REQUEST_BODY = ep.ProcessingResponse(
-    request_headers=ep.HeadersResponse(),
+    request_headers=ep.HeadersResponse(response=_DROP_INJECT_MARK),
     mode_override=pm.ProcessingMode(
         request_body_mode=pm.ProcessingMode.BUFFERED,
         response_header_mode=pm.ProcessingMode.SEND,
@@ -99,6 +107,11 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):  # type: igno
                 kind = request.WhichOneof("request")
                 if session.billing is None and request.HasField("metadata_context"):
                     session.bind(request.metadata_context.filter_metadata)
+                if request.HasField("protocol_config"):
+                    # A filter that never sees the response (the split layout's injector) only
+                    # rewrites the request: its stream is not the one that bills.
+                    none = pm.ProcessingMode.NONE
+                    session.request_only = request.protocol_config.response_body_mode == none
                 if kind == "response_body":
                     body = request.response_body
                     replacement = session.on_body(body.body, body.end_of_stream)
@@ -139,8 +152,12 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):  # type: igno
                         if reply.HasField("immediate_response"):
                             break
                         continue
-                    wants_body = session.wants_request_body
-                    yield _WANT_REQUEST_BODY if wants_body else _CONTINUE_REQUEST_HEADERS
+                    if not session.wants_request_body:
+                        yield _CONTINUE_REQUEST_HEADERS
+                    elif session.request_only:
+                        yield _INJECTOR_CONTINUE
+                    else:
+                        yield _WANT_REQUEST_BODY
                 elif kind == "request_body":
                     if request.observability_mode:
                         continue

@@ -119,9 +119,19 @@ def _identity_headers(decision: Decision) -> list[base_pb2.HeaderValueOption]:
     ]
 
 
+INJECT_HEADER = "x-maas-inject"  # ext_proc removes it again before the request goes upstream
+
+
+def _request_headers(decision: Decision) -> list[base_pb2.HeaderValueOption]:
+    headers = _identity_headers(decision)
+    if decision.inject_usage:
+        headers.append(_header(INJECT_HEADER, "1"))
+    return headers
+
+
 def _allow(decision: Decision, path: str) -> authz.CheckResponse:
     ok = authz.OkHttpResponse(
-        headers=_identity_headers(decision),
+        headers=_request_headers(decision),
         headers_to_remove=_removals(decision.strip_headers, decision.charged),
         response_headers_to_add=_rate_headers(decision),
     )
@@ -149,7 +159,9 @@ class CheckReplies:
         if base is None:
             if len(self._bases) >= self._max_entries:
                 self._bases.clear()
-            base = self._bases[key] = _allow(replace(decision, limit=0, token_windows=()), "")
+            base = self._bases[key] = _allow(
+                replace(decision, limit=0, token_windows=(), inject_usage=False), ""
+            )
         out = authz.CheckResponse()
         out.CopyFrom(base)
         maas = out.dynamic_metadata.fields["maas"].struct_value.fields
@@ -161,6 +173,8 @@ class CheckReplies:
             windows.add().number_value = start
         maas["inject"].bool_value = decision.inject_usage
         maas["prompt_est"].number_value = decision.prompt_estimate
+        if decision.inject_usage:
+            out.ok_response.headers.append(_header(INJECT_HEADER, "1"))
         out.ok_response.response_headers_to_add.extend(_rate_headers(decision))
         return out
 

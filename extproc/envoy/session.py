@@ -100,6 +100,7 @@ class Session:
         "decision",
         "injected",
         "pending",
+        "request_only",
         "status",
     )
 
@@ -110,6 +111,7 @@ class Session:
         self.pending: AdmissionRequest | None = None  # inline admission: waiting for the body
         self.status = 0
         self.injected = False
+        self.request_only = False  # a filter that never sees the response: never bills
         self._extractor: UsageExtractor | None = None
         self._decoder: Decoder | None = None
         self._filter: UsageEventFilter | None = None
@@ -171,7 +173,7 @@ class Session:
     @property
     def open(self) -> bool:
         """Billable and not yet charged."""
-        return self.billing is not None and not self._done
+        return self.billing is not None and not self._done and not self.request_only
 
     def finish(self, *, disconnected: bool = False) -> Charge | None:
         """The charge for this response; None when nothing is billable or it was charged already.
@@ -180,7 +182,7 @@ class Session:
         are estimated and flagged; an upstream error without usage costs nothing.
         """
         billing = self.billing
-        if billing is None or self._done:
+        if billing is None or self._done or self.request_only:
             return None
         self._done = True
         extractor = self._extractor
