@@ -51,7 +51,11 @@ class _Script:
 
     @classmethod
     def load(cls, name: str) -> _Script:
-        source = resources.files("extproc.store").joinpath(f"lua/{name}.lua").read_text()
+        """The script with the shared window functions (windows.lua) in front of it."""
+        folder = resources.files("extproc.store").joinpath("lua")
+        source = (
+            folder.joinpath("windows.lua").read_text() + folder.joinpath(f"{name}.lua").read_text()
+        )
         return cls(name, source, hashlib.sha1(source.encode()).hexdigest())
 
 

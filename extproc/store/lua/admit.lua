@@ -11,18 +11,7 @@
 -- A counter denies when its value has reached its limit (value + 1 > limit, as Limitador checks);
 -- the value returned is after this admission's hits when allowed, before them when denied.
 
-local now = tonumber(ARGV[1])
-local count = tonumber(ARGV[2])
-
--- The open fixed window of a hash, or nil when there is none or it has ended at `now`.
-local function open_window(key, window)
-  local stored = redis.call('HMGET', key, 'v', 't0')
-  local t0 = tonumber(stored[2])
-  if stored[1] and t0 and now < t0 + window then
-    return tonumber(stored[1]), t0
-  end
-  return nil
-end
+-- now, count, open_window, add_fixed and add_bucket come from windows.lua, prepended at load.
 
 local reply = {1, -1}
 local k = 1
@@ -66,18 +55,10 @@ for i = 1, count do
   local window = tonumber(ARGV[base + 2])
   local hits = tonumber(ARGV[base + 3])
   if ARGV[base + 4] == '1' then
-    redis.call('INCRBY', KEYS[k], hits)
-    if redis.call('PTTL', KEYS[k]) == -1 then
-      redis.call('PEXPIRE', KEYS[k], 2 * window)
-    end
+    add_bucket(KEYS[k], window, hits)
     k = k + 2
   else
-    if open_window(KEYS[k], window) then
-      redis.call('HINCRBY', KEYS[k], 'v', hits)
-    else
-      redis.call('HSET', KEYS[k], 'v', hits, 't0', ARGV[1])
-      redis.call('PEXPIRE', KEYS[k], window)
-    end
+    add_fixed(KEYS[k], window, hits)
     k = k + 1
   end
 end

@@ -14,24 +14,7 @@
 -- has ended, actual is charged to the current window, which starts now if none is open.
 -- Returns the number of adjustments applied.
 
-local now = tonumber(ARGV[1])
-local count = tonumber(ARGV[2])
-
-local function open_window(key, window)
-  local stored = redis.call('HMGET', key, 'v', 't0')
-  local t0 = tonumber(stored[2])
-  if stored[1] and t0 and now < t0 + window then
-    return tonumber(stored[1]), t0
-  end
-  return nil
-end
-
-local function add_bucket(key, window, amount)
-  redis.call('INCRBY', key, amount)
-  if redis.call('PTTL', key) == -1 then
-    redis.call('PEXPIRE', key, 2 * window)
-  end
-end
+-- now, count, open_window, add_fixed and add_bucket come from windows.lua, prepended at load.
 
 local k = 1
 for i = 1, count do
@@ -53,12 +36,7 @@ for i = 1, count do
     if value and t0 == reserved_start then
       redis.call('HINCRBY', KEYS[k], 'v', math.max(actual - reserved, -value))
     elseif actual ~= 0 then
-      if value then
-        redis.call('HINCRBY', KEYS[k], 'v', actual)
-      else
-        redis.call('HSET', KEYS[k], 'v', actual, 't0', ARGV[1])
-        redis.call('PEXPIRE', KEYS[k], window)
-      end
+      add_fixed(KEYS[k], window, actual)
     end
     k = k + 1
   end
