@@ -78,18 +78,6 @@ def emulator(tmp_path: Path, clock: Clock) -> Iterator[KubeEmulator]:
 
 
 @pytest.fixture
-async def kube(emulator: KubeEmulator) -> AsyncIterator[Kube]:
-    client = Kube.connect(str(emulator.write_kubeconfig()))
-    yield client
-    await client.close()
-
-
-@pytest.fixture
-def metrics() -> Metrics:
-    return Metrics()
-
-
-@pytest.fixture
 async def identities(
     kube: Kube, metrics: Metrics, clock: Clock
 ) -> AsyncIterator[KubernetesIdentities]:

@@ -84,18 +84,6 @@ def cluster(emulator: KubeEmulator) -> Cluster:
 
 
 @pytest.fixture
-async def kube(emulator: KubeEmulator) -> AsyncIterator[Kube]:
-    client = Kube.connect(str(emulator.write_kubeconfig()))
-    yield client
-    await client.close()
-
-
-@pytest.fixture
-def metrics() -> Metrics:
-    return Metrics()
-
-
-@pytest.fixture
 async def start(kube: Kube, metrics: Metrics) -> AsyncIterator[Start]:
     """Starts watching (once the test has seeded the cluster); closes whatever it started."""
     started: list[PolicyLimits] = []
