@@ -55,6 +55,10 @@ class ServerConfig:
     workers: int = 1
     metrics_port: int = 9090  # 0: no metrics endpoint
     grace_period_s: float = 10.0
+    # On SIGTERM, health answers NOT_SERVING for this long while everything is still served, so
+    # Envoy's health check moves new streams away before the server stops accepting them. In a
+    # pod, the preStop sleep does this job instead.
+    drain_delay_s: float = 0.0
     log_level: str = "info"
     # Where admission runs: ext_authz Check (default), or inside the ext_proc stream (no
     # ext_authz filter: one gRPC stream per request instead of a unary call plus a stream).
@@ -109,6 +113,9 @@ class StoreConfig:
     spool_size: int = 10_000
     retention_days: int = 90
     timeout_s: float = 0.5
+    # How long a settle's id is remembered (at least the longest token window is used): a replay
+    # of the same settle within it is ignored, and the spool never replays anything older.
+    dedupe_ttl_s: int = 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +124,9 @@ class AccountingConfig:
     hide_injected_usage: bool = False  # drop that usage chunk before it reaches the client
     chars_per_token: float = 4.0  # estimates: characters of text per token
     max_body_bytes: int = 8 << 20  # JSON bodies kept whole up to this; beyond, a bounded tail
+    # At the end of a response, how long its last reply waits for the charge to land before it
+    # goes anyway; the charge itself always runs to completion (or to the spool).
+    settle_wait_s: float = 0.1
 
 
 @dataclass(frozen=True, slots=True)
