@@ -83,6 +83,7 @@ def metadata(decision: Decision, path: str) -> struct_pb2.Struct:
             "maas": {
                 "model": decision.model,
                 "path": path,
+                "route": decision.route,
                 "charged": decision.charged,
                 "reserved": decision.reserved_tokens,
                 "windows": list(decision.token_windows),
@@ -167,6 +168,7 @@ class CheckReplies:
         maas = out.dynamic_metadata.fields["maas"].struct_value.fields
         maas["model"].string_value = decision.model
         maas["path"].string_value = path
+        maas["route"].string_value = decision.route
         maas["reserved"].number_value = decision.reserved_tokens
         windows = maas["windows"].list_value.values
         for start in decision.token_windows:

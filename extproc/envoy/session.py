@@ -28,6 +28,7 @@ class Billing:
     windows: tuple[int, ...]
     inject: bool = False
     prompt_estimate: int = 0
+    route: str = ""  # the HTTPRoute admission counted the request in
 
     @classmethod
     def from_decision(cls, decision: Decision, path: str) -> Billing | None:
@@ -45,6 +46,7 @@ class Billing:
             windows=decision.token_windows,
             inject=decision.inject_usage,
             prompt_estimate=decision.prompt_estimate,
+            route=decision.route,
         )
 
     @classmethod
@@ -69,6 +71,7 @@ class Billing:
             windows=tuple(int(v.number_value) for v in what["windows"].list_value.values),
             inject=what["inject"].bool_value if "inject" in what else False,
             prompt_estimate=int(what["prompt_est"].number_value) if "prompt_est" in what else 0,
+            route=what["route"].string_value if "route" in what else "",
         )
 
 
@@ -207,4 +210,5 @@ class Session:
             status=self.status,
             disconnected=disconnected,
             path=billing.path,
+            route=billing.route,
         )
