@@ -10,6 +10,7 @@ from extproc.authz.api_keys import ApiKeyIdentities
 from extproc.authz.base import AllowAll
 from extproc.authz.tiers import FileTiers
 from extproc.config import Config, load
+from extproc.kuadrant.route_map import RouteDomains
 from extproc.limits.limiter import Limiter
 from extproc.routes import RouteTable
 from extproc.store.memory import MemoryStore
@@ -56,5 +57,6 @@ def build_admission(
         limiter,
         spoofed_headers=config.routes.spoofed_headers,
         store_failure=config.store.failure_policy,
+        route_of=RouteDomains(config.kuadrant, config.access.body_models).domain,
     )
     return admission, limiter, store
