@@ -86,7 +86,8 @@ def build_tiers(config: Config, metrics: Metrics, kube: KubeConnector) -> TierSo
         return ConfigMapTiers(kube(), config.tiers, metrics)
     from extproc.authz.maas_api_tiers import MaasApiTiers
 
-    return MaasApiTiers(config.tiers, metrics)
+    ca_file = config.tiers.maas_api_ca_file
+    return MaasApiTiers(config.tiers, metrics, ca_file=config.path(ca_file) if ca_file else None)
 
 
 def build_access(config: Config, metrics: Metrics, kube: KubeConnector) -> AccessChecker:

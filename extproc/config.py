@@ -516,6 +516,8 @@ def _check(config: Config, serving: bool) -> None:
             "memory://, redis://, rediss:// (or +cluster / +sentinel)",
             redact_url(str(config.store.url)),
         )
+    if config.tiers.maas_api_ca_file and not config.tiers.maas_api_url.startswith("https://"):
+        raise ConfigError("tiers.maas_api_ca_file", "empty unless tiers.maas_api_url is https://")
     if config.store.spool_size < 1:
         raise ConfigError("store.spool_size", "a whole number >= 1", config.store.spool_size)
     if config.store.retention_days < 1:
