@@ -9,9 +9,11 @@ usage-policies/`` at 1282feb5), and the conjunction ``auth.identity.tier == "<ti
 ae050cb6). Kuadrant ANDs a policy's top-level ``when`` and every entry of a limit's ``when``
 (kuadrant-operator ``internal/controller/ratelimit_workflow_helpers.go`` at ae698811,
 ``wasmActionSpecsFromTokenLimit``), so all of them are read as one conjunction. A path term is
-accepted only when it holds on every path the sidecar limits. One rate ``{limit, window}`` and
-the per-user counter are required too. Anything else is logged, counted in
-``maas_policy_predicates_ignored_total`` and left out: never guessed.
+accepted only when it holds on every path the sidecar limits, and ``"x-maas-…" in
+request.headers`` marks a limit the data plane never triggers (``kuadrant.mode: all``, README
+"Feeding Kuadrant"). One rate ``{limit, window}`` and the per-user counter are required too.
+Anything else is logged, counted in ``maas_policy_predicates_ignored_total`` and left out:
+never guessed.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ log = logging.getLogger("extproc.kuadrant")
 Kind = Literal["tokens", "requests"]
 _TIER = re.compile(r"""^auth\.identity\.tier\s*==\s*(["'])([^"'\\]+)\1$""")
 _ENDS_WITH = re.compile(r"""^request\.path\.endsWith\(\s*(["'])([^"'\\]+)\1\s*\)$""")
+# `"x-maas-…" in request.headers`: never true in the data plane (ext_authz strips every client
+# X-MaaS-* header and sets none of that name), so Kuadrant never charges the limit: the marker
+# of a limit only the sidecar enforces and reports (kuadrant.mode: all).
+_SIDECAR_ONLY = re.compile(r"""^(["'])x-maas-[a-z0-9-]+\1\s+in\s+request\.headers$""")
 _WINDOW = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 CHARGED_SUFFIXES = RoutesConfig().charged_suffixes
 
@@ -169,7 +175,7 @@ def predicate_tier(
             tier = tier_of(term)
             if tier is not None:
                 tiers.add(tier)
-            elif not always_true_on(term, charged_suffixes):
+            elif not (_SIDECAR_ONLY.match(term) or always_true_on(term, charged_suffixes)):
                 return None
     return tiers.pop() if len(tiers) == 1 else None
 

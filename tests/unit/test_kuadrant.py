@@ -209,6 +209,13 @@ def test_predicates_not_understood_are_reported_never_guessed() -> None:
         (['auth.identity.tier == "free" || !request.path.endsWith("/v1/models")'], None),
         (['auth.identity.tier == "free" && auth.identity.tier == "premium"'], None),
         (['auth.identity.tier == "free" && request.method == "POST"'], None),
+        # kuadrant.mode all: a term the data plane never satisfies marks a sidecar-only limit.
+        (
+            ['auth.identity.tier == "free"', '"x-maas-charged-by-kuadrant" in request.headers'],
+            "free",
+        ),
+        (['auth.identity.tier == "free" && "x-other" in request.headers'], None),
+        (['auth.identity.tier == "free" && request.headers["x-maas-a"] == "b"'], None),
         (['auth.identity.tier == "free" && (x'], None),
         (['!request.path.endsWith("/v1/models")'], None),
         ([], None),
