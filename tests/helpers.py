@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,3 +61,12 @@ def build_admission(
         route_of=RouteDomains(config.kuadrant, config.access.body_models).domain,
     )
     return admission, limiter, store
+
+
+async def eventually(condition: Callable[[], bool], what: str) -> None:
+    """Wait for a condition another thread brings about (a bounded poll, not a timing assertion)."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never happened: {what}")

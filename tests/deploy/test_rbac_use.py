@@ -4,9 +4,8 @@ API server's authorizer sees it (verb, group, resource, namespace, name)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,6 +26,7 @@ from tests.deploy.test_deploy import (
     sidecar_config_text,
     sidecar_container,
 )
+from tests.helpers import eventually
 from tests.k8s_emulator import ApiRequest, KubeEmulator
 
 UPSTREAM = Path(__file__).resolve().parents[1] / "fixtures" / "upstream"
@@ -109,14 +109,6 @@ async def maas_api() -> AsyncIterator[str]:
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     await runner.cleanup()
-
-
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    for _ in range(1000):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"never happened: {what}")
 
 
 def overlay_config(docs: list[Doc], tmp_path: Path, overrides: dict[str, str]) -> config_mod.Config:

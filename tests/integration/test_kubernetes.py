@@ -8,7 +8,7 @@ import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +32,7 @@ from extproc.limits.limiter import Limiter
 from extproc.observability.metrics import Metrics
 from extproc.routes import RouteTable
 from extproc.store.memory import MemoryStore
+from tests.helpers import eventually
 from tests.k8s_emulator import KubeEmulator, self_signed_cert
 
 TIERS_NS, TIERS_NAME = "maas-api", "tier-to-group-mapping"
@@ -127,15 +128,6 @@ def post(
 
 def get_models(token: str) -> AdmissionRequest:
     return AdmissionRequest("GET", MODELS_PATH, {"authorization": f"Bearer {token}"})
-
-
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    """Wait for a condition another thread brings about (not a timing assertion)."""
-    for _ in range(1000):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"never happened: {what}")
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:

@@ -8,8 +8,7 @@ template renders them, served by the Kubernetes emulator to the real watchers.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from extproc.kuadrant.policies import REQUEST_POLICIES, TOKEN_POLICIES, PolicyLi
 from extproc.kuadrant.reporter import Reporter
 from extproc.kuadrant.route_map import RouteDomains
 from extproc.observability.metrics import Metrics
+from tests.helpers import eventually
 from tests.k8s_emulator import KubeEmulator
 from tests.limitador_emulator import LimitadorEmulator
 
@@ -77,14 +77,6 @@ async def closing() -> AsyncIterator[list[Any]]:
     yield started
     for part in started:
         await part.close()
-
-
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    for _ in range(1000):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"never happened: {what}")
 
 
 def ignored(metrics: Metrics) -> float:
