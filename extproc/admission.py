@@ -6,7 +6,7 @@ import itertools
 import json
 import logging
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -92,6 +92,7 @@ class Admission:
         store_failure: Literal["fail_open", "fail_closed"] = "fail_open",
         dependency_failure: Literal["fail_open", "fail_closed"] = "fail_closed",
         accounting: AccountingConfig | None = None,
+        route_of: Callable[[str, str, str], str] | None = None,
     ) -> None:
         self._routes = routes
         self._identities = identities
@@ -106,6 +107,8 @@ class Admission:
         # restarts without a syscall per request.
         self._id_prefix = secrets.token_hex(6)
         self._ids = itertools.count(1)
+        # (path namespace, path name, body model) -> the HTTPRoute the request goes through.
+        self._route_of = route_of or (lambda _namespace, _name, _model: "")
 
     def _next_request_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids):x}"
@@ -161,6 +164,10 @@ class Admission:
             )
         return await self._limit(route, identity, tier, model, body, strip)
 
+    def route_of(self, route: Route, body_model: str) -> str:
+        """The HTTPRoute of a path route, else of the body's model ("" when unknown)."""
+        return self._route_of(route.namespace, route.name, "" if route.name else body_model)
+
     async def _access_ok(self, identity: Identity, route: Route, body_model: str) -> bool:
         if route.exempt and not route.name:
             return True
@@ -192,8 +199,11 @@ class Admission:
         )
         if inject and INJECT_HEADER in strip:
             strip = tuple(h for h in strip if h != INJECT_HEADER)  # ours overwrites it
+        http_route = self.route_of(route, body.model)
         try:
-            verdict = await self._limiter.admit(identity.userid, tier.name, model, reserve)
+            verdict = await self._limiter.admit(
+                identity.userid, tier.name, model, reserve, http_route
+            )
         except StoreUnavailable:
             if not self._store_fail_open:
                 return Decision(Outcome.UNAVAILABLE, "rate-limit store unavailable", identity, tier)
@@ -207,6 +217,7 @@ class Admission:
                 identity,
                 tier,
                 model,
+                route=http_route,
                 charged=True,
                 limit_kind=verdict.kind,
                 limit=verdict.limit,
@@ -219,6 +230,7 @@ class Admission:
             identity=identity,
             tier=tier,
             model=model,
+            route=http_route,
             charged=True,
             reserved_tokens=verdict.reserved_tokens,
             token_windows=verdict.token_windows,

@@ -28,6 +28,7 @@ from extproc.config import Config, StoreConfig
 from extproc.envoy.authz_service import AuthorizationService
 from extproc.envoy.inline_admission import InlineAdmission
 from extproc.envoy.proc_service import ExternalProcessorService
+from extproc.kuadrant.route_map import RouteDomains
 from extproc.limits.limiter import Limiter
 from extproc.logs import configure as configure_logging
 from extproc.observability.metrics import Metrics, serve_metrics
@@ -39,6 +40,7 @@ from extproc.store.resilient import ResilientStore
 from extproc.supervisor import Supervisor
 
 if TYPE_CHECKING:
+    from extproc.kuadrant.httproutes import WatchedRoutes
     from extproc.kuadrant.policies import PolicyLimits
     from extproc.kuadrant.reporter import Reporter
 
@@ -105,7 +107,8 @@ def build_tiers(config: Config, metrics: Metrics, kube: KubeConnector) -> TierSo
         return ConfigMapTiers(kube(), config.tiers, metrics)
     from extproc.authz.maas_api_tiers import MaasApiTiers
 
-    return MaasApiTiers(config.tiers, metrics)
+    ca_file = config.tiers.maas_api_ca_file
+    return MaasApiTiers(config.tiers, metrics, ca_file=config.path(ca_file) if ca_file else None)
 
 
 def build_access(config: Config, metrics: Metrics, kube: KubeConnector) -> AccessChecker:
@@ -122,7 +125,28 @@ def build_policies(config: Config, metrics: Metrics, kube: KubeConnector) -> Pol
         return None
     from extproc.kuadrant.policies import PolicyLimits
 
-    return PolicyLimits(kube(), config.kuadrant, config.limits, metrics)
+    return PolicyLimits(
+        kube(),
+        config.kuadrant,
+        config.limits,
+        metrics,
+        charged_suffixes=config.routes.charged_suffixes,
+    )
+
+
+def build_routes(
+    config: Config, metrics: Metrics, kube: KubeConnector
+) -> tuple[RouteDomains, WatchedRoutes | None]:
+    """The HTTPRoute of each request (``kuadrant.httproutes: watch`` follows KServe's routes)."""
+    watched = None
+    if config.kuadrant.httproutes == "watch":
+        from extproc.kuadrant.httproutes import WatchedRoutes
+
+        watched = WatchedRoutes(kube(), config.kuadrant.model_header, metrics)
+    domains = RouteDomains(
+        config.kuadrant, config.access.body_models, watched.index if watched else None
+    )
+    return domains, watched
 
 
 def build_reporter(
@@ -158,6 +182,7 @@ class Sidecar:
     charger: Charger
     reporter: Reporter | None = None
     policies: PolicyLimits | None = None
+    routes: WatchedRoutes | None = None
 
     @classmethod
     def build(cls, config: Config, metrics: Metrics | None = None) -> Sidecar:
@@ -171,6 +196,7 @@ class Sidecar:
             build_access(config, metrics, kube),
         )
         policies = build_policies(config, metrics, kube)
+        domains, watched_routes = build_routes(config, metrics, kube)
         limiter = Limiter(store, policies or config.limits, now_ms)
         routes = RouteTable(config.routes)
         admission = Admission(
@@ -183,6 +209,7 @@ class Sidecar:
             store_failure=config.store.failure_policy,
             dependency_failure=config.identity.unavailable,
             accounting=config.accounting,
+            route_of=domains.domain,
         )
         reporter = build_reporter(config, metrics, policies)
         charger = Charger(limiter, metrics, reporter, wait_s=config.accounting.settle_wait_s)
@@ -206,6 +233,7 @@ class Sidecar:
             charger,
             reporter,
             policies,
+            watched_routes,
         )
 
     async def start(self) -> None:
@@ -224,6 +252,8 @@ class Sidecar:
             await self.reporter.close()  # after the drain: the last charges are queued by now
         if self.policies is not None:
             await self.policies.close()
+        if self.routes is not None:
+            await self.routes.close()
         for part in (self.identities, self.tiers, self.access):
             await part.close()
         log.info("closing the store: %d spooled charges to replay", self.store.spooled)

@@ -85,6 +85,9 @@ class TiersConfig:
     configmap_namespace: str = "maas-api"
     configmap_name: str = "tier-to-group-mapping"
     maas_api_url: str = "http://maas-api.maas-api.svc.cluster.local:8080"
+    # https maas_api_url: the CA bundle (PEM) that signed maas-api's certificate, e.g. OpenShift's
+    # service CA on Open Data Hub; "" trusts the system's CAs.
+    maas_api_ca_file: str = ""
     cache_ttl_s: float = 300.0
 
 
@@ -102,6 +105,9 @@ class LimitsConfig:
     tiers: Mapping[str, Limits] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
     models: Mapping[str, Mapping[str, Limits]] = field(default_factory=dict)  # tier -> model -> ...
     window: Literal["fixed", "sliding"] = "fixed"
+    # Whose budget a request spends: the user's across every model ("user"), or the user's on
+    # the request's model route ("route"), as Kuadrant counts (one limit per HTTPRoute).
+    scope: Literal["user", "route"] = "user"
     default_reservation_tokens: int = 256
     reservation_tokens: Mapping[str, int] = field(default_factory=dict)  # per tier
 
@@ -161,7 +167,13 @@ class KuadrantConfig:
     limit_name_template: str = "{tier}-user-tokens"  # the policy's limit for a tier ...
     limit_names: tuple[tuple[str, str], ...] = ()  # ... unless named here (tier -> limit name)
     route_template: str = "{namespace}/{name}-kserve-route"  # HTTPRoute of /<ns>/<name>/v1/...
+    # Body-model routes (POST /v1/... with the model in the body): each model's own HTTPRoute,
+    # watched (httproutes: watch), else named here (model -> "<namespace>/<name>"), else
+    # default_route.
+    model_routes: tuple[tuple[str, str], ...] = ()
     default_route: str = ""  # "<namespace>/<name>" of the HTTPRoute for body-model routes
+    httproutes: Literal["off", "watch"] = "off"  # watch KServe's llminferenceservice-router routes
+    model_header: str = "X-Gateway-Model-Name"  # the header KServe's model-routing rules match
     counter_expression: str = "auth.identity.userid"
     batch_interval_s: float = 0.2  # hits are summed per counter this long before one Report
     queue_size: int = 10_000  # charges waiting to be reported; beyond, the newest are dropped
@@ -255,6 +267,7 @@ def _apply_environ(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
         for f in fields(cls):
             known[f"{ENV_PREFIX}{section}_{f.name}".upper()] = (section, f.name)
     known[f"{ENV_PREFIX}LIMITS_WINDOW"] = ("limits", "window")
+    known[f"{ENV_PREFIX}LIMITS_SCOPE"] = ("limits", "scope")
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX):
             continue
@@ -376,7 +389,14 @@ def _tier_limits(key: str, value: object, base: Limits) -> Limits:
 
 def _limits(value: object) -> LimitsConfig:
     raw = _mapping(value, "limits")
-    allowed = {"tiers", "models", "window", "default_reservation_tokens", "reservation_tokens"}
+    allowed = {
+        "tiers",
+        "models",
+        "window",
+        "scope",
+        "default_reservation_tokens",
+        "reservation_tokens",
+    }
     _no_unknown(raw, "limits.", allowed)
     defaults = LimitsConfig()
     tiers = dict(defaults.tiers)
@@ -390,6 +410,9 @@ def _limits(value: object) -> LimitsConfig:
     window = raw.get("window", defaults.window)
     if window not in ("fixed", "sliding"):
         raise ConfigError("limits.window", "fixed or sliding", window)
+    scope = raw.get("scope", defaults.scope)
+    if scope not in ("user", "route"):
+        raise ConfigError("limits.scope", "user or route", scope)
     default_reservation = raw.get("default_reservation_tokens", defaults.default_reservation_tokens)
     if isinstance(default_reservation, bool) or not isinstance(default_reservation, int):
         raise ConfigError(
@@ -406,6 +429,7 @@ def _limits(value: object) -> LimitsConfig:
         tiers=tiers,
         models=models,
         window=window,
+        scope=scope,
         default_reservation_tokens=default_reservation,
         reservation_tokens=reservations,
     )
@@ -426,7 +450,8 @@ def _access(value: object) -> AccessConfig:
 def _kuadrant(value: object) -> KuadrantConfig:
     raw = dict(_mapping(value, "kuadrant"))
     limit_names = _mapping(raw.pop("limit_names", None), "kuadrant.limit_names")
-    for key in ("mode", "policies"):
+    model_routes = _mapping(raw.pop("model_routes", None), "kuadrant.model_routes")
+    for key in ("mode", "policies", "httproutes"):
         if raw.get(key) is False:  # YAML 1.1 reads a bare `off` as false
             raw[key] = "off"
     config = _section(KuadrantConfig, {"kuadrant": raw}, "kuadrant")
@@ -435,7 +460,12 @@ def _kuadrant(value: object) -> KuadrantConfig:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"kuadrant.limit_names.{tier}", "a limit name of the policy", name)
         pairs.append((str(tier), name))
-    config = replace(config, limit_names=tuple(pairs))
+    routes: list[tuple[str, str]] = []
+    for model, route in model_routes.items():
+        if not _namespaced_name(route):
+            raise ConfigError(f"kuadrant.model_routes.{model}", "a '<namespace>/<name>'", route)
+        routes.append((str(model), route))
+    config = replace(config, limit_names=tuple(pairs), model_routes=tuple(routes))
     if "{tier}" not in config.limit_name_template:
         raise ConfigError(
             "kuadrant.limit_name_template", "a template with {tier}", config.limit_name_template
@@ -450,10 +480,10 @@ def _kuadrant(value: object) -> KuadrantConfig:
             "'<namespace part>/<name part>' using {namespace} and {name}",
             config.route_template,
         )
-    if config.default_route and (
-        config.default_route.count("/") != 1 or not all(config.default_route.split("/"))
-    ):
+    if config.default_route and not _namespaced_name(config.default_route):
         raise ConfigError("kuadrant.default_route", "'' or '<namespace>/<name>'")
+    if not config.model_header:
+        raise ConfigError("kuadrant.model_header", "a header name", config.model_header)
     if config.mode != "off" and not config.limitador_grpc:
         raise ConfigError("kuadrant.limitador_grpc", "host:port when kuadrant.mode is not off")
     if config.batch_interval_s <= 0:
@@ -461,6 +491,11 @@ def _kuadrant(value: object) -> KuadrantConfig:
     if config.queue_size < 1:
         raise ConfigError("kuadrant.queue_size", "a whole number >= 1", config.queue_size)
     return config
+
+
+def _namespaced_name(value: object) -> bool:
+    """Whether ``value`` is ``<namespace>/<name>`` with both parts non-empty."""
+    return isinstance(value, str) and value.count("/") == 1 and all(value.split("/"))
 
 
 def _check(config: Config, serving: bool) -> None:
@@ -491,6 +526,8 @@ def _check(config: Config, serving: bool) -> None:
             "memory://, redis://, rediss:// (or +cluster / +sentinel)",
             redact_url(str(config.store.url)),
         )
+    if config.tiers.maas_api_ca_file and not config.tiers.maas_api_url.startswith("https://"):
+        raise ConfigError("tiers.maas_api_ca_file", "empty unless tiers.maas_api_url is https://")
     if config.store.spool_size < 1:
         raise ConfigError("store.spool_size", "a whole number >= 1", config.store.spool_size)
     if config.store.retention_days < 1:

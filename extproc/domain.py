@@ -104,6 +104,9 @@ class Decision:
     identity: Identity | None = None
     tier: Tier | None = None
     model: str = ""
+    route: str = (
+        ""  # "<namespace>/<name>" of the HTTPRoute (Kuadrant's limit namespace); "" unknown
+    )
     charged: bool = False  # whether the route is metered (completions-like POST)
     reserved_tokens: int = 0
     token_windows: tuple[int, ...] = ()  # start of each token window the reservation went into
@@ -135,6 +138,7 @@ class Charge:
     token_windows: tuple[int, ...] = ()
     status: int = 200
     disconnected: bool = False
-    path: str = ""  # the request path, which names the model route (for Kuadrant's domain)
+    path: str = ""  # the request path
+    route: str = ""  # the HTTPRoute admission counted the request in (Kuadrant's domain)
     request_id: str = ""  # the admission's id: a settle with an id already applied is ignored
     admitted_ms: int = 0  # 0: not admitted with a reservation (nothing unsettled to clear)

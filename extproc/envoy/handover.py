@@ -37,6 +37,7 @@ class Billing:
     admitted_ms: int = 0  # admission time: its day holds the unsettled reservation
     inject: bool = False  # the request body is rewritten to ask the stream for usage
     prompt_estimate: int = 0
+    route: str = ""  # the HTTPRoute admission counted the request in (Kuadrant's domain)
 
     @classmethod
     def from_decision(cls, decision: Decision, path: str) -> Billing | None:
@@ -56,6 +57,7 @@ class Billing:
             admitted_ms=decision.admitted_ms,
             inject=decision.inject_usage,
             prompt_estimate=decision.prompt_estimate,
+            route=decision.route,
         )
 
 
@@ -71,6 +73,7 @@ def write(fields: Any, billing: Billing) -> None:
     fields["admitted"].string_value = str(billing.admitted_ms)
     fields["inject"].bool_value = billing.inject
     fields["prompt_est"].string_value = str(billing.prompt_estimate)
+    fields["route"].string_value = billing.route
 
 
 def to_struct(billing: Billing) -> struct_pb2.Struct:
@@ -105,6 +108,7 @@ def read(filter_metadata: Mapping[str, struct_pb2.Struct]) -> Billing | None:
             admitted_ms=_count(_text(fields, "admitted")),
             inject=fields["inject"].bool_value if "inject" in fields else False,
             prompt_estimate=_count(_text(fields, "prompt_est")),
+            route=_text(fields, "route"),
         )
     except (KeyError, ValueError):
         return None

@@ -148,6 +148,7 @@ class Session:
             path=billing.path,
             request_id=billing.request_id,
             admitted_ms=billing.admitted_ms,
+            route=billing.route,
         )
 
     def _usage(self, billing: Billing) -> Usage:

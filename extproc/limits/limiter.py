@@ -44,7 +44,7 @@ class FixedLimits:
 
 @dataclass(frozen=True, slots=True)
 class _Plan:
-    """The counters of one (user, tier, model), built once: keys, limits, windows, kinds."""
+    """The counters of one (user, tier, model, route), built once: keys, limits, windows, kinds."""
 
     requests: tuple[tuple[str, int, int], ...]  # (key, limit, window_ms)
     tokens: tuple[tuple[str, int, int], ...]
@@ -66,8 +66,8 @@ class Limiter:
         self._limits = FixedLimits(config) if isinstance(config, LimitsConfig) else config
         self._clock_ms = clock_ms
         self._sliding = self._limits.current().window == "sliding"
-        # Key strings and limits per (user, tier, model), rebuilt when the limits change.
-        self._plans: dict[tuple[str, str, str], _Plan] = {}
+        # Key strings and limits per (user, tier, model, route), rebuilt when the limits change.
+        self._plans: dict[tuple[str, str, str, str], _Plan] = {}
         self._plans_for: LimitsConfig | None = None
 
     @property
@@ -99,22 +99,26 @@ class Limiter:
             sets.append((override, model))
         return sets
 
-    def token_counters(self, userid: str, tier: str, model: str) -> list[tuple[str, int]]:
+    def token_counters(
+        self, userid: str, tier: str, model: str, route: str = ""
+    ) -> list[tuple[str, int]]:
         """(key, window_ms) of every token counter this request is charged to, in admit order."""
-        return [(key, window) for key, _, window in self._plan(userid, tier, model).tokens]
+        return [(key, window) for key, _, window in self._plan(userid, tier, model, route).tokens]
 
-    def _plan(self, userid: str, tier: str, model: str) -> _Plan:
+    def _plan(self, userid: str, tier: str, model: str, route: str) -> _Plan:
         config = self._config
         if config is not self._plans_for or len(self._plans) >= _PLAN_CACHE_SIZE:
             self._plans.clear()
             self._plans_for = config
-        plan = self._plans.get((userid, tier, model))
+        # limits.scope user: one budget across every route; route: one per HTTPRoute, as Kuadrant.
+        route = route if config.scope == "route" else ""
+        plan = self._plans.get((userid, tier, model, route))
         if plan is None:
             sets = self._limit_sets(tier, model)
             plan = _Plan(
                 requests=tuple(
                     (
-                        keys.requests_key(userid, tier, scope),
+                        keys.requests_key(userid, tier, scope, route=route),
                         lim.requests,
                         lim.requests_window_s * 1000,
                     )
@@ -122,17 +126,23 @@ class Limiter:
                     if lim.requests
                 ),
                 tokens=tuple(
-                    (keys.tokens_key(userid, tier, scope), lim.tokens, lim.tokens_window_s * 1000)
+                    (
+                        keys.tokens_key(userid, tier, scope, route=route),
+                        lim.tokens,
+                        lim.tokens_window_s * 1000,
+                    )
                     for lim, scope in sets
                     if lim.tokens
                 ),
             )
-            self._plans[(userid, tier, model)] = plan
+            self._plans[(userid, tier, model, route)] = plan
         return plan
 
-    async def admit(self, userid: str, tier: str, model: str, reserve: int) -> Verdict:
+    async def admit(
+        self, userid: str, tier: str, model: str, reserve: int, route: str = ""
+    ) -> Verdict:
         """Check and take the reservation; the ledger holds it as unsettled until the settle."""
-        plan = self._plan(userid, tier, model)
+        plan = self._plan(userid, tier, model, route)
         sliding = self._sliding
         counters = [WindowCounter(k, lim, w, 1, sliding) for k, lim, w in plan.requests]
         counters += [WindowCounter(k, lim, w, reserve, sliding) for k, lim, w in plan.tokens]
@@ -175,7 +185,7 @@ class Limiter:
         """
         now = self._clock_ms()
         token_windows = charge.token_windows
-        counters = self.token_counters(charge.userid, charge.tier, charge.model)
+        counters = self.token_counters(charge.userid, charge.tier, charge.model, charge.route)
         adjustments = []
         for index, (key, window_ms) in enumerate(counters):
             admitted = index < len(token_windows)

@@ -159,6 +159,11 @@ class Metrics:
             "Policy limits whose predicates, counters or rates are not understood (not enforced)",
             registry=r,
         )
+        self.httproute_conflicts = Counter(
+            "maas_httproute_conflicts",
+            "Model names or services two watched HTTPRoutes claim (left out of the route map)",
+            registry=r,
+        )
         self._decision_children: dict[tuple[str, ...], Counter] = {}
         self._response_children: dict[tuple[int, str], Counter] = {}
         # Label children are looked up once: ``labels()`` costs more than the increment itself.

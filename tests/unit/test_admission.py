@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from extproc.admission import AdmissionRequest, RequestBody, bearer_token
 from extproc.config import parse
@@ -80,6 +81,66 @@ async def test_token_limit_refuses_once_the_window_is_used_up_and_resets_after_i
     clock.advance(60)
     third = await admission.decide(request("free"))
     assert third.outcome is Outcome.ALLOW
+
+
+ROUTE = "llm/facebook-opt-125m-simulated-kserve-route"  # the HTTPRoute KServe makes for CHAT
+OTHER = "/llm/granite/v1/chat/completions"
+
+
+@pytest.mark.parametrize("scope", ["user", "route"])
+async def test_the_scope_decides_whether_each_model_route_has_its_own_budget(scope: str) -> None:
+    config = local_config({"MAAS_EXTPROC_LIMITS_SCOPE": scope})
+    admission, _, _ = build_admission(config)
+    small = {"model": "m", "max_tokens": 1}
+    for _ in range(5):  # the free tier's 5 requests, on one model route
+        decision = await admission.decide(request("free", body=small))
+        assert decision.outcome is Outcome.ALLOW
+        assert decision.route == ROUTE
+    elsewhere = await admission.decide(request("free", path=OTHER, body=small))
+    # Per user, the budget is spent; per route, as Kuadrant counts, the other model has its own.
+    expected = Outcome.RATE_LIMITED if scope == "user" else Outcome.ALLOW
+    assert elsewhere.outcome is expected
+    assert elsewhere.route == "llm/granite-kserve-route"
+    again = await admission.decide(request("free", body=small))
+    assert again.outcome is Outcome.RATE_LIMITED
+
+
+async def test_a_body_model_request_spends_the_budget_of_its_models_route() -> None:
+    raw = yaml.safe_load((LOCAL / "config.yaml").read_text())
+    raw["limits"]["scope"] = "route"
+    raw["access"]["body_models"] = {"opt": "llm/facebook-opt-125m-simulated"}
+    admission, _, _ = build_admission(parse(raw, str(LOCAL)))
+    by_body = {"model": "opt", "max_tokens": 1}
+    for _ in range(5):
+        decision = await admission.decide(
+            request("free", path="/v1/chat/completions", body=by_body)
+        )
+        assert (decision.outcome, decision.route) == (Outcome.ALLOW, ROUTE)
+    by_path = await admission.decide(request("free", body={"model": "m", "max_tokens": 1}))
+    assert by_path.outcome is Outcome.RATE_LIMITED  # one HTTPRoute, one budget
+
+
+async def test_a_charge_settles_into_the_route_it_was_admitted_on() -> None:
+    clock = Clock()
+    admission, limiter, _ = build_admission(
+        local_config({"MAAS_EXTPROC_LIMITS_SCOPE": "route"}), clock=clock
+    )
+    first = await admission.decide(request("free", body={"model": "m", "max_tokens": 60}))
+    assert first.identity is not None
+    await limiter.settle(
+        Charge(
+            "alice",
+            "free",
+            "m",
+            Usage(10, 90, 100),
+            first.reserved_tokens,
+            first.token_windows,
+            route=first.route,
+        )
+    )
+    clock.advance(1)
+    assert (await admission.decide(request("free"))).outcome is Outcome.TOKEN_LIMITED
+    assert (await admission.decide(request("free", path=OTHER))).outcome is Outcome.ALLOW
 
 
 async def test_models_route_is_authenticated_but_never_limited_or_charged() -> None:

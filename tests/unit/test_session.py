@@ -200,3 +200,30 @@ def test_hidden_usage_is_still_charged() -> None:
     charge = s.finish()
     assert charge is not None
     assert charge.usage.total_tokens == 5
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_the_route_admission_counted_in_reaches_the_charge(cached: bool) -> None:
+    from extproc.domain import Decision, Identity, Outcome, Tier
+    from extproc.envoy.replies import CheckReplies, check_response
+
+    route = "llm/facebook-opt-125m-simulated-kserve-route"
+    decision = Decision(
+        Outcome.ALLOW,
+        identity=Identity("alice", "alice"),
+        tier=Tier("free", 0, frozenset()),
+        model="m",
+        route=route,
+        charged=True,
+    )
+    replies = CheckReplies()
+    if cached:
+        replies.reply(decision, CHAT)  # the second reply of a user comes from the cache
+    reply = replies.reply(decision, CHAT) if cached else check_response(decision, CHAT)
+    s = Session(AccountingConfig())
+    s.bind({METADATA_NAMESPACE: reply.dynamic_metadata})
+    assert s.on_response_headers(200, "application/json", "")
+    s.on_body(b'{"usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}', True)
+    charge = s.finish()
+    assert charge is not None
+    assert charge.route == route
