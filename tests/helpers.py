@@ -56,5 +56,6 @@ def build_admission(
         limiter,
         spoofed_headers=config.routes.spoofed_headers,
         store_failure=config.store.failure_policy,
+        max_request_tokens=config.limits.max_request_tokens,
     )
     return admission, limiter, store

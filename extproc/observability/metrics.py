@@ -8,7 +8,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from extproc.domain import Charge, Decision, Limits
+from extproc.domain import UNTRUSTED_REASONS, Charge, Decision, Limits
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _STREAM_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0)
@@ -135,6 +135,22 @@ class Metrics:
             "Policy limits whose predicates, counters or rates are not understood (not enforced)",
             registry=r,
         )
+        self.usage_invalid = Counter(
+            "maas_upstream_usage_invalid",
+            "Responses whose reported usage was not trusted and was charged as a capped estimate",
+            ["reason"],
+            registry=r,
+        )
+        for reason in UNTRUSTED_REASONS:
+            self.usage_invalid.labels(reason)
+        self.internal_errors = Counter(
+            "maas_internal_errors",
+            "Unexpected exceptions answered with a defined reply (check: HTTP 500), never raised",
+            ["where"],
+            registry=r,
+        )
+        for where in ("check", "process"):
+            self.internal_errors.labels(where)
         self._decision_children: dict[tuple[str, ...], Counter] = {}
         self._response_children: dict[tuple[int, str], Counter] = {}
         # Label children are looked up once: ``labels()`` costs more than the increment itself.
