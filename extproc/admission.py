@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -119,6 +121,13 @@ class Admission:
         self._dependency_fail_open = dependency_failure == "fail_open"
         self._accounting = accounting or AccountingConfig()
         self._max_request_tokens = max_request_tokens  # limits.max_request_tokens
+        # Request ids: a random prefix per process and a counter; unique across replicas and
+        # restarts without a syscall per request.
+        self._id_prefix = secrets.token_hex(6)
+        self._ids = itertools.count(1)
+
+    def _next_request_id(self) -> str:
+        return f"{self._id_prefix}{next(self._ids):x}"
 
     async def decide(self, request: AdmissionRequest) -> Decision:
         route = self._routes.classify(request.method, request.path)
@@ -196,16 +205,16 @@ class Admission:
         strip: tuple[str, ...],
     ) -> Decision:
         """The limits step of a charged route; the Decision is built once, here."""
-        reserve = self._limiter.reservation_for(tier.name, body.max_tokens)
+        prompt_estimate = min(
+            estimate.tokens_from_chars(body.prompt_chars, self._accounting.chars_per_token),
+            self._max_request_tokens,
+        )
+        reserve = self._limiter.reservation_for(tier.name, body.max_tokens, prompt_estimate)
         inject = (
             self._accounting.inject_include_usage
             and body.stream
             and not body.include_usage
             and route.path.endswith(USAGE_OPT_IN_SUFFIXES)
-        )
-        prompt_estimate = min(
-            estimate.tokens_from_chars(body.prompt_chars, self._accounting.chars_per_token),
-            self._max_request_tokens,
         )
         if inject and INJECT_HEADER in strip:
             strip = tuple(h for h in strip if h != INJECT_HEADER)  # ours overwrites it
@@ -239,6 +248,8 @@ class Admission:
             charged=True,
             reserved_tokens=verdict.reserved_tokens,
             token_windows=verdict.token_windows,
+            request_id=self._next_request_id(),
+            admitted_ms=verdict.admitted_ms,
             limit_kind=verdict.kind,
             limit=verdict.limit,
             remaining=verdict.remaining,

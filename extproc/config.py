@@ -58,6 +58,10 @@ class ServerConfig:
     workers: int = 1
     metrics_port: int = 9090  # 0: no metrics endpoint
     grace_period_s: float = 10.0
+    # On SIGTERM, health answers NOT_SERVING for this long while everything is still served, so
+    # Envoy's health check moves new streams away before the server stops accepting them. In a
+    # pod, the preStop sleep does this job instead.
+    drain_delay_s: float = 0.0
     log_level: str = "info"
     # Where admission runs: ext_authz Check (default), or inside the ext_proc stream (no
     # ext_authz filter: one gRPC stream per request instead of a unary call plus a stream).
@@ -115,6 +119,9 @@ class StoreConfig:
     spool_size: int = 10_000
     retention_days: int = 90
     timeout_s: float = 0.5
+    # How long a settle's id is remembered (at least the longest token window is used): a replay
+    # of the same settle within it is ignored, and the spool never replays anything older.
+    dedupe_ttl_s: int = 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +133,9 @@ class AccountingConfig:
     # A gzip / deflate body inflating past this many times its compressed size (or past
     # max_body_bytes) is a decompression bomb: decoding stops, its usage is not trusted.
     max_decompression_ratio: int = 100
+    # At the end of a response, how long its last reply waits for the charge to land before it
+    # goes anyway; the charge itself always runs to completion (or to the spool).
+    settle_wait_s: float = 0.1
 
 
 @dataclass(frozen=True, slots=True)

@@ -133,6 +133,8 @@ class Decision:
     strip_headers: tuple[str, ...] = ()  # client-sent X-MaaS-* headers to remove
     inject_usage: bool = False  # ext_proc rewrites the request to ask the stream for usage
     prompt_estimate: int = 0  # prompt tokens estimated from the request, for missing usage
+    request_id: str = ""  # set when the request is admitted to a charged route
+    admitted_ms: int = 0  # the admission clock (its day holds the reservation until settled)
 
     @property
     def allowed(self) -> bool:
@@ -152,3 +154,5 @@ class Charge:
     status: int = 200
     disconnected: bool = False
     path: str = ""  # the request path, which names the model route (for Kuadrant's domain)
+    request_id: str = ""  # the admission's id: a settle with an id already applied is ignored
+    admitted_ms: int = 0  # 0: not admitted with a reservation (nothing unsettled to clear)

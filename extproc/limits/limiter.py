@@ -9,9 +9,8 @@ from typing import Protocol
 from extproc.config import LimitsConfig
 from extproc.domain import Charge, Limits
 from extproc.limits import windows
-from extproc.store import keys
-from extproc.store.base import Adjustment, CounterStore, LedgerEntry, WindowCounter
-from extproc.store.memory import day_of
+from extproc.store import keys, ledger
+from extproc.store.base import Adjustment, CounterStore, WindowCounter
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +23,7 @@ class Verdict:
     retry_after_s: int = 0
     reserved_tokens: int = 0
     token_windows: tuple[int, ...] = ()  # start of each token window the reservation went into
+    admitted_ms: int = 0  # when the store took the reservation (0: it did not, e.g. fail_open)
 
 
 class LimitsProvider(Protocol):
@@ -74,11 +74,20 @@ class Limiter:
     def _config(self) -> LimitsConfig:
         return self._limits.current()
 
-    def reservation_for(self, tier: str, requested: int | None) -> int:
-        """Tokens to hold at admission: the request's own bound, else the tier's default."""
+    def reservation_for(self, tier: str, requested: int | None, prompt_estimate: int = 0) -> int:
+        """Tokens to hold at admission: the prompt estimate plus the completion bound.
+
+        The completion bound is the request's own (``max_tokens`` and kin), else the tier's
+        default. Holding the whole request keeps a user within one reservation of the limit
+        however many requests run at once, as long as no response uses more than it reserved.
+        """
         if requested is not None and requested > 0:
-            return requested
-        return self._config.reservation_tokens.get(tier, self._config.default_reservation_tokens)
+            bound = requested
+        else:
+            bound = self._config.reservation_tokens.get(
+                tier, self._config.default_reservation_tokens
+            )
+        return max(0, prompt_estimate) + bound
 
     def _limit_sets(self, tier: str, model: str) -> list[tuple[Limits, str]]:
         sets: list[tuple[Limits, str]] = []
@@ -122,14 +131,17 @@ class Limiter:
         return plan
 
     async def admit(self, userid: str, tier: str, model: str, reserve: int) -> Verdict:
+        """Check and take the reservation; the ledger holds it as unsettled until the settle."""
         plan = self._plan(userid, tier, model)
         sliding = self._sliding
         counters = [WindowCounter(k, lim, w, 1, sliding) for k, lim, w in plan.requests]
         counters += [WindowCounter(k, lim, w, reserve, sliding) for k, lim, w in plan.tokens]
         kinds = ["requests"] * len(plan.requests) + ["tokens"] * len(plan.tokens)
+        now = self._clock_ms()
+        hold = ledger.hold_for(userid, model, reserve, now)
+        result = await self._store.admit(counters, now, hold)
         if not counters:
-            return Verdict(allowed=True)
-        result = await self._store.admit(counters, self._clock_ms())
+            return Verdict(allowed=True, reserved_tokens=reserve, admitted_ms=now)
         if not result.allowed:
             index = result.denied_index
             state, counter = result.states[index], counters[index]
@@ -151,12 +163,16 @@ class Limiter:
             limit=counter.limit,
             remaining=max(0, counter.limit - state.value),
             reset_s=windows.retry_after_s(state.reset_ms),
-            reserved_tokens=reserve if token_windows else 0,
+            reserved_tokens=reserve,
             token_windows=token_windows,
+            admitted_ms=now,
         )
 
-    async def settle(self, charge: Charge) -> None:
-        """Swap the reservation for the actual tokens and record the ledger entry."""
+    async def settle(self, charge: Charge) -> bool:
+        """Swap the reservation for the actual tokens, record the ledger entry, release the hold.
+
+        False when the store had applied this charge's request id already.
+        """
         now = self._clock_ms()
         token_windows = charge.token_windows
         counters = self.token_counters(charge.userid, charge.tier, charge.model)
@@ -173,19 +189,15 @@ class Limiter:
                     sliding=self._sliding,
                 )
             )
-        entry = ledger_entry(charge, now)
-        await self._store.settle(adjustments, entry, now)
-
-
-def ledger_entry(charge: Charge, now_ms: int) -> LedgerEntry:
-    usage = charge.usage
-    total = usage.total()
-    return LedgerEntry(
-        userid=charge.userid,
-        day=day_of(now_ms),
-        model=charge.model or "unknown",
-        prompt_tokens=usage.prompt_tokens or 0,
-        completion_tokens=usage.completion_tokens or 0,
-        total_tokens=total,
-        estimated_tokens=total if usage.estimated else 0,
-    )
+        release = None
+        if charge.admitted_ms:
+            release = ledger.hold_for(
+                charge.userid, charge.model, charge.reserved_tokens, charge.admitted_ms
+            )
+        return await self._store.settle(
+            adjustments,
+            ledger.entry_for(charge, now),
+            now,
+            request_id=charge.request_id,
+            release=release,
+        )

@@ -97,7 +97,31 @@ class Metrics:
             "maas_spool_depth", "Charges waiting for the store to come back", registry=r
         )
         self.spool_dropped = Counter(
-            "maas_spool_dropped", "Charges dropped because the spool was full", registry=r
+            "maas_spool_dropped",
+            "Charges dropped: the spool was full, or they outlived store.dedupe_ttl_s",
+            registry=r,
+        )
+        self.settle_duplicates = Counter(
+            "maas_settle_duplicates",
+            "Settles the store had applied already (a replay after a lost reply): ignored",
+            registry=r,
+        )
+        self.reservation_exceeded = Counter(
+            "maas_reservation_exceeded",
+            "Charges larger than their admission's reservation (the overshoot bound can break)",
+            ["tier"],
+            registry=r,
+        )
+        self.charges_pending = Gauge(
+            "maas_charges_pending",
+            "Charges handed to the store and not yet settled or spooled",
+            registry=r,
+        )
+        self.internal_errors = Counter(
+            "maas_internal_errors",
+            "Unexpected errors answered with a defined reply instead of a traceback",
+            ["where"],
+            registry=r,
         )
         self.cache_lookups = Counter(
             "maas_cache_lookups", "Cache lookups", ["cache", "result"], registry=r
@@ -143,14 +167,6 @@ class Metrics:
         )
         for reason in UNTRUSTED_REASONS:
             self.usage_invalid.labels(reason)
-        self.internal_errors = Counter(
-            "maas_internal_errors",
-            "Unexpected exceptions answered with a defined reply (check: HTTP 500), never raised",
-            ["where"],
-            registry=r,
-        )
-        for where in ("check", "process"):
-            self.internal_errors.labels(where)
         self._decision_children: dict[tuple[str, ...], Counter] = {}
         self._response_children: dict[tuple[int, str], Counter] = {}
         # Label children are looked up once: ``labels()`` costs more than the increment itself.

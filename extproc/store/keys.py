@@ -29,6 +29,11 @@ def ledger_key(userid: str, day: str) -> str:
     return f"{PREFIX}:{_tag(userid)}:usage:{day}"
 
 
+def settled_key(userid: str, request_id: str) -> str:
+    """Marks one admission's settle as applied, so a replay of it is ignored (user-tagged)."""
+    return f"{PREFIX}:{_tag(userid)}:settled:{request_id}"
+
+
 def ledger_users_key(day: str) -> str:
     """The set of users with usage on ``day`` (not user-tagged: one small set per day)."""
     return f"{PREFIX}:users:{day}"

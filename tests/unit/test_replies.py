@@ -9,6 +9,8 @@ from google.protobuf import json_format
 from google.rpc import code_pb2
 
 from extproc.domain import Decision, Identity, Outcome, Tier
+from extproc.envoy import handover
+from extproc.envoy.handover import METADATA_NAMESPACE
 from extproc.envoy.replies import check_response
 
 ALICE = Identity("alice", "alice", ("tier-free-users",))
@@ -99,9 +101,9 @@ def test_allow_sets_identity_headers_strips_spoofed_and_fills_metadata() -> None
     assert headers_of(ok.response_headers_to_add)["x-ratelimit-remaining"] == "36"
     meta = json_format.MessageToDict(reply.dynamic_metadata)
     assert meta["identity"] == {"userid": "alice", "tier": "free", "groups": ["tier-free-users"]}
-    assert meta["maas"]["reserved"] == 64
-    assert meta["maas"]["windows"] == [1234]
-    assert meta["maas"]["charged"] is True
+    billing = handover.read({METADATA_NAMESPACE: reply.dynamic_metadata})
+    assert billing is not None
+    assert (billing.userid, billing.reserved, billing.windows) == ("alice", 64, (1234,))
 
 
 def test_uncharged_allow_keeps_accept_encoding() -> None:

@@ -14,7 +14,8 @@ from extproc.accounting.estimate import completed, prompt_chars, tokens_from_cha
 from extproc.accounting.usage_filter import UsageEventFilter
 from extproc.config import AccountingConfig
 from extproc.domain import Usage
-from extproc.envoy.replies import METADATA_NAMESPACE
+from extproc.envoy import handover
+from extproc.envoy.handover import METADATA_NAMESPACE, Billing
 from extproc.envoy.session import Session, with_include_usage
 
 CHAT = "/ns/m/v1/chat/completions"
@@ -30,22 +31,18 @@ SSE_NO_USAGE = (
 
 
 def metadata(inject: bool = False, prompt_est: int = 10) -> dict[str, struct_pb2.Struct]:
-    struct = struct_pb2.Struct()
-    struct.update(
-        {
-            "identity": {"userid": "alice", "tier": "free", "groups": []},
-            "maas": {
-                "model": "m",
-                "path": CHAT,
-                "charged": True,
-                "reserved": 64,
-                "windows": [1000],
-                "inject": inject,
-                "prompt_est": prompt_est,
-            },
-        }
+    billing = Billing(
+        request_id="r1",
+        userid="alice",
+        tier="free",
+        model="m",
+        path=CHAT,
+        reserved=64,
+        windows=(1000,),
+        inject=inject,
+        prompt_estimate=prompt_est,
     )
-    return {METADATA_NAMESPACE: struct}
+    return {METADATA_NAMESPACE: handover.to_struct(billing)}
 
 
 def session(config: AccountingConfig | None = None, **meta: object) -> Session:
