@@ -75,13 +75,17 @@ def completed(
 
 
 def untrusted(
-    usage: Usage, prompt_estimate: int, content_chars: int, chars_per_token: float, cap: int
+    usage: Usage,
+    prompt_estimate: int,
+    content_chars: int,
+    chars_per_token: float,
+    cap: int | None,
 ) -> Usage:
     """The charge for usage the upstream reported but we cannot trust (``usage.invalid``).
 
     None of its numbers are used: the prompt estimate plus the generated text seen, cut to
     ``cap`` (the request's reservation: prompt estimate plus completion bound), never more;
-    flagged as an estimate and keeping the reason.
+    flagged as an estimate and keeping the reason. ``None``: no reservation was taken.
     """
     guess = completed(None, prompt_estimate, content_chars, chars_per_token, cap)
     return Usage(

@@ -213,6 +213,8 @@ class Metrics:
         ):
             if amount:
                 token_child.inc(amount)
+        if usage.invalid:
+            self.usage_invalid.labels(usage.invalid).inc()
         source = "estimated" if usage.estimated else ("reported" if usage.reported else "none")
         by_source = self._charge_children.get((charge.tier, source))
         if by_source is None:

@@ -60,7 +60,7 @@ class Snapshot:
         return problems
 
 
-@dataclass
+@dataclass(repr=False)  # a short repr: Hypothesis prints it with every falsifying example
 class Running:
     sidecar: Sidecar
     server: Server
@@ -68,8 +68,11 @@ class Running:
     usage_url: str
     limiter: Limiter  # the sidecar's counter layout, to read its windows
 
+    def __repr__(self) -> str:
+        return f"Running(grpc=127.0.0.1:{self.server.port}, usage={self.usage_url})"
+
     async def counters(self) -> Snapshot:
-        await self.sidecar.proc.drain()  # charges settling in the background first
+        await self.sidecar.charger.drain()  # charges settling in the background first
         store, now = self.sidecar.store, now_ms()
         windows = {}
         for userid, tier in USERS:
