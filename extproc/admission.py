@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import secrets
 from collections.abc import Mapping
@@ -66,7 +65,7 @@ class RequestBody:
         if not body:
             return cls()
         try:
-            data: Any = json.loads(body, parse_int=counts.int_literal)
+            data: Any = counts.loads(body)
         except RecursionError:
             return cls(problem="the request body is nested too deeply")
         except (ValueError, UnicodeDecodeError):

@@ -87,11 +87,6 @@ def untrusted(
     ``cap`` (the request's reservation: prompt estimate plus completion bound), never more;
     flagged as an estimate and keeping the reason. ``None``: no reservation was taken.
     """
-    guess = completed(None, prompt_estimate, content_chars, chars_per_token, cap)
-    return Usage(
-        prompt_tokens=guess.prompt_tokens,
-        completion_tokens=guess.completion_tokens,
-        total_tokens=guess.total_tokens,
-        estimated=True,
-        invalid=usage.invalid,
+    return completed(
+        Usage(invalid=usage.invalid), prompt_estimate, content_chars, chars_per_token, cap
     )

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, NamedTuple
 
-from extproc.accounting.counts import int_literal
+from extproc.accounting.counts import loads
 
 _LF = 10  # b"\n"
 _COLON = 58  # b":"
@@ -138,7 +137,7 @@ def load_json(data: bytes | bytearray) -> Any:
     400-digit number costs no big-integer arithmetic and reads as "too large" downstream.
     """
     try:
-        return json.loads(data.decode("utf-8", "replace"), parse_int=int_literal)
+        return loads(data.decode("utf-8", "replace"))
     except (ValueError, RecursionError):
         return None
 
