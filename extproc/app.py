@@ -210,6 +210,7 @@ class Sidecar:
             dependency_failure=config.identity.unavailable,
             accounting=config.accounting,
             route_of=domains.domain,
+            max_request_tokens=config.limits.max_request_tokens,
         )
         reporter = build_reporter(config, metrics, policies)
         charger = Charger(limiter, metrics, reporter, wait_s=config.accounting.settle_wait_s)
@@ -229,6 +230,7 @@ class Sidecar:
                 InlineAdmission(admission, routes, metrics)
                 if config.server.admission == "ext_proc"
                 else None,
+                max_count=config.limits.max_request_tokens,
             ),
             charger,
             reporter,

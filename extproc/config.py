@@ -30,6 +30,9 @@ DEFAULT_LIMITS: dict[str, Limits] = {
 }
 
 
+DEFAULT_MAX_REQUEST_TOKENS = 1_000_000
+
+
 class Secret(str):
     """A string whose repr never shows its value (URLs keep their shape, passwords are masked)."""
 
@@ -110,6 +113,9 @@ class LimitsConfig:
     scope: Literal["user", "route"] = "user"
     default_reservation_tokens: int = 256
     reservation_tokens: Mapping[str, int] = field(default_factory=dict)  # per tier
+    # The largest token count believed anywhere: a client's max_tokens above it is a 400, an
+    # upstream's usage count above it is not trusted. Integers beyond it never reach a counter.
+    max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +136,9 @@ class AccountingConfig:
     hide_injected_usage: bool = False  # drop that usage chunk before it reaches the client
     chars_per_token: float = 4.0  # estimates: characters of text per token
     max_body_bytes: int = 8 << 20  # JSON bodies kept whole up to this; beyond, a bounded tail
+    # A gzip / deflate body inflating past this many times its compressed size (or past
+    # max_body_bytes) is a decompression bomb: decoding stops, its usage is not trusted.
+    max_decompression_ratio: int = 100
     # At the end of a response, how long its last reply waits for the charge to land before it
     # goes anyway; the charge itself always runs to completion (or to the spool).
     settle_wait_s: float = 0.1
@@ -268,6 +277,7 @@ def _apply_environ(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
             known[f"{ENV_PREFIX}{section}_{f.name}".upper()] = (section, f.name)
     known[f"{ENV_PREFIX}LIMITS_WINDOW"] = ("limits", "window")
     known[f"{ENV_PREFIX}LIMITS_SCOPE"] = ("limits", "scope")
+    known[f"{ENV_PREFIX}LIMITS_MAX_REQUEST_TOKENS"] = ("limits", "max_request_tokens")
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX):
             continue
@@ -387,6 +397,11 @@ def _tier_limits(key: str, value: object, base: Limits) -> Limits:
     return out
 
 
+# Counts stay exact as doubles (Lua numbers, Prometheus samples) below 2**53; a bound above
+# that could let a sum of two trusted counts lose its last digits.
+_MAX_BOUND = 2**52
+
+
 def _limits(value: object) -> LimitsConfig:
     raw = _mapping(value, "limits")
     allowed = {
@@ -396,6 +411,7 @@ def _limits(value: object) -> LimitsConfig:
         "scope",
         "default_reservation_tokens",
         "reservation_tokens",
+        "max_request_tokens",
     }
     _no_unknown(raw, "limits.", allowed)
     defaults = LimitsConfig()
@@ -413,17 +429,25 @@ def _limits(value: object) -> LimitsConfig:
     scope = raw.get("scope", defaults.scope)
     if scope not in ("user", "route"):
         raise ConfigError("limits.scope", "user or route", scope)
-    default_reservation = raw.get("default_reservation_tokens", defaults.default_reservation_tokens)
-    if isinstance(default_reservation, bool) or not isinstance(default_reservation, int):
+    bound = raw.get("max_request_tokens", defaults.max_request_tokens)
+    if isinstance(bound, bool) or not isinstance(bound, int) or not 1 <= bound <= _MAX_BOUND:
         raise ConfigError(
-            "limits.default_reservation_tokens", "a whole number", default_reservation
+            "limits.max_request_tokens", f"a whole number from 1 to {_MAX_BOUND}", bound
         )
+    within = f"a whole number from 0 to limits.max_request_tokens ({bound})"
+    default_reservation = raw.get("default_reservation_tokens", defaults.default_reservation_tokens)
+    if (
+        isinstance(default_reservation, bool)
+        or not isinstance(default_reservation, int)
+        or not 0 <= default_reservation <= bound
+    ):
+        raise ConfigError("limits.default_reservation_tokens", within, default_reservation)
     reservations: dict[str, int] = {}
     for tier, amount in _mapping(
         raw.get("reservation_tokens"), "limits.reservation_tokens"
     ).items():
-        if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
-            raise ConfigError(f"limits.reservation_tokens.{tier}", "a whole number >= 0", amount)
+        if isinstance(amount, bool) or not isinstance(amount, int) or not 0 <= amount <= bound:
+            raise ConfigError(f"limits.reservation_tokens.{tier}", within, amount)
         reservations[tier] = amount
     return LimitsConfig(
         tiers=tiers,
@@ -432,6 +456,7 @@ def _limits(value: object) -> LimitsConfig:
         scope=scope,
         default_reservation_tokens=default_reservation,
         reservation_tokens=reservations,
+        max_request_tokens=bound,
     )
 
 
@@ -532,6 +557,12 @@ def _check(config: Config, serving: bool) -> None:
         raise ConfigError("store.spool_size", "a whole number >= 1", config.store.spool_size)
     if config.store.retention_days < 1:
         raise ConfigError("store.retention_days", "a whole number >= 1")
+    if config.accounting.max_decompression_ratio < 1:
+        raise ConfigError(
+            "accounting.max_decompression_ratio",
+            "a whole number >= 1",
+            config.accounting.max_decompression_ratio,
+        )
     if config.accounting.hide_injected_usage and not config.accounting.inject_include_usage:
         raise ConfigError(
             "accounting.hide_injected_usage", "false unless accounting.inject_include_usage is true"

@@ -59,6 +59,7 @@ def build_admission(
         spoofed_headers=config.routes.spoofed_headers,
         store_failure=config.store.failure_policy,
         route_of=RouteDomains(config.kuadrant, config.access.body_models).domain,
+        max_request_tokens=config.limits.max_request_tokens,
     )
     return admission, limiter, store
 
