@@ -108,6 +108,7 @@ TOPOLOGIES: dict[str, Topology] = {
     "ext_authz + ext_proc observability": "observability",
     "ext_proc-only admission": "extproc",
     "split: observability + on-demand injector": "split",
+    "accesslog: usage read by Envoy + access log": "accesslog",
 }
 
 
@@ -476,8 +477,8 @@ def main() -> int:
     argv = sys.argv[1:]
     if "--quick" in argv:
         given = [a for a in argv if a != "--quick"]
-        scenarios = [] if "--scenarios" in given else ["--scenarios", QUICK_SCENARIOS]
-        argv = [*QUICK, *scenarios, *given]
+        preset = [] if "--scenarios" in given else ["--scenarios", QUICK_SCENARIOS]
+        argv = [*QUICK, *preset, *given]
     args = parser.parse_args(argv)
     rows: list[Row] = []
     base_rates: dict[str, float] = {}

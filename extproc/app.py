@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,6 +26,7 @@ from extproc.authz.kube import KubeConnector
 from extproc.authz.tiers import FileTiers
 from extproc.charger import Charger
 from extproc.config import Config, StoreConfig
+from extproc.envoy.access_log import AccessLogService
 from extproc.envoy.authz_service import AuthorizationService
 from extproc.envoy.inline_admission import InlineAdmission
 from extproc.envoy.proc_service import ExternalProcessorService
@@ -49,6 +51,7 @@ log = logging.getLogger("extproc.app")
 SERVICE_NAMES = (
     external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
     external_processor_pb2.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name,
+    als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name,
 )
 
 
@@ -180,6 +183,7 @@ class Sidecar:
     authz: AuthorizationService
     proc: ExternalProcessorService
     charger: Charger
+    access_log: AccessLogService
     reporter: Reporter | None = None
     policies: PolicyLimits | None = None
     routes: WatchedRoutes | None = None
@@ -233,6 +237,9 @@ class Sidecar:
                 max_count=config.limits.max_request_tokens,
             ),
             charger,
+            AccessLogService(
+                charger, metrics, config.accounting, max_count=config.limits.max_request_tokens
+            ),
             reporter,
             policies,
             watched_routes,
@@ -276,6 +283,7 @@ class Server:
         self.grpc = grpc.aio.server(options=options)
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(sidecar.authz, self.grpc)
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(sidecar.proc, self.grpc)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(sidecar.access_log, self.grpc)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(

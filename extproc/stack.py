@@ -22,7 +22,7 @@ import yaml
 
 LOCAL_DIR = Path(__file__).resolve().parent.parent / "deploy" / "local"
 
-Topology = Literal["envoy", "authz", "full", "observability", "extproc", "split"]
+Topology = Literal["envoy", "authz", "full", "observability", "extproc", "split", "accesslog"]
 
 
 # What the sidecar must be told for a topology: where admission runs; that observability mode
@@ -87,8 +87,12 @@ def render_envoy(
     chosen: list[dict[str, Any]] = []
     if topology not in ("envoy", "extproc"):
         chosen.append(filters_doc["ext_authz"])
-    if topology == "split":
+    if topology in ("split", "accesslog"):
         chosen.append(filters_doc["injector"])
+    if topology == "accesslog":
+        # Envoy reads the usage and reports each request once (its access log): no ext_proc
+        # follows the response.
+        chosen += [filters_doc["usage_sse"], filters_doc["usage_json"]]
     if topology in ("full", "observability", "extproc", "split"):
         ext_proc = filters_doc["ext_proc"]
         if topology in ("observability", "split"):
@@ -97,6 +101,10 @@ def render_envoy(
             ext_proc["typed_config"]["processing_mode"]["request_header_mode"] = "SKIP"
         chosen.append(ext_proc)
     filters = _indent(yaml.safe_dump(chosen, sort_keys=False), 10) if chosen else ""
+    access_log = ""
+    if topology == "accesslog":
+        logs = {"access_log": [filters_doc["usage_access_log"]]}
+        access_log = _indent(yaml.safe_dump(logs, sort_keys=False), 10)
     endpoints = (
         "\n".join(
             " " * 8
@@ -111,6 +119,7 @@ def render_envoy(
         listen_port=listen_port,
         upstream_port=upstream_port,
         filters=filters.rstrip("\n"),
+        access_log=access_log.rstrip("\n"),
         sidecar_endpoints=endpoints,
     )
 

@@ -90,3 +90,27 @@ def untrusted(
     return completed(
         Usage(invalid=usage.invalid), prompt_estimate, content_chars, chars_per_token, cap
     )
+
+
+def charged(
+    usage: Usage | None,
+    *,
+    failed: bool,
+    prompt_estimate: int,
+    content_chars: int,
+    chars_per_token: float,
+    cap: int | None,
+) -> Usage:
+    """What one response is charged, from the usage read (None: none was found).
+
+    Untrusted usage: the capped estimate. A reported total: as reported. An upstream error that
+    reported nothing: nothing. Anything else: the missing parts estimated (``completed``), cut to
+    ``cap`` (the request's reservation; None: no reservation was taken, so no cap).
+    """
+    if usage is not None and usage.invalid:
+        return untrusted(usage, prompt_estimate, content_chars, chars_per_token, cap)
+    if usage is not None and usage.total_tokens is not None:
+        return usage
+    if failed and (usage is None or not usage.reported):
+        return Usage()
+    return completed(usage, prompt_estimate, content_chars, chars_per_token, cap)

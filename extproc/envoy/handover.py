@@ -16,7 +16,7 @@ from typing import Any
 
 from google.protobuf import struct_pb2
 
-from extproc.domain import Decision
+from extproc.domain import Charge, Decision, Usage
 
 METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
 BILLING_KEY = "maas"  # our own record; "identity" beside it is for Kuadrant predicates
@@ -58,6 +58,24 @@ class Billing:
             inject=decision.inject_usage,
             prompt_estimate=decision.prompt_estimate,
             route=decision.route,
+        )
+
+
+    def charge(self, usage: Usage, status: int, *, disconnected: bool = False) -> Charge:
+        """The charge of this request's response: ``usage`` in place of the reservation."""
+        return Charge(
+            userid=self.userid,
+            tier=self.tier,
+            model=self.model,
+            usage=usage,
+            reserved_tokens=self.reserved,
+            token_windows=self.windows,
+            status=status,
+            disconnected=disconnected,
+            path=self.path,
+            request_id=self.request_id,
+            admitted_ms=self.admitted_ms,
+            route=self.route,
         )
 
 

@@ -136,29 +136,11 @@ class Session:
             return None
         usage = self._usage(billing)
         self._done = True
-        return Charge(
-            userid=billing.userid,
-            tier=billing.tier,
-            model=billing.model,
-            usage=usage,
-            reserved_tokens=billing.reserved,
-            token_windows=billing.windows,
-            status=self.status,
-            disconnected=disconnected,
-            path=billing.path,
-            request_id=billing.request_id,
-            admitted_ms=billing.admitted_ms,
-            route=billing.route,
-        )
+        return billing.charge(usage, self.status, disconnected=disconnected)
 
     def _usage(self, billing: Billing) -> Usage:
         extractor = self._extractor
         usage = extractor.finish() if extractor is not None and not self._broken else None
-        failed = self.status >= 400
-        chars = extractor.content_chars if extractor is not None else 0
-        # An estimate never passes the request's own bound: its reservation (prompt estimate +
-        # completion bound). 0 means no window took one (unlimited tier, store down): no cap.
-        cap = billing.reserved or None
         if usage is not None and usage.invalid:
             log.warning(
                 "upstream usage not trusted: reason=%s user=%s model=%s: charged a capped estimate",
@@ -166,13 +148,13 @@ class Session:
                 billing.userid,
                 billing.model,
             )
-            return estimate.untrusted(
-                usage, billing.prompt_estimate, chars, self._config.chars_per_token, cap
-            )
-        if usage is not None and usage.total_tokens is not None:
-            return usage
-        if failed and (usage is None or not usage.reported):
-            return Usage()
-        return estimate.completed(
-            usage, billing.prompt_estimate, chars, self._config.chars_per_token, cap
+        # An estimate never passes the request's own bound: its reservation (prompt estimate +
+        # completion bound). 0 means no window took one (unlimited tier, store down): no cap.
+        return estimate.charged(
+            usage,
+            failed=self.status >= 400,
+            prompt_estimate=billing.prompt_estimate,
+            content_chars=extractor.content_chars if extractor is not None else 0,
+            chars_per_token=self._config.chars_per_token,
+            cap=billing.reserved or None,
         )
