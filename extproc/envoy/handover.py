@@ -60,7 +60,6 @@ class Billing:
             route=decision.route,
         )
 
-
     def charge(self, usage: Usage, status: int, *, disconnected: bool = False) -> Charge:
         """The charge of this request's response: ``usage`` in place of the reservation."""
         return Charge(
