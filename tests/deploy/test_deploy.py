@@ -32,9 +32,10 @@ TARGETS = {
     "kuadrant": DEPLOY / "overlays" / "kuadrant",
     "kuadrant-mtls": DEPLOY / "overlays" / "kuadrant-mtls",
     "odh": DEPLOY / "overlays" / "odh",
+    "accesslog": DEPLOY / "overlays" / "accesslog",
 }
 # Overlays built on production (3 replicas, the operator's Redis Secret).
-ON_PRODUCTION = {"production", "kuadrant", "kuadrant-mtls", "odh"}
+ON_PRODUCTION = {"production", "kuadrant", "kuadrant-mtls", "odh", "accesslog"}
 # Overlays whose tiers come from maas-api rather than the tier ConfigMap.
 MAAS_API_TIERS = {"kuadrant", "kuadrant-mtls", "odh"}
 KUBERNETES_VERSION = "1.31"  # a schema set kubernetes-validate ships; OpenShift 4.18 is 1.31
@@ -277,6 +278,35 @@ def test_envoyfilter_filters_equal_local_filters_yaml(
     )
 
 
+def with_every_cluster_named(config: Doc, name: str) -> Doc:
+    """``config`` with every ``envoy_grpc.cluster_name`` in it set to ``name``."""
+    out = copy.deepcopy(config)
+    stack: list[Any] = [out]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "envoy_grpc" in node:
+                node["envoy_grpc"]["cluster_name"] = name
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return out
+
+
+@pytest.mark.parametrize("name", ["injector", "usage_sse", "usage_json"])
+def test_accesslog_filters_equal_local_filters_yaml(built: dict[str, list[Doc]], name: str) -> None:
+    """The accesslog overlay's filters are the local stack's `accesslog` topology, bar the cluster."""
+    expected = local_filters()[name]
+    docs = built["accesslog"]
+    cluster = sidecar_cluster(docs)["name"]
+    assert http_filter(docs, expected["name"]) == with_every_cluster_named(expected, cluster)
+    (merge,) = patches(docs, "NETWORK_FILTER")
+    (access_log,) = merge["patch"]["value"]["typed_config"]["access_log"]
+    assert access_log == with_every_cluster_named(local_filters()["usage_access_log"], cluster)
+    names = [p["patch"]["value"]["name"] for p in patches(docs, "HTTP_FILTER")]
+    assert EXT_PROC not in names  # nothing follows the response body
+
+
 def test_sidecar_cluster_reaches_the_service_over_http2(built: dict[str, list[Doc]]) -> None:
     docs = built["base"]
     cluster = sidecar_cluster(docs)
@@ -317,12 +347,18 @@ def test_maas_api_routes_disable_both_filters(built: dict[str, list[Doc]]) -> No
         assert all(config["disabled"] is True for config in per_filter.values())
 
 
+@pytest.mark.parametrize("target", ["base", "accesslog"])
 def test_envoy_accepts_the_extracted_filters_cluster_and_route_config(
-    built: dict[str, list[Doc]], tmp_path: Path
+    built: dict[str, list[Doc]], tmp_path: Path, target: str
 ) -> None:
-    docs = built["base"]
-    ext_authz = http_filter(docs, EXT_AUTHZ)
-    ext_proc = http_filter(docs, EXT_PROC)
+    docs = built[target]
+    # INSERT_FIRST, then each INSERT_AFTER its predecessor: the patches are in chain order.
+    ours = [p["patch"]["value"] for p in patches(docs, "HTTP_FILTER")]
+    merged: Doc = {}
+    for merge in patches(docs, "NETWORK_FILTER"):  # MERGE into the connection manager
+        merged.update(
+            {k: v for k, v in merge["patch"]["value"]["typed_config"].items() if k != "@type"}
+        )
     router = {
         "name": ROUTER,
         "typed_config": {
@@ -356,7 +392,8 @@ def test_envoy_accepts_the_extracted_filters_cluster_and_route_config(
                 }
             ],
         },
-        "http_filters": [ext_authz, ext_proc, router],
+        "http_filters": [*ours, router],
+        **merged,
     }
     models = {
         "name": "models",
