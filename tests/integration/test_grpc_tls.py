@@ -27,6 +27,9 @@ from tests.tls_fixtures import KeyPair, Pki
 
 GATEWAY = "spiffe://cluster.local/ns/openshift-ingress/sa/maas-default-gateway-openshift-default"
 SERVING = health_pb2.HealthCheckResponse.SERVING
+# Each channel gets subchannels of its own: a new connection every time (rotation is seen by new
+# connections), never one another test left to a port a stopped server held before this one.
+FRESH = [("grpc.use_local_subchannel_pool", 1)]
 
 
 @dataclass
@@ -91,17 +94,18 @@ async def serving(environ: dict[str, str]) -> Server:
 
 
 def channel(server: Server, trust: Certs, client: KeyPair | None) -> grpc.aio.Channel:
-    """A fresh connection each time (no subchannel shared with an earlier channel)."""
+    """A TLS channel to ``server`` trusting ``trust``'s CA, presenting ``client`` if given."""
     credentials = grpc.ssl_channel_credentials(
         trust.ca.cert.read_bytes(),
         client.key.read_bytes() if client else None,
         client.cert.read_bytes() if client else None,
     )
-    options = [
-        ("grpc.use_local_subchannel_pool", 1),
-        ("grpc.ssl_target_name_override", "localhost"),
-    ]
+    options = [*FRESH, ("grpc.ssl_target_name_override", "localhost")]
     return grpc.aio.secure_channel(f"127.0.0.1:{server.port}", credentials, options)
+
+
+def plaintext(port: int) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(f"127.0.0.1:{port}", FRESH)
 
 
 async def health_check(chan: grpc.aio.Channel) -> int:
@@ -156,7 +160,7 @@ async def test_only_a_client_with_a_certificate_from_the_configured_ca_gets_in(
     assert await refused(channel(server, certs, None)) == grpc.StatusCode.UNAVAILABLE
     rogue = make_certs(pki, "rogue")
     assert await refused(channel(server, certs, rogue.client)) == grpc.StatusCode.UNAVAILABLE
-    plain = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    plain = plaintext(server.port)
     assert await refused(plain) == grpc.StatusCode.UNAVAILABLE
 
 
@@ -227,7 +231,7 @@ async def test_health_port_answers_in_plain_text_while_the_grpc_port_wants_mtls(
     health_port = free_port()
     server = await serving(tls_env(volume, MAAS_EXTPROC_SERVER_HEALTH_PORT=str(health_port)))
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as chan:
+        async with plaintext(health_port) as chan:
             assert await health_check(chan) == SERVING
             # Only health there: the sidecar's own services are not reachable without mTLS.
             with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -240,7 +244,7 @@ async def test_health_port_answers_in_plain_text_while_the_grpc_port_wants_mtls(
 async def test_reflection_can_be_turned_off() -> None:
     server = await serving({"MAAS_EXTPROC_SERVER_REFLECTION": "false"})
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:
+        async with plaintext(server.port) as chan:
             call = reflection_pb2_grpc.ServerReflectionStub(chan).ServerReflectionInfo(
                 iter([reflection_pb2.ServerReflectionRequest(list_services="")])
             )
