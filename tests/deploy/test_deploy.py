@@ -525,9 +525,7 @@ def test_mtls_sidecar_serves_the_issued_secret_and_admits_only_the_gateway(
         # The gateway keeps a copy of this CA: renewals must keep its key.
         assert ca["spec"]["privateKey"]["rotationPolicy"] == "Never"
         assert {
-            d["metadata"]["namespace"]
-            for d in docs
-            if d["kind"] in CUSTOM_KINDS - {"EnvoyFilter", "ServiceMonitor"}
+            d["metadata"]["namespace"] for d in docs if d["kind"] in ("Certificate", "Issuer")
         } == {SIDECAR_NS}
     client_ca, file = volume_of(env["MAAS_EXTPROC_SERVER_TLS_CLIENT_CA_FILE"])
     assert (client_ca["configMap"]["name"], file) == ("istio-ca-root-cert", "root-cert.pem")
