@@ -137,9 +137,6 @@ def render_envoy(
         chosen.append(filters_doc["injector"])
     if topology in ("full", "observability", "extproc", "split"):
         ext_proc = filters_doc["ext_proc"]
-        if topology == "extproc":
-            # Admission happens here: the sidecar down must refuse, not let traffic through.
-            ext_proc["typed_config"]["failure_mode_allow"] = False
         if topology in ("observability", "split"):
             # Send-and-go: no replies, so no request rewrite either; request headers are skipped.
             ext_proc["typed_config"]["observability_mode"] = True

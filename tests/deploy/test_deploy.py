@@ -31,13 +31,19 @@ TARGETS = {
     "dev": DEPLOY / "overlays" / "dev",
     "production": DEPLOY / "overlays" / "production",
     "kuadrant": DEPLOY / "overlays" / "kuadrant",
+    "kuadrant-mtls": DEPLOY / "overlays" / "kuadrant-mtls",
+    "odh": DEPLOY / "overlays" / "odh",
     "mtls-service-ca": DEPLOY / "overlays" / "mtls-service-ca",
     "mtls-cert-manager": DEPLOY / "overlays" / "mtls-cert-manager",
 }
 MTLS_TARGETS = ("mtls-service-ca", "mtls-cert-manager")
+# Overlays built on production (3 replicas, the operator's Redis Secret).
+ON_PRODUCTION = {"production", "kuadrant", "kuadrant-mtls", "odh", *MTLS_TARGETS}
+# Overlays whose tiers come from maas-api rather than the tier ConfigMap.
+MAAS_API_TIERS = {"kuadrant", "kuadrant-mtls", "odh"}
 KUBERNETES_VERSION = "1.31"  # a schema set kubernetes-validate ships; OpenShift 4.18 is 1.31
 # Custom resources have no schema in kubernetes-validate; their fields are checked below instead.
-CUSTOM_KINDS = {"EnvoyFilter", "ServiceMonitor", "Certificate", "Issuer"}
+CUSTOM_KINDS = {"EnvoyFilter", "ServiceMonitor", "PeerAuthentication", "Certificate", "Issuer"}
 
 SIDECAR_NS = "maas-extproc"
 GATEWAY_NS = "openshift-ingress"
@@ -159,8 +165,10 @@ def test_kustomize_builds(built: dict[str, list[Doc]], target: str) -> None:
     kinds = {d["kind"] for d in docs}
     assert {"Namespace", "Deployment", "Service", "EnvoyFilter", "ServiceMonitor"} <= kinds
     namespaces = {d["metadata"].get("namespace") for d in docs}
-    # The sidecar in its own namespace, the EnvoyFilter beside the gateway, the tier Role in maas-api.
-    assert namespaces <= {None, SIDECAR_NS, GATEWAY_NS, "maas-api"}
+    # The sidecar in its own namespace, the EnvoyFilter beside the gateway, the tier Role in
+    # maas-api; on ODH the NetworkPolicy that lets the sidecar reach maas-api in opendatahub.
+    assert namespaces <= {None, SIDECAR_NS, GATEWAY_NS, "maas-api", "opendatahub"}
+    assert ("opendatahub" in namespaces) == (target == "odh")
     assert envoyfilter(docs)["metadata"]["namespace"] == GATEWAY_NS
     assert only(docs, "Deployment", "maas-extproc")["metadata"]["namespace"] == SIDECAR_NS
 
@@ -586,7 +594,16 @@ def test_deployed_config_passes_check_config(
     assert loaded.server.workers == 1
     assert loaded.identity.source == "kubernetes"
     assert loaded.access.check == "subject_access_review"
-    assert loaded.tiers.source == ("maas_api" if target == "kuadrant" else "configmap")
+    assert loaded.tiers.source == ("maas_api" if target in MAAS_API_TIERS else "configmap")
+    kuadrant = target.startswith("kuadrant")
+    # As Kuadrant counts: per user per HTTPRoute, each request's route from KServe's routes.
+    assert loaded.limits.scope == ("route" if kuadrant else "user")
+    assert loaded.kuadrant.httproutes == ("watch" if kuadrant else "off")
+    assert loaded.kuadrant.policies == ("watch" if kuadrant else "off")
+    assert loaded.kuadrant.mode == ("gaps" if kuadrant else "off")
+    if target == "odh":
+        assert loaded.tiers.maas_api_url == "https://maas-api.opendatahub.svc:8443"
+        assert loaded.tiers.maas_api_ca_file == "/etc/maas-extproc-service-ca/service-ca.crt"
     assert loaded.server.reflection is False  # nobody on the cluster needs it
     assert loaded.server.tls.enabled is (target in MTLS_TARGETS)
     # The store URL is never in the ConfigMap: it comes from the Secret.
@@ -605,7 +622,7 @@ def test_deployment_is_hardened_and_probed(
     pod = deployment["spec"]["template"]["spec"]
     container = sidecar_container(docs)
 
-    assert deployment["spec"]["replicas"] == (2 if target in ("base", "dev") else 3)
+    assert deployment["spec"]["replicas"] == (3 if target in ON_PRODUCTION else 2)
     assert pod["serviceAccountName"] == "maas-extproc"
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -670,9 +687,9 @@ def test_redis_secret_per_overlay(built: dict[str, list[Doc]]) -> None:
     assert re.fullmatch(r"redis://redis[-.\w]*:6379/0", base64.b64decode(url).decode())
     dev_kinds = {(d["kind"], d["metadata"]["name"]) for d in built["dev"]}
     assert {("Deployment", "redis"), ("Service", "redis")} <= dev_kinds
-    # Production and kuadrant read the Secret the operator creates: nothing generated in git.
-    assert secrets("production") == []
-    assert secrets("kuadrant") == []
+    # Production and the overlays on it read the Secret the operator creates: nothing in git.
+    for target in ON_PRODUCTION:
+        assert secrets(target) == []
 
 
 # ------------------------------------------------------------------- Service, policy, monitoring
@@ -754,50 +771,95 @@ CLUSTER_RULES = [
         "resources": ["subjectaccessreviews"],
         "verbs": ["create"],
     },
-    {
-        "apiGroups": ["kuadrant.io"],
-        "resources": ["tokenratelimitpolicies", "ratelimitpolicies"],
-        "verbs": ["get", "list", "watch"],
-    },
-    {
-        "apiGroups": ["limitador.kuadrant.io"],
-        "resources": ["limitadors"],
-        "verbs": ["get", "list", "watch"],
-    },
-]
-TIER_RULES = [
-    {
-        "apiGroups": [""],
-        "resources": ["configmaps"],
-        "resourceNames": ["tier-to-group-mapping"],
-        "verbs": ["get", "list", "watch"],
-    }
 ]
 SUBJECT = {"kind": "ServiceAccount", "name": "maas-extproc", "namespace": SIDECAR_NS}
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_rbac_is_least_privilege(built: dict[str, list[Doc]], target: str) -> None:
+    """No wildcards, one subject; which rules each overlay needs is tests/deploy/test_rbac_use.py."""
     docs = built[target]
     for value in walk([d for d in docs if d["kind"] in ("ClusterRole", "Role")]):
         assert value != "*", "wildcards in RBAC"
-    assert only(docs, "ClusterRole", "maas-extproc")["rules"] == CLUSTER_RULES
-    binding = only(docs, "ClusterRoleBinding", "maas-extproc")
-    assert binding["roleRef"]["name"] == "maas-extproc"
-    assert binding["subjects"] == [SUBJECT]
-    roles = [d for d in docs if d["kind"] == "Role"]
-    if target == "kuadrant":  # tiers from maas-api: no ConfigMap access at all
-        assert roles == []
-        assert not [d for d in docs if d["kind"] == "RoleBinding"]
-    else:
-        (role,) = roles
-        assert role["metadata"]["namespace"] == "maas-api"
-        assert role["rules"] == TIER_RULES
-        role_binding = only(docs, "RoleBinding", "maas-extproc-tiers")
-        assert role_binding["metadata"]["namespace"] == "maas-api"
-        assert role_binding["subjects"] == [SUBJECT]
+    (sidecar_role,) = [
+        d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "maas-extproc"
+    ]
+    assert sidecar_role["rules"] == CLUSTER_RULES
+    for binding in [d for d in docs if d["kind"] in ("ClusterRoleBinding", "RoleBinding")]:
+        assert binding["subjects"] == [SUBJECT]
+        bound = [d for d in docs if d["kind"] == binding["roleRef"]["kind"]]
+        assert binding["roleRef"]["name"] in {d["metadata"]["name"] for d in bound}
+    # Nothing reads Kuadrant's managed Limitador CR: limits come from Limitador's HTTP API.
+    groups = {g for d in docs if "rules" in d for r in d["rules"] for g in r["apiGroups"]}
+    assert "limitador.kuadrant.io" not in groups
     deployment = only(docs, "Deployment", "maas-extproc")
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == SUBJECT["name"]
+
+
+# ------------------------------------------------------------------------------ ODH and mesh
+
+
+def test_odh_trusts_the_service_ca_and_may_reach_maas_api(built: dict[str, list[Doc]]) -> None:
+    docs = built["odh"]
+    bundle = only(docs, "ConfigMap", "maas-extproc-service-ca")
+    assert bundle["metadata"]["namespace"] == SIDECAR_NS
+    assert bundle["metadata"]["annotations"] == {
+        "service.beta.openshift.io/inject-cabundle": "true"
+    }
+    container = sidecar_container(docs)
+    pod = only(docs, "Deployment", "maas-extproc")["spec"]["template"]["spec"]
+    volume = next(
+        v for v in pod["volumes"] if v.get("configMap", {}).get("name") == "maas-extproc-service-ca"
+    )
+    mount = next(m for m in container["volumeMounts"] if m["name"] == volume["name"])
+    ca_file = literal_env(container)["MAAS_EXTPROC_TIERS_MAAS_API_CA_FILE"]
+    assert ca_file == f"{mount['mountPath']}/{volume['configMap']['items'][0]['path']}"
+    assert volume["configMap"]["items"][0]["key"] == "service-ca.crt"
+    assert mount["readOnly"] is True
+
+    policy = only(docs, "NetworkPolicy", "maas-extproc-to-maas-api")
+    assert policy["metadata"]["namespace"] == "opendatahub"
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "maas-api"}}
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": 8443, "protocol": "TCP"}]
+    template = only(docs, "Deployment", "maas-extproc")["spec"]["template"]["metadata"]["labels"]
+    (peer,) = rule["from"]
+    assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": SIDECAR_NS}}
+    assert peer["podSelector"]["matchLabels"].items() <= template.items()
+    routes = patches(docs, "HTTP_ROUTE")
+    names = [p["match"]["routeConfiguration"]["vhost"]["route"]["name"] for p in routes]
+    assert names == ["opendatahub.maas-api-route.0", "opendatahub.maas-api-route.1"]
+
+
+def test_the_mesh_component_puts_the_pods_in_the_mesh_for_kuadrants_mtls(
+    built: dict[str, list[Doc]],
+) -> None:
+    docs = built["kuadrant-mtls"]
+    deployment = only(docs, "Deployment", "maas-extproc")
+    meta = deployment["spec"]["template"]["metadata"]
+    assert meta["labels"]["sidecar.istio.io/inject"] == "true"
+    proxy = json.loads(meta["annotations"]["proxy.istio.io/config"])
+    assert proxy["holdApplicationUntilProxyStarts"] is True
+    # The proxy outlives the sidecar's drain (preStop sleep + grace period), within the pod's.
+    container = sidecar_container(docs)
+    config = config_mod.parse(yaml.safe_load(sidecar_config_text(docs)))
+    drain = int(proxy["terminationDrainDuration"].removesuffix("s"))
+    budget = (
+        int(container["lifecycle"]["preStop"]["exec"]["command"][1]) + config.server.grace_period_s
+    )
+    assert budget < drain < deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    peer = only(docs, "PeerAuthentication", "maas-extproc")
+    assert peer["apiVersion"] == "security.istio.io/v1"
+    assert peer["metadata"]["namespace"] == SIDECAR_NS
+    assert peer["spec"]["mtls"] == {"mode": "PERMISSIVE"}  # the gateway's own cluster is plain
+    assert peer["spec"]["selector"]["matchLabels"].items() <= meta["labels"].items()
+    # Only the mesh overlay is in the mesh.
+    for target in TARGETS:
+        if target != "kuadrant-mtls":
+            labels = only(built[target], "Deployment", "maas-extproc")["spec"]["template"][
+                "metadata"
+            ]["labels"]
+            assert "sidecar.istio.io/inject" not in labels
 
 
 # ------------------------------------------------------------------------------- Containerfile

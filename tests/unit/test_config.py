@@ -54,6 +54,30 @@ def test_unknown_environment_setting_is_an_error() -> None:
         ({"store": {"url": "postgres://x"}}, "store.url", "redis://"),
         ({"server": {"grace_period_s": "10 minutes"}}, "server.grace_period_s", "duration"),
         ({"access": {"body_models": {"m": "nope"}}}, "access.body_models.m", "<namespace>/<name>"),
+        ({"limits": {"max_request_tokens": 0}}, "limits.max_request_tokens", "from 1 to"),
+        ({"limits": {"max_request_tokens": 2**60}}, "limits.max_request_tokens", "from 1 to"),
+        ({"limits": {"max_request_tokens": "1e6"}}, "limits.max_request_tokens", "whole number"),
+        (
+            {"limits": {"max_request_tokens": 100, "default_reservation_tokens": 101}},
+            "limits.default_reservation_tokens",
+            "from 0 to limits.max_request_tokens (100)",
+        ),
+        (
+            {
+                "limits": {
+                    "max_request_tokens": 100,
+                    "default_reservation_tokens": 10,
+                    "reservation_tokens": {"free": 500},
+                }
+            },
+            "limits.reservation_tokens.free",
+            "limits.max_request_tokens",
+        ),
+        (
+            {"accounting": {"max_decompression_ratio": 0}},
+            "accounting.max_decompression_ratio",
+            ">= 1",
+        ),
     ],
 )
 def test_errors_name_the_key_and_what_was_expected(
@@ -64,6 +88,12 @@ def test_errors_name_the_key_and_what_was_expected(
         parse(raw)
     assert key in str(caught.value)
     assert expected in str(caught.value)
+
+
+def test_max_request_tokens_default_and_override() -> None:
+    assert local_config().limits.max_request_tokens == 1_000_000
+    config = local_config({"MAAS_EXTPROC_LIMITS_MAX_REQUEST_TOKENS": "200000"})
+    assert config.limits.max_request_tokens == 200_000
 
 
 def test_files_are_required_for_file_sources() -> None:
