@@ -109,6 +109,7 @@ TOPOLOGIES: dict[str, Topology] = {
     "ext_proc-only admission": "extproc",
     "split: observability + on-demand injector": "split",
     "accesslog: usage read by Envoy + access log": "accesslog",
+    "lean: accesslog + ext_authz over HTTP": "lean",
 }
 
 
@@ -309,16 +310,21 @@ def measure(
     fixed_rate: float,
     floor: bool = False,
     latency: bool = True,
+    source: Path | None = None,
 ) -> list[Row]:
+    """One stack, every scenario. ``source``: run the sidecar from that checkout instead (the
+    "before" of a change, measured in the same run as the "after")."""
     topology = TOPOLOGIES[topology_name]
     rows = []
     env = {"MAAS_EXTPROC_STORE_URL": store_url}
     stack = LocalStack(config_path=CONFIG, workers=workers, topology=topology, env=env)
     if floor:
         stack.sidecar_command = [sys.executable, "-m", "bench.floor"]
-    if floor:
         topology_name += " — do-nothing floor"
         redis = None
+    elif source is not None:
+        stack.sidecar_command = sidecar_from(source)
+        topology_name += f" (before: {source.name})"
     with stack:
         sidecar = stack.procs.get("sidecar")
         envoy = stack.procs["envoy"]
@@ -376,6 +382,15 @@ def measure(
                 flush=True,
             )
     return rows
+
+
+def sidecar_from(source: Path) -> list[str]:
+    """``extproc serve`` imported from another checkout; spawned workers inherit its sys.path."""
+    boot = (
+        f"import sys; sys.path.insert(0, {str(source)!r}); "
+        "from extproc.__main__ import main; sys.exit(main())"
+    )
+    return [sys.executable, "-c", boot, "serve", "--config", str(CONFIG)]
 
 
 def table(rows: list[Row], fixed_rate: float) -> list[str]:
@@ -468,6 +483,12 @@ def main() -> int:
         "--no-latency", action="store_true", help="skip the open-loop latency runs (CPU only)"
     )
     parser.add_argument(
+        "--before",
+        metavar="DIR",
+        help="also run each sidecar topology with the sidecar of this checkout (e.g. a git"
+        " worktree of main, protos generated), right before this tree's: a before/after in one run",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help=f"iterate on the goals: {' '.join(QUICK)} --scenarios {QUICK_SCENARIOS}"
@@ -489,6 +510,19 @@ def main() -> int:
             alone = TOPOLOGIES[name] == "envoy"
             counts = [1] if alone else [int(w) for w in args.workers.split(",")]
             for workers in counts:
+                if args.before and not alone:
+                    rows += measure(
+                        name,
+                        workers,
+                        args.seconds,
+                        base_rates,
+                        scenarios,
+                        store_url,
+                        redis,
+                        args.rate,
+                        latency=not args.no_latency,
+                        source=Path(args.before).resolve(),
+                    )
                 rows += measure(
                     name,
                     workers,

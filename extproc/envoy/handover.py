@@ -1,8 +1,10 @@
 """The ext_authz -> ext_proc hand-over: the billing record written into and read from dynamic metadata.
 
 ext_authz's Check answers with ``dynamic_metadata``; Envoy forwards it (namespace
-``envoy.filters.http.ext_authz``) on the ext_proc stream of the same request. The writer and the
-reader live side by side here, with one round-trip test (tests/unit/test_handover.py).
+``envoy.filters.http.ext_authz``) on the ext_proc stream of the same request, and puts it in the
+request's access log entry. Over HTTP, ext_authz carries it as one header (``to_text``) that Envoy
+copies into the same namespace. The writers and the reader live side by side here, with
+round-trip tests (tests/unit/test_handover.py).
 
 Integers travel as decimal strings: a protobuf ``Struct`` number is a double, which cannot hold
 every integer (2**53 + 1 comes back as 2**53, and ``10**30`` comes back larger than it went in).
@@ -10,6 +12,7 @@ every integer (2**53 + 1 comes back as 2**53, and ``10**30`` comes back larger t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +23,13 @@ from extproc.domain import Charge, Decision, Usage
 
 METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
 BILLING_KEY = "maas"  # our own record; "identity" beside it is for Kuadrant predicates
+# ext_authz over HTTP has no dynamic_metadata in its reply: the record travels as this response
+# header, which Envoy copies into the same namespace (dynamic_metadata_from_headers) as a string.
+BILLING_HEADER = "x-maas-billing"
+_TEXT_FIELDS = (
+    *("id", "user", "tier", "model", "path", "reserved", "windows", "admitted"),
+    *("inject", "prompt_est", "route"),
+)
 _MAX_DIGITS = 20  # every count we hand over fits in 64 bits; longer text is not ours
 
 
@@ -99,6 +109,34 @@ def to_struct(billing: Billing) -> struct_pb2.Struct:
     return out
 
 
+def to_text(billing: Billing) -> str:
+    """The record as one header value: JSON, ASCII only, every value a string as in ``write``."""
+    out = struct_pb2.Struct()
+    write(out.fields, billing)
+    values = {k: out.fields[k].string_value for k in _TEXT_FIELDS if k != "inject"}
+    values["inject"] = "1" if billing.inject else ""
+    return json.dumps(values, separators=(",", ":"), ensure_ascii=True)
+
+
+def from_text(text: str) -> Billing | None:
+    """``to_text``'s record; None for anything it did not write."""
+    try:
+        values = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(values, dict) or set(values) != set(_TEXT_FIELDS):
+        return None
+    if not all(isinstance(v, str) for v in values.values()):
+        return None
+    fields = struct_pb2.Struct()
+    for key, value in values.items():
+        if key == "inject":
+            fields.fields[key].bool_value = value == "1"
+        else:
+            fields.fields[key].string_value = value
+    return _from_fields(fields.fields)
+
+
 def read(filter_metadata: Mapping[str, struct_pb2.Struct]) -> Billing | None:
     """The record ext_authz left for this request, or None when there is none (or it is malformed).
 
@@ -110,8 +148,12 @@ def read(filter_metadata: Mapping[str, struct_pb2.Struct]) -> Billing | None:
         return None
     record = struct.fields.get(BILLING_KEY)
     if record is None:
-        return None
-    fields = record.struct_value.fields
+        text = struct.fields.get(BILLING_HEADER)
+        return from_text(text.string_value) if text is not None else None
+    return _from_fields(record.struct_value.fields)
+
+
+def _from_fields(fields: Any) -> Billing | None:
     try:
         windows_text = _text(fields, "windows")
         return Billing(
