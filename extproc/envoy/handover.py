@@ -26,10 +26,9 @@ BILLING_KEY = "maas"  # our own record; "identity" beside it is for Kuadrant pre
 # ext_authz over HTTP has no dynamic_metadata in its reply: the record travels as this response
 # header, which Envoy copies into the same namespace (dynamic_metadata_from_headers) as a string.
 BILLING_HEADER = "x-maas-billing"
-_TEXT_FIELDS = (
-    *("id", "user", "tier", "model", "path", "reserved", "windows", "admitted"),
-    *("inject", "prompt_est", "route"),
-)
+_TEXT_KEYS = frozenset(
+    ("id", "user", "tier", "model", "path", "reserved", "windows", "admitted", "inject")
+) | {"prompt_est", "route"}
 _MAX_DIGITS = 20  # every count we hand over fits in 64 bits; longer text is not ours
 
 
@@ -111,10 +110,19 @@ def to_struct(billing: Billing) -> struct_pb2.Struct:
 
 def to_text(billing: Billing) -> str:
     """The record as one header value: JSON, ASCII only, every value a string as in ``write``."""
-    out = struct_pb2.Struct()
-    write(out.fields, billing)
-    values = {k: out.fields[k].string_value for k in _TEXT_FIELDS if k != "inject"}
-    values["inject"] = "1" if billing.inject else ""
+    values = {
+        "id": billing.request_id,
+        "user": billing.userid,
+        "tier": billing.tier,
+        "model": billing.model,
+        "path": billing.path,
+        "reserved": str(billing.reserved),
+        "windows": ",".join(str(start) for start in billing.windows),
+        "admitted": str(billing.admitted_ms),
+        "inject": "1" if billing.inject else "",
+        "prompt_est": str(billing.prompt_estimate),
+        "route": billing.route,
+    }
     return json.dumps(values, separators=(",", ":"), ensure_ascii=True)
 
 
@@ -124,17 +132,27 @@ def from_text(text: str) -> Billing | None:
         values = json.loads(text)
     except ValueError:
         return None
-    if not isinstance(values, dict) or set(values) != set(_TEXT_FIELDS):
+    if not isinstance(values, dict) or values.keys() != _TEXT_KEYS:
         return None
     if not all(isinstance(v, str) for v in values.values()):
         return None
-    fields = struct_pb2.Struct()
-    for key, value in values.items():
-        if key == "inject":
-            fields.fields[key].bool_value = value == "1"
-        else:
-            fields.fields[key].string_value = value
-    return _from_fields(fields.fields)
+    try:
+        windows = values["windows"]
+        return Billing(
+            request_id=values["id"],
+            userid=values["user"],
+            tier=values["tier"],
+            model=values["model"],
+            path=values["path"],
+            reserved=_count(values["reserved"]),
+            windows=tuple(_count(v) for v in windows.split(",")) if windows else (),
+            admitted_ms=_count(values["admitted"]),
+            inject=values["inject"] == "1",
+            prompt_estimate=_count(values["prompt_est"]),
+            route=values["route"],
+        )
+    except ValueError:
+        return None
 
 
 def read(filter_metadata: Mapping[str, struct_pb2.Struct]) -> Billing | None:

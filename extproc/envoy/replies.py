@@ -42,14 +42,18 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
     )
 
 
-def _rate_headers(decision: Decision) -> list[base_pb2.HeaderValueOption]:
+def _rate_pairs(decision: Decision) -> list[tuple[str, str]]:
     if decision.limit <= 0:
         return []
     return [
-        _header("x-ratelimit-limit", str(decision.limit)),
-        _header("x-ratelimit-remaining", str(max(decision.remaining, 0))),
-        _header("x-ratelimit-reset", str(decision.reset_s)),
+        ("x-ratelimit-limit", str(decision.limit)),
+        ("x-ratelimit-remaining", str(max(decision.remaining, 0))),
+        ("x-ratelimit-reset", str(decision.reset_s)),
     ]
+
+
+def _rate_headers(decision: Decision) -> list[base_pb2.HeaderValueOption]:
+    return [_header(key, value) for key, value in _rate_pairs(decision)]
 
 
 def error_body(decision: Decision) -> bytes:
@@ -107,14 +111,15 @@ def check_response(decision: Decision, path: str) -> authz.CheckResponse:
     )
 
 
-def _identity_headers(decision: Decision) -> list[base_pb2.HeaderValueOption]:
+def _identity_pairs(decision: Decision) -> list[tuple[str, str]]:
     """X-MaaS-Username and X-MaaS-Tier; none for anonymous passes (CORS preflights)."""
     if decision.identity is None or decision.tier is None:
         return []
-    return [
-        _header("x-maas-username", decision.identity.userid),
-        _header("x-maas-tier", decision.tier.name),
-    ]
+    return [("x-maas-username", decision.identity.userid), ("x-maas-tier", decision.tier.name)]
+
+
+def _identity_headers(decision: Decision) -> list[base_pb2.HeaderValueOption]:
+    return [_header(key, value) for key, value in _identity_pairs(decision)]
 
 
 INJECT_HEADER = "x-maas-inject"  # ext_proc removes it again before the request goes upstream
@@ -261,8 +266,10 @@ def http_reply(decision: Decision, path: str) -> bytes:
         status, _, _ = _TABLE[decision.outcome]
         refusal = [(o.header.key, o.header.value) for o in _refusal_headers(decision)]
         return http_response(status, refusal, error_body(decision))
-    headers = [(o.header.key, o.header.value) for o in _request_headers(decision)]
-    headers += [(o.header.key, o.header.value) for o in _rate_headers(decision)]
+    headers = _identity_pairs(decision)
+    if decision.inject_usage:
+        headers.append((INJECT_HEADER, "1"))
+    headers += _rate_pairs(decision)
     removals = _removals(decision.strip_headers, decision.charged)
     if removals:
         headers.append((HEADERS_TO_REMOVE, ",".join(removals)))
