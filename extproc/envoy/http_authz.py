@@ -84,6 +84,11 @@ class _Connection(asyncio.Protocol):
         headers = self._current.headers
         headers[key] = f"{headers[key]},{text}" if key in headers else text
 
+    def on_headers_complete(self) -> None:
+        declared = self._current.headers.get("content-length", "0")
+        if not declared.isdigit() or int(declared) > MAX_BODY_BYTES:
+            raise ValueError("body too large")  # surfaces from feed_data: a 400
+
     def on_body(self, body: bytes) -> None:
         current = self._current
         if len(current.body) + len(body) > MAX_BODY_BYTES:
