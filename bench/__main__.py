@@ -485,8 +485,13 @@ def main() -> int:
     parser.add_argument(
         "--before",
         metavar="DIR",
-        help="also run each sidecar topology with the sidecar of this checkout (e.g. a git"
+        help="also run the --before-topologies with the sidecar of this checkout (e.g. a git"
         " worktree of main, protos generated), right before this tree's: a before/after in one run",
+    )
+    parser.add_argument(
+        "--before-topologies",
+        default="ext_authz + ext_proc STREAMED",
+        help="comma-separated; topologies the --before checkout also has",
     )
     parser.add_argument(
         "--quick",
@@ -510,7 +515,7 @@ def main() -> int:
             alone = TOPOLOGIES[name] == "envoy"
             counts = [1] if alone else [int(w) for w in args.workers.split(",")]
             for workers in counts:
-                if args.before and not alone:
+                if args.before and name in args.before_topologies.split(","):
                     rows += measure(
                         name,
                         workers,
