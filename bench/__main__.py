@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -464,7 +465,15 @@ def report(rows: list[Row], command: str, seconds: float, store: str, fixed_rate
     return "\n".join(lines)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds through every LocalStack, which stops its processes
+
+
 def main() -> int:
+    # Stopped from outside (SIGTERM, or SIGINT to a run started in the background, where the shell
+    # ignores it): stop every process the run started before leaving.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     parser = argparse.ArgumentParser(description="Benchmark the local stack; write a report.")
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
     parser.add_argument("--workers", default="1,2", help="sidecar worker counts, e.g. 1,2")

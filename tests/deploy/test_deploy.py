@@ -340,11 +340,11 @@ def test_lean_asks_admission_over_http_as_the_local_stack_does(
     port = next(p for p in service["spec"]["ports"] if p["name"] == "http-authz")
     (endpoint,) = authz_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
     address = endpoint["endpoint"]["address"]["socket_address"]
-    assert address["port_value"] == port["port"] == 9001
+    assert address["port_value"] == port["port"] == 9002
     assert uri["uri"] == f"http://{address['address']}:{port['port']}"
     container = sidecar_container(docs)
-    assert literal_env(container)["MAAS_EXTPROC_SERVER_AUTHZ_HTTP_PORT"] == "9001"
-    assert {"name": "http-authz", "containerPort": 9001, "protocol": "TCP"} in container["ports"]
+    assert literal_env(container)["MAAS_EXTPROC_SERVER_AUTHZ_HTTP_PORT"] == "9002"
+    assert {"name": "http-authz", "containerPort": 9002, "protocol": "TCP"} in container["ports"]
 
 
 def test_sidecar_cluster_reaches_the_service_over_http2(built: dict[str, list[Doc]]) -> None:
