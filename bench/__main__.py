@@ -516,27 +516,38 @@ def main() -> int:
         argv = [*QUICK, *preset, *given]
     args = parser.parse_args(argv)
     rows: list[Row] = []
-    base_rates: dict[str, float] = {}
     names = [t.strip() for t in args.topologies.split(",")]
     scenarios = [SCENARIOS[s.strip()] for s in args.scenarios.split(",")]
-    with redis_server(args.redis) as (store_url, redis):
-        for name in names:
-            alone = TOPOLOGIES[name] == "envoy"
-            counts = [1] if alone else [int(w) for w in args.workers.split(",")]
-            for workers in counts:
-                if args.before and name in args.before_topologies.split(","):
-                    rows += measure(
-                        name,
-                        workers,
-                        args.seconds,
-                        base_rates,
-                        scenarios,
-                        store_url,
-                        redis,
-                        args.rate,
-                        latency=not args.no_latency,
-                        source=Path(args.before).resolve(),
-                    )
+    store = "memory://"
+    try:
+        with redis_server(args.redis) as (store_url, redis):
+            store = "Redis (a local redis-server)" if redis else store
+            run(args, names, scenarios, rows, store_url, redis)
+    finally:  # a run cut short still reports what it measured
+        command = (
+            "make bench" if len(sys.argv) == 1 else "python -m bench " + " ".join(sys.argv[1:])
+        )
+        Path(args.out).write_text(report(rows, command, args.seconds, store, args.rate))
+        print("\n".join(goals_table(goals(rows))))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def run(
+    args: argparse.Namespace,
+    names: list[str],
+    scenarios: list[Scenario],
+    rows: list[Row],
+    store_url: str,
+    redis: RedisCounter | None,
+) -> None:
+    """Every topology and worker count (and its floor, and its --before run), into ``rows``."""
+    base_rates: dict[str, float] = {}
+    for name in names:
+        alone = TOPOLOGIES[name] == "envoy"
+        counts = [1] if alone else [int(w) for w in args.workers.split(",")]
+        for workers in counts:
+            if args.before and name in args.before_topologies.split(","):
                 rows += measure(
                     name,
                     workers,
@@ -547,27 +558,33 @@ def main() -> int:
                     redis,
                     args.rate,
                     latency=not args.no_latency,
+                    source=Path(args.before).resolve(),
                 )
-                time.sleep(0.5)
-            if not alone and not args.no_floor:
-                rows += measure(
-                    name,
-                    1,
-                    args.seconds,
-                    base_rates,
-                    scenarios,
-                    store_url,
-                    redis,
-                    args.rate,
-                    floor=True,
-                    latency=not args.no_latency,
-                )
-        store = "Redis (a local redis-server)" if redis else "memory://"
-    command = "make bench" if len(sys.argv) == 1 else "python -m bench " + " ".join(sys.argv[1:])
-    Path(args.out).write_text(report(rows, command, args.seconds, store, args.rate))
-    print("\n".join(goals_table(goals(rows))))
-    print(f"wrote {args.out}")
-    return 0
+            rows += measure(
+                name,
+                workers,
+                args.seconds,
+                base_rates,
+                scenarios,
+                store_url,
+                redis,
+                args.rate,
+                latency=not args.no_latency,
+            )
+            time.sleep(0.5)
+        if not alone and not args.no_floor:
+            rows += measure(
+                name,
+                1,
+                args.seconds,
+                base_rates,
+                scenarios,
+                store_url,
+                redis,
+                args.rate,
+                floor=True,
+                latency=not args.no_latency,
+            )
 
 
 if __name__ == "__main__":
