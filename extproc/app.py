@@ -206,6 +206,7 @@ class Sidecar:
             access,
             limiter,
             spoofed_headers=config.routes.spoofed_headers,
+            unclassified=config.routes.unclassified,
             store_failure=config.store.failure_policy,
             dependency_failure=config.identity.unavailable,
             accounting=config.accounting,

@@ -93,6 +93,8 @@ class Outcome(enum.Enum):
     RATE_LIMITED = "rate_limited"  # 429: request limit
     TOKEN_LIMITED = "token_limited"  # 429: token limit
     UNAVAILABLE = "unavailable"  # 503: a dependency failed and policy is fail-closed
+    INVALID_PATH = "invalid_path"  # 400: the path has no single reading (extproc.paths)
+    UNKNOWN_ROUTE = "unknown_route"  # 404: under a model prefix but neither charged nor exempt
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +122,7 @@ class Decision:
     prompt_estimate: int = 0  # prompt tokens estimated from the request, for missing usage
     request_id: str = ""  # set when the request is admitted to a charged route
     admitted_ms: int = 0  # the admission clock (its day holds the reservation until settled)
+    path: str = ""  # the normalized request path (extproc.paths) that names the model route
 
     @property
     def allowed(self) -> bool:

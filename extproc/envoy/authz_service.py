@@ -46,4 +46,4 @@ class AuthorizationService(authz_grpc.AuthorizationServicer):  # type: ignore[mi
                 decision.tier.name if decision.tier else "",
                 path.split("?", 1)[0],
             )
-        return self._replies.reply(decision, path.split("?", 1)[0])
+        return self._replies.reply(decision, decision.path)  # normalized: names the model route

@@ -27,6 +27,8 @@ _TABLE: dict[Outcome, tuple[int, int, str]] = {
     Outcome.RATE_LIMITED: (429, code_pb2.RESOURCE_EXHAUSTED, "rate_limit_exceeded"),
     Outcome.TOKEN_LIMITED: (429, code_pb2.RESOURCE_EXHAUSTED, "rate_limit_exceeded"),
     Outcome.UNAVAILABLE: (503, code_pb2.UNAVAILABLE, "service_unavailable"),
+    Outcome.INVALID_PATH: (400, code_pb2.INVALID_ARGUMENT, "invalid_request_error"),
+    Outcome.UNKNOWN_ROUTE: (404, code_pb2.NOT_FOUND, "invalid_request_error"),
 }
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD

@@ -98,6 +98,20 @@ class _BadRequestError(ValueError):
     """The request cannot be served; answered with a 400."""
 
 
+def _lenient_path(path: str) -> str:
+    """The path as the most forgiving servers read it (written for the sim, not shared with the
+    sidecar): ``;params`` dropped per segment (servlet containers), ``.`` and ``..`` resolved,
+    empty segments (doubled or trailing slashes) ignored."""
+    kept: list[str] = []
+    for segment in path.split("/"):
+        name = segment.split(";", 1)[0]
+        if name == "..":
+            del kept[-1:]
+        elif name not in ("", "."):
+            kept.append(name)
+    return "/" + "/".join(kept)
+
+
 def _int_header(headers: Mapping[str, str], name: str) -> int | None:
     value = headers.get(name)
     if value is None:
@@ -351,9 +365,11 @@ class SimServer:
             self._runner = None
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        path = request.path
+        path = request.path  # aiohttp has percent-decoded it already
         if path == _RECORDS_PATH:
             return self._records_endpoint(request)
+        if request.headers.get("x-sim-lenient-path", "").lower() in _TRUE:
+            path = _lenient_path(path)
         idx = path.rfind("/v1/")
         route = _ROUTES.get(path[idx:]) if idx >= 0 else None
         if route is None:
