@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from extproc.stack import LocalStack
-from tests.e2e.support import sample, sim_records
+from tests.e2e.support import ledger_tokens, sim_records
 from tests.helpers import CHAT, KEYS
 
 SERVED, BAD_PATH, UNKNOWN = 200, 400, 404
@@ -70,7 +70,7 @@ def test_every_spelling_of_a_model_path_is_charged_or_refused(
     model = f"m-{uuid.uuid4().hex[:8]}"
     status, body = send(stack, "POST", path, model)
     served = [r for r in sim_records(stack) if r["model"] == model]
-    charged = sample(stack, "maas_tokens_total", model=model, kind="total")
+    charged = ledger_tokens(stack, model)
     assert status == expected, body
     if expected == SERVED:
         (record,) = served
@@ -102,7 +102,7 @@ def test_header_names_with_underscores_never_reach_the_model(stack: LocalStack) 
     assert not [name for name in headers if "_" in name], headers
     assert headers["x-maas-username"] == "bob"  # ours, from the token
     assert headers["x-maas-tier"] == "premium"
-    assert sample(stack, "maas_tokens_total", model=model, kind="total") == record["total_tokens"]
+    assert ledger_tokens(stack, model) == record["total_tokens"]
 
 
 def raw_exchange(port: int, request: bytes) -> bytes:
