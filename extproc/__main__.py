@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--port", type=int, default=8000)
     sim.add_argument("--chunk-delay-ms", type=float, default=0.0, help="delay between SSE chunks")
 
-    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check = sub.add_parser(
+        "check-config", help="validate a config file and every file it names, then exit"
+    )
     check.add_argument("file")
 
     usage = sub.add_parser("usage", help="print a user's token usage from the store")
@@ -67,11 +69,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     from extproc import config as config_mod
 
     if args.command == "check-config":
+        from extproc import config_files
+
         loaded = config_mod.load(args.file, os.environ)
+        files = config_files.check(loaded)  # every file it names, read as serve reads it
         print(
             f"{args.file}: ok (identity={loaded.identity.source}, tiers={loaded.tiers.source}, "
             f"store={config_mod.redact_url(str(loaded.store.url))})"
         )
+        for checked in files:
+            print(f"  read {checked}")
         return 0
     if args.command == "sim":
         from extproc.sim.server import SimConfig, serve_forever
