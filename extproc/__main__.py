@@ -67,10 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from extproc import config as config_mod
+    from extproc import config_files
 
     if args.command == "check-config":
-        from extproc import config_files
-
         loaded = config_mod.load(args.file, os.environ)
         files = config_files.check(loaded)  # every file it names, read as serve reads it
         print(
@@ -93,6 +92,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         from extproc.app import run
 
         loaded = config_mod.load(args.config, os.environ)
+        # Refuse to start (exit 2) on a file the workers could not read, rather than have the
+        # supervisor restart failing workers forever; check-config runs this same check.
+        config_files.check(loaded)
         server = loaded.server
         if args.workers:
             server = replace(server, workers=args.workers)

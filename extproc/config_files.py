@@ -1,8 +1,8 @@
 """Loads every file a config names with the loaders `serve` uses, so check-config fails where serve would.
 
-``load`` only validates the config's own keys; the files they name (API keys, tiers, kubeconfig,
-the store's TLS files) are read when the sidecar starts. ``check`` reads each of them now, the
-same way, and raises a ``ConfigError`` naming the key; nothing connects anywhere.
+``load`` only validates the config's own keys; the files they name (API keys, tiers, maas-api's
+CA bundle, kubeconfig, the store's TLS files) are read when the sidecar starts. ``check`` reads
+each of them now, the same way, and raises a ``ConfigError`` naming the key; nothing connects.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from extproc.authz.api_keys import ApiKeyIdentities
 from extproc.authz.kube import load_configuration
+from extproc.authz.maas_api_tiers import client_tls
 from extproc.authz.tiers import FileTiers
 from extproc.config import Config, redact_url
 from extproc.errors import ConfigError, StoreUnavailable
@@ -47,6 +48,12 @@ def check(config: Config) -> list[str]:
             "tiers.file",
             config.path(config.tiers.file),
             lambda path: FileTiers.from_file(path, config.tiers.instance),
+        )
+    if config.tiers.source == "maas_api" and config.tiers.maas_api_ca_file:
+        load(
+            "tiers.maas_api_ca_file",
+            config.path(config.tiers.maas_api_ca_file),
+            client_tls,
         )
     if config.identity.kubeconfig and _uses_kubernetes(config):
         load(

@@ -20,6 +20,7 @@ import yaml
 
 from extproc import config as config_mod
 from extproc.stack import envoy_binary, render_envoy
+from tests.redis_fixtures import self_signed_cert
 
 Doc = dict[str, Any]
 
@@ -203,11 +204,11 @@ def test_envoyfilter_selects_the_gateway_and_applies_after_kuadrant(
     assert shape == [
         ("HTTP_FILTER", "GATEWAY", "INSERT_FIRST"),
         ("HTTP_FILTER", "GATEWAY", "INSERT_AFTER"),
+        ("CLUSTER", "GATEWAY", "ADD"),
+        ("HTTP_ROUTE", "GATEWAY", "MERGE"),  # overlays/odh patches these two by index
+        ("HTTP_ROUTE", "GATEWAY", "MERGE"),
         ("VIRTUAL_HOST", "GATEWAY", "MERGE"),
         ("NETWORK_FILTER", "GATEWAY", "MERGE"),
-        ("CLUSTER", "GATEWAY", "ADD"),
-        ("HTTP_ROUTE", "GATEWAY", "MERGE"),
-        ("HTTP_ROUTE", "GATEWAY", "MERGE"),
     ]
     authz, proc = patches(built["base"], "HTTP_FILTER")
     assert authz["match"]["listener"]["filterChain"]["filter"] == {"name": HCM}
@@ -463,6 +464,10 @@ def test_deployed_config_passes_check_config(
     overrides = literal_env(sidecar_container(docs))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_EXTPROC_")}
     env.update(overrides, MAAS_EXTPROC_STORE_URL=STORE_URL)
+    if "MAAS_EXTPROC_TIERS_MAAS_API_CA_FILE" in overrides:
+        # check-config reads the CA bundle as serve does; the pod gets it from a mounted
+        # ConfigMap, this test from a throwaway certificate.
+        env["MAAS_EXTPROC_TIERS_MAAS_API_CA_FILE"] = str(self_signed_cert(tmp_path)[0])
     result = subprocess.run(
         [sys.executable, "-m", "extproc", "check-config", str(path)],
         capture_output=True,

@@ -115,6 +115,20 @@ def test_a_garbage_kubeconfig_is_refused(tmp_path: Path) -> None:
     assert "config error: identity.kubeconfig" in done.stderr
 
 
+def test_a_garbage_maas_api_ca_bundle_is_refused(tmp_path: Path) -> None:
+    tiers = {
+        "source": "maas_api",
+        "maas_api_url": "https://maas-api.example:8443",
+        "maas_api_ca_file": written(tmp_path, "ca.pem", GARBAGE),
+    }
+    done = run("check-config", local_config(tmp_path, tiers=tiers))
+    assert done.returncode == 2, done.stdout
+    assert "config error: tiers.maas_api_ca_file" in done.stderr
+    cert, _ = self_signed_cert(tmp_path)
+    ok = run("check-config", local_config(tmp_path, tiers={**tiers, "maas_api_ca_file": str(cert)}))
+    assert ok.returncode == 0, ok.stderr
+
+
 def test_store_tls_files_are_read(tmp_path: Path) -> None:
     cert, key = self_signed_cert(tmp_path)
     garbage = written(tmp_path, "ca.pem", GARBAGE)
