@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install protos run test lint format unit e2e bench clean
+.PHONY: install protos run test lint format unit e2e fuzz bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ unit: install
 
 e2e: install
 	$(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
+
+fuzz: install  ## hostile-input properties at length (thousands of examples each; minutes)
+	MAAS_FUZZ_PROFILE=long $(PY) -m pytest -q tests/fuzz $(PYTEST_ARGS)
 
 format: install
 	$(VENV)/bin/ruff format extproc tests bench

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from extproc.accounting import estimate
+from extproc.accounting import counts, estimate
 from extproc.authz.base import AccessChecker, IdentitySource, TierSource
-from extproc.config import AccountingConfig
+from extproc.config import DEFAULT_MAX_REQUEST_TOKENS, AccountingConfig
 from extproc.domain import Decision, Identity, Outcome, Tier
 from extproc.errors import StoreUnavailable, Unavailable
 from extproc.limits.limiter import Limiter, Verdict
@@ -30,6 +29,9 @@ USAGE_OPT_IN_SUFFIXES = ("/chat/completions", "/v1/completions")
 # With dependency_failure fail_open, a caller whose tier cannot be resolved is admitted as this
 # tier: limited by ``limits.tiers.unknown`` if configured, else not limited.
 UNRESOLVED_TIER = Tier("unknown", -1, frozenset())
+# The request's completion bound, by the names the OpenAI, Anthropic and Responses APIs use;
+# the first one set (and above 0) is the bound, every one set must be a valid count.
+BOUND_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,24 +51,38 @@ class RequestBody:
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage was asked for
     prompt_chars: int = 0  # for estimates when the response reports no usage
+    problem: str = ""  # why the request is refused with a 400; "" when it is not
 
     @classmethod
-    def parse(cls, body: bytes) -> RequestBody:
+    def parse(cls, body: bytes, max_tokens: int = DEFAULT_MAX_REQUEST_TOKENS) -> RequestBody:
+        """What admission needs from the body; ``problem`` set when it must be refused.
+
+        A bound field that is not a whole number from 0 to ``max_tokens`` (``1.5``, ``"10"``,
+        ``true``, ``1e30``, a 400-digit literal, NaN) and JSON nested past the parser's depth
+        are refused. A body that is not JSON at all, or a missing or null bound, is admitted
+        with the default reservation: the upstream refuses what it cannot read.
+        """
         if not body:
             return cls()
         try:
-            data: Any = json.loads(body)
+            data: Any = counts.loads(body)
+        except RecursionError:
+            return cls(problem="the request body is nested too deeply")
         except (ValueError, UnicodeDecodeError):
             return cls()  # a malformed body is the upstream's to refuse; reserve the default
         if not isinstance(data, dict):
             return cls()
         model = data.get("model")
         bound = None
-        for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        for name in BOUND_FIELDS:
             value = data.get(name)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                bound = value
-                break
+            if value is None:
+                continue
+            number, problem = counts.count(value)
+            if number is None or problem or number > max_tokens:
+                return cls(problem=f"{name}: expected a whole number from 0 to {max_tokens}")
+            if bound is None and number > 0:
+                bound = number
         options = data.get("stream_options")
         return cls(
             model=model if isinstance(model, str) else "",
@@ -94,6 +110,7 @@ class Admission:
         dependency_failure: Literal["fail_open", "fail_closed"] = "fail_closed",
         accounting: AccountingConfig | None = None,
         route_of: Callable[[str, str, str], str] | None = None,
+        max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS,
     ) -> None:
         self._routes = routes
         self._identities = identities
@@ -105,6 +122,7 @@ class Admission:
         self._store_fail_open = store_failure == "fail_open"
         self._dependency_fail_open = dependency_failure == "fail_open"
         self._accounting = accounting or AccountingConfig()
+        self._max_request_tokens = max_request_tokens  # limits.max_request_tokens
         # Request ids: a random prefix per process and a counter; unique across replicas and
         # restarts without a syscall per request.
         self._id_prefix = secrets.token_hex(6)
@@ -154,7 +172,13 @@ class Admission:
             tier = UNRESOLVED_TIER
         if tier is None:
             return Decision(Outcome.NO_TIER, "no tier matches the caller's groups", identity)
-        body = RequestBody.parse(request.body) if route.charged else RequestBody()
+        body = (
+            RequestBody.parse(request.body, self._max_request_tokens)
+            if route.charged
+            else RequestBody()
+        )
+        if body.problem:
+            return Decision(Outcome.BAD_REQUEST, body.problem, identity, tier)
         try:
             access = await self._access_ok(identity, route, body.model)
         except Unavailable as exc:
@@ -201,8 +225,9 @@ class Admission:
         strip: tuple[str, ...],
     ) -> Decision:
         """The limits step of a charged route; the Decision is built once, here."""
-        prompt_estimate = estimate.tokens_from_chars(
-            body.prompt_chars, self._accounting.chars_per_token
+        prompt_estimate = min(
+            estimate.tokens_from_chars(body.prompt_chars, self._accounting.chars_per_token),
+            self._max_request_tokens,
         )
         reserve = self._limiter.reservation_for(tier.name, body.max_tokens, prompt_estimate)
         inject = (

@@ -1,8 +1,9 @@
 """Loads every file a config names with the loaders `serve` uses, so check-config fails where serve would.
 
-``load`` only validates the config's own keys; the files they name (API keys, tiers, maas-api's
-CA bundle, kubeconfig, the store's TLS files) are read when the sidecar starts. ``check`` reads
-each of them now, the same way, and raises a ``ConfigError`` naming the key; nothing connects.
+``load`` only validates the config's own keys; the files they name (the gRPC port's certificates,
+API keys, tiers, maas-api's CA bundle, kubeconfig, the store's TLS files) are read when the
+sidecar starts. ``check`` reads each of them now, the same way, and raises a ``ConfigError``
+naming the key; nothing connects.
 """
 
 from __future__ import annotations
@@ -37,6 +38,18 @@ def check(config: Config) -> list[str]:
             raise ConfigError(key, f"a valid file ({path}: {exc})") from exc
         checked.append(f"{key}={path}")
 
+    if config.server.tls.enabled:
+        from extproc.tls import CertificateFiles
+
+        CertificateFiles.from_config(config).load()  # its ConfigError names the file's key
+        tls = config.server.tls
+        for key, value in (
+            ("server.tls.cert_file", tls.cert_file),
+            ("server.tls.key_file", tls.key_file),
+            ("server.tls.client_ca_file", tls.client_ca_file),
+        ):
+            if value:
+                checked.append(f"{key}={config.path(value)}")
     if config.identity.source == "api_keys":
         load(
             "identity.api_keys_file",

@@ -14,7 +14,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc.admission import Admission, AdmissionRequest
 from extproc.charger import Charger
-from extproc.config import AccountingConfig
+from extproc.config import DEFAULT_MAX_REQUEST_TOKENS, AccountingConfig
 from extproc.envoy import replies
 from extproc.envoy.handover import Billing
 from extproc.envoy.processors import BillingProcessor
@@ -51,8 +51,9 @@ class InlineAdmissionProcessor(BillingProcessor):
         charger: Charger,
         metrics: Metrics,
         config: AccountingConfig,
+        max_count: int = DEFAULT_MAX_REQUEST_TOKENS,
     ) -> None:
-        super().__init__(charger, metrics, config)
+        super().__init__(charger, metrics, config, max_count)
         self._inline = inline
         self._pending: AdmissionRequest | None = None  # waiting for the request body
 

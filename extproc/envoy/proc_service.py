@@ -12,7 +12,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from extproc.charger import Charger
-from extproc.config import AccountingConfig
+from extproc.config import DEFAULT_MAX_REQUEST_TOKENS, AccountingConfig
 from extproc.envoy.inline_admission import InlineAdmission, InlineAdmissionProcessor
 from extproc.envoy.processors import BillingProcessor, InjectorProcessor
 from extproc.observability.metrics import Metrics
@@ -27,10 +27,12 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):  # type: igno
         metrics: Metrics,
         config: AccountingConfig | None = None,
         inline: InlineAdmission | None = None,
+        max_count: int = DEFAULT_MAX_REQUEST_TOKENS,
     ) -> None:
         self._charger = charger
         self._metrics = metrics
         self._config = config or AccountingConfig()
+        self._max_count = max_count  # limits.max_request_tokens: larger usage is not trusted
         self._inline = inline  # admission in this stream (server.admission: ext_proc)
 
     async def Process(  # noqa: N802 - the gRPC method name
@@ -61,7 +63,7 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):  # type: igno
         """The processor for this stream, from the filter that opened it."""
         if self._inline is not None:
             return InlineAdmissionProcessor(
-                self._inline, self._charger, self._metrics, self._config
+                self._inline, self._charger, self._metrics, self._config, self._max_count
             )
         # A filter that never sees the response (the split layout's injector) only rewrites the
         # request: its stream is not the one that bills.
@@ -70,4 +72,4 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):  # type: igno
             and first.protocol_config.response_body_mode == pm.ProcessingMode.NONE
         ):
             return InjectorProcessor(self._charger, self._metrics, self._config)
-        return BillingProcessor(self._charger, self._metrics, self._config)
+        return BillingProcessor(self._charger, self._metrics, self._config, self._max_count)

@@ -21,7 +21,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc.charger import Charger
-from extproc.config import AccountingConfig
+from extproc.config import DEFAULT_MAX_REQUEST_TOKENS, AccountingConfig
 from extproc.domain import Charge
 from extproc.envoy import replies
 from extproc.envoy.session import Session
@@ -97,10 +97,16 @@ def response_header_values(headers: ep.HttpHeaders) -> tuple[str, str, str]:
 class BillingProcessor:
     """Follows one response and charges it once (the default layout's only stream)."""
 
-    def __init__(self, charger: Charger, metrics: Metrics, config: AccountingConfig) -> None:
+    def __init__(
+        self,
+        charger: Charger,
+        metrics: Metrics,
+        config: AccountingConfig,
+        max_count: int = DEFAULT_MAX_REQUEST_TOKENS,
+    ) -> None:
         self._charger = charger
         self._metrics = metrics
-        self.session = Session(config)
+        self.session = Session(config, max_count)
         self.done = False
 
     async def on(self, request: ep.ProcessingRequest) -> ep.ProcessingResponse | None:

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 from extproc.accounting import estimate
-from extproc.accounting.decompress import Decoder, encoding_of
+from extproc.accounting.decompress import encoding_of
 from extproc.accounting.extractor import UsageExtractor, extractor_for
 from extproc.accounting.usage_filter import UsageEventFilter
-from extproc.config import AccountingConfig
+from extproc.config import DEFAULT_MAX_REQUEST_TOKENS, AccountingConfig
 from extproc.domain import Charge, Decision, Usage
 from extproc.envoy import handover
 from extproc.envoy.handover import Billing
+
+log = logging.getLogger("extproc.session")
 
 
 def with_include_usage(body: bytes) -> bytes | None:
@@ -37,10 +40,10 @@ class Session:
     __slots__ = (
         "_broken",
         "_config",
-        "_decoder",
         "_done",
         "_extractor",
         "_filter",
+        "_max_count",
         "billing",
         "decision",
         "injected",
@@ -48,15 +51,17 @@ class Session:
         "status",
     )
 
-    def __init__(self, config: AccountingConfig) -> None:
+    def __init__(
+        self, config: AccountingConfig, max_count: int = DEFAULT_MAX_REQUEST_TOKENS
+    ) -> None:
         self._config = config
+        self._max_count = max_count  # limits.max_request_tokens: larger usage is not trusted
         self.billing: Billing | None = None
         self.decision: Decision | None = None  # inline admission: the request's decision
         self.status = 0
         self.injected = False
         self.request_only = False  # a filter that never sees the response: never bills
         self._extractor: UsageExtractor | None = None
-        self._decoder: Decoder | None = None
         self._filter: UsageEventFilter | None = None
         self._done = False
         self._broken = False
@@ -81,13 +86,16 @@ class Session:
         self.status = status
         if self.billing is None:
             return False
-        self._extractor = extractor_for(
-            content_type, self.billing.path, max_body_bytes=self._config.max_body_bytes
-        )
         encoding = encoding_of(content_encoding) if content_encoding else None
-        if encoding is not None:
-            self._decoder = Decoder(encoding)
-        elif (
+        self._extractor = extractor_for(
+            content_type,
+            self.billing.path,
+            max_body_bytes=self._config.max_body_bytes,
+            max_count=self._max_count,
+            encoding=encoding,
+            max_ratio=self._config.max_decompression_ratio,
+        )
+        if encoding is None and (
             self.injected
             and self._config.hide_injected_usage
             and content_type.startswith("text/event-stream")
@@ -100,15 +108,8 @@ class Session:
         extractor = self._extractor
         if extractor is None or self._broken:
             return None
-        decoder = self._decoder
-        if decoder is not None:
-            plain = decoder.feed(chunk)
-            if end_of_stream:
-                plain += decoder.finish()
-            if plain:
-                extractor.feed(plain)
-        elif chunk:
-            extractor.feed(chunk)
+        if chunk:
+            extractor.feed(chunk)  # compressed bodies are decoded (and capped) by the extractor
         if self._filter is None:
             return None
         out = self._filter.feed(chunk)
@@ -117,7 +118,6 @@ class Session:
     def broken(self) -> None:
         """Following the body failed unexpectedly: stop reading it; the charge becomes an estimate."""
         self._broken = True
-        self._decoder = None
         self._filter = None
 
     @property
@@ -155,11 +155,24 @@ class Session:
         extractor = self._extractor
         usage = extractor.finish() if extractor is not None and not self._broken else None
         failed = self.status >= 400
+        chars = extractor.content_chars if extractor is not None else 0
+        # An estimate never passes the request's own bound: its reservation (prompt estimate +
+        # completion bound). 0 means no window took one (unlimited tier, store down): no cap.
+        cap = billing.reserved or None
+        if usage is not None and usage.invalid:
+            log.warning(
+                "upstream usage not trusted: reason=%s user=%s model=%s: charged a capped estimate",
+                usage.invalid,
+                billing.userid,
+                billing.model,
+            )
+            return estimate.untrusted(
+                usage, billing.prompt_estimate, chars, self._config.chars_per_token, cap
+            )
         if usage is not None and usage.total_tokens is not None:
             return usage
         if failed and (usage is None or not usage.reported):
             return Usage()
-        chars = extractor.content_chars if extractor is not None else 0
         return estimate.completed(
-            usage, billing.prompt_estimate, chars, self._config.chars_per_token
+            usage, billing.prompt_estimate, chars, self._config.chars_per_token, cap
         )

@@ -8,7 +8,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from extproc.domain import Charge, Decision, Limits
+from extproc.domain import UNTRUSTED_REASONS, Charge, Decision, Limits
 from extproc.observability.model_labels import ModelLabels
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -171,6 +171,14 @@ class Metrics:
             "Model names or services two watched HTTPRoutes claim (left out of the route map)",
             registry=r,
         )
+        self.usage_invalid = Counter(
+            "maas_upstream_usage_invalid",
+            "Responses whose reported usage was not trusted and was charged as a capped estimate",
+            ["reason"],
+            registry=r,
+        )
+        for reason in UNTRUSTED_REASONS:
+            self.usage_invalid.labels(reason)
         self._decision_children: dict[tuple[str, ...], Counter] = {}
         self._response_children: dict[tuple[int, str], Counter] = {}
         # Label children are looked up once: ``labels()`` costs more than the increment itself.
@@ -218,6 +226,8 @@ class Metrics:
         ):
             if amount:
                 token_child.inc(amount)
+        if usage.invalid:
+            self.usage_invalid.labels(usage.invalid).inc()
         source = "estimated" if usage.estimated else ("reported" if usage.reported else "none")
         by_source = self._charge_children.get((charge.tier, source))
         if by_source is None:

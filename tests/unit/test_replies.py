@@ -33,6 +33,8 @@ def headers_of(options: object) -> dict[str, str]:
         (Outcome.UNAVAILABLE, 503, code_pb2.UNAVAILABLE),
         (Outcome.INVALID_PATH, 400, code_pb2.INVALID_ARGUMENT),
         (Outcome.UNKNOWN_ROUTE, 404, code_pb2.NOT_FOUND),
+        (Outcome.BAD_REQUEST, 400, code_pb2.INVALID_ARGUMENT),
+        (Outcome.INTERNAL_ERROR, 500, code_pb2.INTERNAL),
     ],
 )
 def test_every_refusal_has_a_status_and_a_json_reason(
@@ -44,6 +46,13 @@ def test_every_refusal_has_a_status_and_a_json_reason(
     body = json.loads(reply.denied_response.body)
     assert body["error"]["code"] == outcome.value
     assert headers_of(reply.denied_response.headers)["content-type"] == "application/json"
+
+
+def test_bad_request_is_an_openai_invalid_request_error() -> None:
+    reason = "max_tokens: expected a whole number from 0 to 1000000"
+    reply = check_response(Decision(Outcome.BAD_REQUEST, reason), "/p")
+    error = json.loads(reply.denied_response.body)["error"]
+    assert error == {"type": "invalid_request_error", "code": "bad_request", "message": reason}
 
 
 def test_unauthenticated_asks_for_a_bearer_token() -> None:
