@@ -15,7 +15,16 @@ from extproc.store.base import LedgerRow
 
 GroupBy = Literal["day", "model"]
 GROUPS: tuple[GroupBy, ...] = ("day", "model")
-AMOUNTS = ("prompt_tokens", "completion_tokens", "total_tokens", "estimated_tokens", "requests")
+AMOUNTS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "estimated_tokens",
+    "requests",
+    # Reservations of admitted requests whose charge has not come (see store/ledger.py).
+    "unsettled_tokens",
+    "unsettled_requests",
+)
 
 Row = dict[str, str | int]
 
