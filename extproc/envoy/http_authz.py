@@ -149,9 +149,8 @@ class HttpAuthorization:
             return replies.http_response(404, [])
         path = target[len(CHECK_PREFIX) :] or "/"
         admission = AdmissionRequest(request.method, path, request.headers, bytes(request.body))
-        plain_path = path.split("?", 1)[0]
-        decision = await self._authz.decision(admission, plain_path)
+        decision = await self._authz.decision(admission, path.split("?", 1)[0])
         try:
-            return replies.http_reply(decision, plain_path)
+            return replies.http_reply(decision, decision.path)  # normalized: names the model route
         except Exception as exc:
             return replies.http_reply(self._authz.internal_error(exc), "")
