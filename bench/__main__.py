@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import socket
@@ -42,6 +43,7 @@ BASELINE = Path(__file__).resolve().parent / "baseline.md"
 CHAT = "/llm/facebook-opt-125m-simulated/v1/chat/completions"
 KEY = "demo-enterprise-key"
 SHORT_STREAM, LONG_STREAM = 10, 50  # tokens (one SSE chunk each) of the two paced streams
+FLOOR = " — do-nothing floor"
 QUICK = ["--seconds", "3", "--workers", "1", "--no-floor", "--no-latency"]
 QUICK_SCENARIOS = "json,sse-paced-10,sse-paced-50"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -249,6 +251,8 @@ class Goals:
 
     @property
     def met(self) -> str:
+        if FLOOR in self.topology:
+            return "(a floor, not a sidecar)"
         if self.request_ratio is None or self.chunk_ratio is None:
             return "-"
         a, b = self.request_ratio <= 1.0, self.chunk_ratio <= 0.25
@@ -321,7 +325,7 @@ def measure(
     stack = LocalStack(config_path=CONFIG, workers=workers, topology=topology, env=env)
     if floor:
         stack.sidecar_command = [sys.executable, "-m", "bench.floor"]
-        topology_name += " — do-nothing floor"
+        topology_name += FLOOR
         redis = None
     elif source is not None:
         stack.sidecar_command = sidecar_from(source)
@@ -524,9 +528,8 @@ def main() -> int:
             store = "Redis (a local redis-server)" if redis else store
             run(args, names, scenarios, rows, store_url, redis)
     finally:  # a run cut short still reports what it measured
-        command = (
-            "make bench" if len(sys.argv) == 1 else "python -m bench " + " ".join(sys.argv[1:])
-        )
+        argv_text = shlex.join(sys.argv[1:])
+        command = "make bench" if len(sys.argv) == 1 else f"python -m bench {argv_text}"
         Path(args.out).write_text(report(rows, command, args.seconds, store, args.rate))
         print("\n".join(goals_table(goals(rows))))
         print(f"wrote {args.out}")
