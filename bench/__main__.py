@@ -546,48 +546,32 @@ def run(
 ) -> None:
     """Every topology and worker count (and its floor, and its --before run), into ``rows``."""
     base_rates: dict[str, float] = {}
+    before = Path(args.before).resolve() if args.before else None
+
+    def one(name: str, workers: int, **options: Any) -> list[Row]:
+        return measure(
+            name,
+            workers,
+            args.seconds,
+            base_rates,
+            scenarios,
+            store_url,
+            redis,
+            args.rate,
+            latency=not args.no_latency,
+            **options,
+        )
+
     for name in names:
         alone = TOPOLOGIES[name] == "envoy"
         counts = [1] if alone else [int(w) for w in args.workers.split(",")]
         for workers in counts:
-            if args.before and name in args.before_topologies.split(","):
-                rows += measure(
-                    name,
-                    workers,
-                    args.seconds,
-                    base_rates,
-                    scenarios,
-                    store_url,
-                    redis,
-                    args.rate,
-                    latency=not args.no_latency,
-                    source=Path(args.before).resolve(),
-                )
-            rows += measure(
-                name,
-                workers,
-                args.seconds,
-                base_rates,
-                scenarios,
-                store_url,
-                redis,
-                args.rate,
-                latency=not args.no_latency,
-            )
+            if before is not None and name in args.before_topologies.split(","):
+                rows += one(name, workers, source=before)
+            rows += one(name, workers)
             time.sleep(0.5)
         if not alone and not args.no_floor:
-            rows += measure(
-                name,
-                1,
-                args.seconds,
-                base_rates,
-                scenarios,
-                store_url,
-                redis,
-                args.rate,
-                floor=True,
-                latency=not args.no_latency,
-            )
+            rows += one(name, 1, floor=True)
 
 
 if __name__ == "__main__":

@@ -108,13 +108,6 @@ def charge_of(
             raise
         broken(exc)
         usage = None
-    if usage is not None and usage.invalid:
-        log.warning(
-            "upstream usage not trusted: reason=%s user=%s model=%s: charged a capped estimate",
-            usage.invalid,
-            billing.userid,
-            billing.model,
-        )
     status = entry.response.response_code.value
     charged = estimate.charged(
         usage,
@@ -123,6 +116,7 @@ def charge_of(
         content_chars=entry.response.response_body_bytes,
         chars_per_token=config.chars_per_token,
         cap=billing.reserved or None,
+        who=(billing.userid, billing.model),
     )
     return billing.charge(charged, status, disconnected=cut_short(common.response_flags))
 

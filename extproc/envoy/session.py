@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,8 +14,6 @@ from extproc.config import DEFAULT_MAX_REQUEST_TOKENS, AccountingConfig
 from extproc.domain import Charge, Decision, Usage
 from extproc.envoy import handover
 from extproc.envoy.handover import Billing
-
-log = logging.getLogger("extproc.session")
 
 
 def with_include_usage(body: bytes) -> bytes | None:
@@ -141,13 +138,6 @@ class Session:
     def _usage(self, billing: Billing) -> Usage:
         extractor = self._extractor
         usage = extractor.finish() if extractor is not None and not self._broken else None
-        if usage is not None and usage.invalid:
-            log.warning(
-                "upstream usage not trusted: reason=%s user=%s model=%s: charged a capped estimate",
-                usage.invalid,
-                billing.userid,
-                billing.model,
-            )
         # An estimate never passes the request's own bound: its reservation (prompt estimate +
         # completion bound). 0 means no window took one (unlimited tier, store down): no cap.
         return estimate.charged(
@@ -157,4 +147,5 @@ class Session:
             content_chars=extractor.content_chars if extractor is not None else 0,
             chars_per_token=self._config.chars_per_token,
             cap=billing.reserved or None,
+            who=(billing.userid, billing.model),
         )
