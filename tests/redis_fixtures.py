@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tools import missing_tool, require_tool
+
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
 _START_TIMEOUT_S = 10.0
@@ -19,7 +21,7 @@ _START_TIMEOUT_S = 10.0
 
 def require_redis() -> tuple[str, str]:
     if REDIS_SERVER is None or REDIS_CLI is None:
-        pytest.skip(
+        missing_tool(
             "redis-server / redis-cli not installed: the Redis store tests need a real server"
         )
     return REDIS_SERVER, REDIS_CLI
@@ -249,9 +251,9 @@ class RedisSentinel:
 
 def self_signed_cert(workdir: Path) -> tuple[Path, Path]:
     """A throwaway certificate for 127.0.0.1 and its key, made with the openssl CLI."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl not installed: cannot make a certificate for the TLS test")
+    openssl = require_tool(
+        "openssl", "openssl not installed: cannot make a certificate for the TLS test"
+    )
     cert, key = workdir / "cert.pem", workdir / "key.pem"
     subprocess.run(
         [
