@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 SOAK_REQUESTS ?= 600
 
-.PHONY: install protos run test lint format unit e2e bench soak clean
+.PHONY: install protos run test lint format unit e2e fuzz bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ unit: install
 
 e2e: install
 	$(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
+
+fuzz: install  ## hostile-input properties at length (thousands of examples each; minutes)
+	MAAS_FUZZ_PROFILE=long $(PY) -m pytest -q tests/fuzz $(PYTEST_ARGS)
 
 format: install
 	$(VENV)/bin/ruff format extproc tests bench

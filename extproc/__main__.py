@@ -68,6 +68,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "check-config":
         loaded = config_mod.load(args.file, os.environ)
+        if loaded.server.tls.enabled:
+            from extproc.tls import CertificateFiles
+
+            CertificateFiles.from_config(loaded).load()  # readable, PEM, key matching the cert
         print(
             f"{args.file}: ok (identity={loaded.identity.source}, tiers={loaded.tiers.source}, "
             f"store={config_mod.redact_url(str(loaded.store.url))})"

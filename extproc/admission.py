@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import json
+import itertools
 import logging
-from collections.abc import Mapping
+import secrets
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from extproc.accounting import estimate
+from extproc.accounting import counts, estimate
 from extproc.authz.base import AccessChecker, IdentitySource, TierSource
-from extproc.config import AccountingConfig
+from extproc.config import DEFAULT_MAX_REQUEST_TOKENS, AccountingConfig
 from extproc.domain import Decision, Identity, Outcome, Tier
 from extproc.errors import StoreUnavailable, Unavailable
 from extproc.limits.limiter import Limiter, Verdict
@@ -28,6 +29,9 @@ USAGE_OPT_IN_SUFFIXES = ("/chat/completions", "/v1/completions")
 # With dependency_failure fail_open, a caller whose tier cannot be resolved is admitted as this
 # tier: limited by ``limits.tiers.unknown`` if configured, else not limited.
 UNRESOLVED_TIER = Tier("unknown", -1, frozenset())
+# The request's completion bound, by the names the OpenAI, Anthropic and Responses APIs use;
+# the first one set (and above 0) is the bound, every one set must be a valid count.
+BOUND_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,24 +51,38 @@ class RequestBody:
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage was asked for
     prompt_chars: int = 0  # for estimates when the response reports no usage
+    problem: str = ""  # why the request is refused with a 400; "" when it is not
 
     @classmethod
-    def parse(cls, body: bytes) -> RequestBody:
+    def parse(cls, body: bytes, max_tokens: int = DEFAULT_MAX_REQUEST_TOKENS) -> RequestBody:
+        """What admission needs from the body; ``problem`` set when it must be refused.
+
+        A bound field that is not a whole number from 0 to ``max_tokens`` (``1.5``, ``"10"``,
+        ``true``, ``1e30``, a 400-digit literal, NaN) and JSON nested past the parser's depth
+        are refused. A body that is not JSON at all, or a missing or null bound, is admitted
+        with the default reservation: the upstream refuses what it cannot read.
+        """
         if not body:
             return cls()
         try:
-            data: Any = json.loads(body)
+            data: Any = counts.loads(body)
+        except RecursionError:
+            return cls(problem="the request body is nested too deeply")
         except (ValueError, UnicodeDecodeError):
             return cls()  # a malformed body is the upstream's to refuse; reserve the default
         if not isinstance(data, dict):
             return cls()
         model = data.get("model")
         bound = None
-        for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        for name in BOUND_FIELDS:
             value = data.get(name)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                bound = value
-                break
+            if value is None:
+                continue
+            number, problem = counts.count(value)
+            if number is None or problem or number > max_tokens:
+                return cls(problem=f"{name}: expected a whole number from 0 to {max_tokens}")
+            if bound is None and number > 0:
+                bound = number
         options = data.get("stream_options")
         return cls(
             model=model if isinstance(model, str) else "",
@@ -90,6 +108,8 @@ class Admission:
         store_failure: Literal["fail_open", "fail_closed"] = "fail_open",
         dependency_failure: Literal["fail_open", "fail_closed"] = "fail_closed",
         accounting: AccountingConfig | None = None,
+        route_of: Callable[[str, str, str], str] | None = None,
+        max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS,
     ) -> None:
         self._routes = routes
         self._identities = identities
@@ -100,6 +120,16 @@ class Admission:
         self._store_fail_open = store_failure == "fail_open"
         self._dependency_fail_open = dependency_failure == "fail_open"
         self._accounting = accounting or AccountingConfig()
+        self._max_request_tokens = max_request_tokens  # limits.max_request_tokens
+        # Request ids: a random prefix per process and a counter; unique across replicas and
+        # restarts without a syscall per request.
+        self._id_prefix = secrets.token_hex(6)
+        self._ids = itertools.count(1)
+        # (path namespace, path name, body model) -> the HTTPRoute the request goes through.
+        self._route_of = route_of or (lambda _namespace, _name, _model: "")
+
+    def _next_request_id(self) -> str:
+        return f"{self._id_prefix}{next(self._ids):x}"
 
     async def decide(self, request: AdmissionRequest) -> Decision:
         route = self._routes.classify(request.method, request.path)
@@ -133,7 +163,13 @@ class Admission:
             tier = UNRESOLVED_TIER
         if tier is None:
             return Decision(Outcome.NO_TIER, "no tier matches the caller's groups", identity)
-        body = RequestBody.parse(request.body) if route.charged else RequestBody()
+        body = (
+            RequestBody.parse(request.body, self._max_request_tokens)
+            if route.charged
+            else RequestBody()
+        )
+        if body.problem:
+            return Decision(Outcome.BAD_REQUEST, body.problem, identity, tier)
         try:
             access = await self._access_ok(identity, route, body.model)
         except Unavailable as exc:
@@ -151,6 +187,10 @@ class Admission:
                 Outcome.ALLOW, identity=identity, tier=tier, model=model, strip_headers=strip
             )
         return await self._limit(route, identity, tier, model, body, strip)
+
+    def route_of(self, route: Route, body_model: str) -> str:
+        """The HTTPRoute of a path route, else of the body's model ("" when unknown)."""
+        return self._route_of(route.namespace, route.name, "" if route.name else body_model)
 
     async def _access_ok(self, identity: Identity, route: Route, body_model: str) -> bool:
         if route.exempt and not route.name:
@@ -171,20 +211,24 @@ class Admission:
         strip: tuple[str, ...],
     ) -> Decision:
         """The limits step of a charged route; the Decision is built once, here."""
-        reserve = self._limiter.reservation_for(tier.name, body.max_tokens)
+        prompt_estimate = min(
+            estimate.tokens_from_chars(body.prompt_chars, self._accounting.chars_per_token),
+            self._max_request_tokens,
+        )
+        reserve = self._limiter.reservation_for(tier.name, body.max_tokens, prompt_estimate)
         inject = (
             self._accounting.inject_include_usage
             and body.stream
             and not body.include_usage
             and route.path.endswith(USAGE_OPT_IN_SUFFIXES)
         )
-        prompt_estimate = estimate.tokens_from_chars(
-            body.prompt_chars, self._accounting.chars_per_token
-        )
         if inject and INJECT_HEADER in strip:
             strip = tuple(h for h in strip if h != INJECT_HEADER)  # ours overwrites it
+        http_route = self.route_of(route, body.model)
         try:
-            verdict = await self._limiter.admit(identity.userid, tier.name, model, reserve)
+            verdict = await self._limiter.admit(
+                identity.userid, tier.name, model, reserve, http_route
+            )
         except StoreUnavailable:
             if not self._store_fail_open:
                 return Decision(Outcome.UNAVAILABLE, "rate-limit store unavailable", identity, tier)
@@ -198,6 +242,7 @@ class Admission:
                 identity,
                 tier,
                 model,
+                route=http_route,
                 charged=True,
                 limit_kind=verdict.kind,
                 limit=verdict.limit,
@@ -210,9 +255,12 @@ class Admission:
             identity=identity,
             tier=tier,
             model=model,
+            route=http_route,
             charged=True,
             reserved_tokens=verdict.reserved_tokens,
             token_windows=verdict.token_windows,
+            request_id=self._next_request_id(),
+            admitted_ms=verdict.admitted_ms,
             limit_kind=verdict.kind,
             limit=verdict.limit,
             remaining=verdict.remaining,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
-import multiprocessing
 import signal
 import time
 from dataclasses import dataclass, replace
@@ -18,25 +18,30 @@ from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from extproc import tls
 from extproc.admission import Admission
 from extproc.authz.api_keys import ApiKeyIdentities
 from extproc.authz.base import AccessChecker, AllowAll, IdentitySource, TierSource
 from extproc.authz.kube import KubeConnector
 from extproc.authz.tiers import FileTiers
 from extproc.charger import Charger
-from extproc.config import Config
+from extproc.config import Config, StoreConfig
 from extproc.envoy.authz_service import AuthorizationService
 from extproc.envoy.inline_admission import InlineAdmission
 from extproc.envoy.proc_service import ExternalProcessorService
+from extproc.kuadrant.route_map import RouteDomains
 from extproc.limits.limiter import Limiter
+from extproc.logs import configure as configure_logging
 from extproc.observability.metrics import Metrics, serve_metrics
 from extproc.observability.usage_api import UsageApi
 from extproc.routes import RouteTable
 from extproc.store.base import CounterStore
 from extproc.store.memory import MemoryStore
 from extproc.store.resilient import ResilientStore
+from extproc.supervisor import Supervisor
 
 if TYPE_CHECKING:
+    from extproc.kuadrant.httproutes import WatchedRoutes
     from extproc.kuadrant.policies import PolicyLimits
     from extproc.kuadrant.reporter import Reporter
 
@@ -52,19 +57,38 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def store_config(config: Config) -> StoreConfig:
+    """``store`` with the settle ids kept at least as long as the longest token window."""
+    longest = max(
+        (
+            limits.tokens_window_s
+            for limits in (
+                *config.limits.tiers.values(),
+                *(m for per_tier in config.limits.models.values() for m in per_tier.values()),
+            )
+            if limits.tokens
+        ),
+        default=0,
+    )
+    return replace(config.store, dedupe_ttl_s=max(config.store.dedupe_ttl_s, longest))
+
+
 def build_inner_store(config: Config) -> CounterStore:
     """The bare store for ``store.url``, without the failure policy (for one-shot readers)."""
-    url = str(config.store.url)
+    settings = store_config(config)
+    url = str(settings.url)
     if url.startswith("memory:"):
-        return MemoryStore(retention_days=config.store.retention_days)
+        return MemoryStore(
+            retention_days=settings.retention_days, dedupe_ttl_ms=settings.dedupe_ttl_s * 1000
+        )
     from extproc.store.redis import RedisStore
 
-    return RedisStore.from_config(config.store)
+    return RedisStore.from_config(settings)
 
 
 def build_store(config: Config, metrics: Metrics) -> ResilientStore:
     """The serving store: the bare store wrapped in the failure policy and its charge spool."""
-    return ResilientStore(build_inner_store(config), config.store, metrics)
+    return ResilientStore(build_inner_store(config), store_config(config), metrics)
 
 
 def build_identities(config: Config, metrics: Metrics, kube: KubeConnector) -> IdentitySource:
@@ -84,7 +108,8 @@ def build_tiers(config: Config, metrics: Metrics, kube: KubeConnector) -> TierSo
         return ConfigMapTiers(kube(), config.tiers, metrics)
     from extproc.authz.maas_api_tiers import MaasApiTiers
 
-    return MaasApiTiers(config.tiers, metrics)
+    ca_file = config.tiers.maas_api_ca_file
+    return MaasApiTiers(config.tiers, metrics, ca_file=config.path(ca_file) if ca_file else None)
 
 
 def build_access(config: Config, metrics: Metrics, kube: KubeConnector) -> AccessChecker:
@@ -101,7 +126,28 @@ def build_policies(config: Config, metrics: Metrics, kube: KubeConnector) -> Pol
         return None
     from extproc.kuadrant.policies import PolicyLimits
 
-    return PolicyLimits(kube(), config.kuadrant, config.limits, metrics)
+    return PolicyLimits(
+        kube(),
+        config.kuadrant,
+        config.limits,
+        metrics,
+        charged_suffixes=config.routes.charged_suffixes,
+    )
+
+
+def build_routes(
+    config: Config, metrics: Metrics, kube: KubeConnector
+) -> tuple[RouteDomains, WatchedRoutes | None]:
+    """The HTTPRoute of each request (``kuadrant.httproutes: watch`` follows KServe's routes)."""
+    watched = None
+    if config.kuadrant.httproutes == "watch":
+        from extproc.kuadrant.httproutes import WatchedRoutes
+
+        watched = WatchedRoutes(kube(), config.kuadrant.model_header, metrics)
+    domains = RouteDomains(
+        config.kuadrant, config.access.body_models, watched.index if watched else None
+    )
+    return domains, watched
 
 
 def build_reporter(
@@ -134,8 +180,10 @@ class Sidecar:
     admission: Admission
     authz: AuthorizationService
     proc: ExternalProcessorService
+    charger: Charger
     reporter: Reporter | None = None
     policies: PolicyLimits | None = None
+    routes: WatchedRoutes | None = None
 
     @classmethod
     def build(cls, config: Config, metrics: Metrics | None = None) -> Sidecar:
@@ -149,6 +197,7 @@ class Sidecar:
             build_access(config, metrics, kube),
         )
         policies = build_policies(config, metrics, kube)
+        domains, watched_routes = build_routes(config, metrics, kube)
         limiter = Limiter(store, policies or config.limits, now_ms)
         routes = RouteTable(config.routes)
         admission = Admission(
@@ -161,9 +210,11 @@ class Sidecar:
             store_failure=config.store.failure_policy,
             dependency_failure=config.identity.unavailable,
             accounting=config.accounting,
+            route_of=domains.domain,
+            max_request_tokens=config.limits.max_request_tokens,
         )
         reporter = build_reporter(config, metrics, policies)
-        charger = Charger(limiter, metrics, reporter)
+        charger = Charger(limiter, metrics, reporter, wait_s=config.accounting.settle_wait_s)
         return cls(
             config,
             metrics,
@@ -180,9 +231,12 @@ class Sidecar:
                 InlineAdmission(admission, routes, metrics)
                 if config.server.admission == "ext_proc"
                 else None,
+                max_count=config.limits.max_request_tokens,
             ),
+            charger,
             reporter,
             policies,
+            watched_routes,
         )
 
     async def start(self) -> None:
@@ -192,54 +246,83 @@ class Sidecar:
             self.reporter.start()
 
     async def close(self) -> None:
-        await self.proc.drain()
+        """Settle what is pending, flush the Kuadrant queue, then close the store (its spool)."""
+        await asyncio.sleep(0)  # let handlers cancelled by the server's stop start their charges
+        log.info("settling %d pending charges", self.charger.pending)
+        await self.charger.drain()
         if self.reporter is not None:
+            log.info("flushing the Kuadrant report queue")
             await self.reporter.close()  # after the drain: the last charges are queued by now
         if self.policies is not None:
             await self.policies.close()
-        for part in (self.identities, self.tiers, self.access, self.store):
+        if self.routes is not None:
+            await self.routes.close()
+        for part in (self.identities, self.tiers, self.access):
             await part.close()
+        log.info("closing the store: %d spooled charges to replay", self.store.spooled)
+        await self.store.close()
 
 
 class Server:
-    """A grpc.aio server with the sidecar's services, health and reflection on one port."""
+    """A grpc.aio server with the sidecar's services and health on one port, reflection and TLS
+    as configured (``server.reflection``, ``server.tls``), and health alone on a plaintext
+    ``server.health_port`` if one is set."""
 
     def __init__(self, sidecar: Sidecar, host: str, port: int) -> None:
         self.sidecar = sidecar
+        settings = sidecar.config.server
         # so_reuseport off: a second server must fail to bind, not silently share the port.
         options: list[tuple[str, Any]] = [
             ("grpc.so_reuseport", 0),
             ("grpc.max_concurrent_streams", 10_000),
             ("grpc.http2.max_pings_without_data", 0),
         ]
-        self.grpc = grpc.aio.server(options=options)
+        self.grpc = grpc.aio.server(options=options, interceptors=tls.interceptors(settings.tls))
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(sidecar.authz, self.grpc)
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(sidecar.proc, self.grpc)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
-        )
-        bound = self.grpc.add_insecure_port(f"{host}:{port}")
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
+            )
+        bound = tls.add_port(self.grpc, f"{host}:{port}", sidecar.config)
         if bound == 0:
             raise OSError(f"cannot bind gRPC port {host}:{port}")
         self.port = bound
+        # The kubelet's gRPC probes speak neither TLS nor client certificates: health alone,
+        # plaintext, on a port of its own (the same servicer, so it reports the same status).
+        self.health_grpc: grpc.aio.Server | None = None
+        if settings.health_port:
+            self.health_grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_grpc)
+            address = f"{host}:{settings.health_port}"
+            if self.health_grpc.add_insecure_port(address) == 0:
+                raise OSError(f"cannot bind health port {address}")
 
     async def start(self) -> None:
         await self.grpc.start()
+        if self.health_grpc is not None:
+            await self.health_grpc.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    async def stop(self, grace_s: float) -> None:
-        """Stop accepting, let in-flight streams finish within ``grace_s``, flush charges."""
+    async def not_serving(self) -> None:
+        """Tell health checkers to send new work elsewhere; everything is still served."""
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop accepting, let in-flight streams finish within ``grace_s``, flush charges."""
+        await self.not_serving()
         await self.grpc.stop(grace_s)
+        if self.health_grpc is not None:  # answered NOT_SERVING until the streams were done
+            await self.health_grpc.stop(0)
         await self.sidecar.close()
 
 
 async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
-    """Run one worker until SIGTERM or SIGINT, then stop gracefully."""
+    """Run one worker until SIGTERM or SIGINT, then stop in order (see ``_stop``)."""
     sidecar = Sidecar.build(config)
     await sidecar.start()
     server = Server(sidecar, config.server.host, config.server.port)
@@ -278,17 +361,37 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     try:
         await stop.wait()
     finally:
-        log.info("stopping: grace %.1fs", config.server.grace_period_s)
-        if usage_api is not None:
-            await usage_api.stop()
-        await server.stop(config.server.grace_period_s)
+        await _stop(config, server, usage_api)
         if metrics_server is not None:
             metrics_server.shutdown()
         log.info("stopped")
 
 
-def run_worker(config: Config) -> None:
+async def _stop(config: Config, server: Server, usage_api: UsageApi | None) -> None:
+    """The graceful stop, in order; each step logs one line.
+
+    1. Health answers NOT_SERVING; after ``server.drain_delay_s`` (Envoy's health check has moved
+       new requests to the other workers by then) no new stream is accepted, and streams in
+       flight may finish within the grace period.
+    2. Charges still settling run to completion; the Kuadrant queue is flushed.
+    3. The store closes, replaying what its spool holds.
+    4. The usage API stops last: it reads the store until the end.
+    """
+    grace = config.server.grace_period_s
+    await server.not_serving()
+    if config.server.drain_delay_s:
+        log.info("health NOT_SERVING: still serving for %.1fs", config.server.drain_delay_s)
+        await asyncio.sleep(config.server.drain_delay_s)
+    log.info("draining: no new streams, in-flight ones may finish within %.1fs", grace)
+    await server.stop(grace)
+    log.info("stopping the usage API")
+    if usage_api is not None:
+        await usage_api.stop()
+
+
+def run_worker(config: Config, index: int = 0) -> None:
     """Entry point of one worker process: uvloop when installed, else asyncio's loop."""
+    configure_logging(config.server.log_level, f"worker={index}")
     try:
         import uvloop
 
@@ -300,45 +403,27 @@ def run_worker(config: Config) -> None:
 
 
 def worker_config(config: Config, index: int) -> Config:
-    """Worker ``index`` listens on base+index, and its metrics on metrics_port+index.
+    """Worker ``index`` listens on port+index, metrics_port+index and health_port+index.
 
     Only worker 0 serves the usage API: it reads the shared store, so one listener is enough.
     """
     server = config.server
     metrics_port = server.metrics_port + index if server.metrics_port else 0
+    health_port = server.health_port + index if server.health_port else 0
     observability = config.observability
     if index:
         observability = replace(observability, usage_port=0)
+    server = replace(server, port=server.port + index, metrics_port=metrics_port, workers=1)
     return replace(
-        config,
-        server=replace(server, port=server.port + index, metrics_port=metrics_port, workers=1),
-        observability=observability,
+        config, server=replace(server, health_port=health_port), observability=observability
     )
 
 
+def _worker_main(config: Config, index: int) -> None:
+    run_worker(worker_config(config, index), index)
+
+
 def run(config: Config) -> int:
-    """Run ``server.workers`` worker processes, each on its own port; forward SIGTERM to them."""
-    if config.server.workers == 1:
-        run_worker(config)
-        return 0
-    context = multiprocessing.get_context("spawn")
-    workers = [
-        context.Process(target=run_worker, args=(worker_config(config, i),), name=f"worker-{i}")
-        for i in range(config.server.workers)
-    ]
-    for process in workers:
-        process.start()
-
-    def forward(signum: int, _frame: object) -> None:
-        for process in workers:
-            if process.pid is not None and process.is_alive():
-                with contextlib.suppress(ProcessLookupError):
-                    import os
-
-                    os.kill(process.pid, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for process in workers:
-        process.join()
-    return max((process.exitcode or 0) for process in workers)
+    """Run ``server.workers`` worker processes under a supervisor that restarts any that exits."""
+    configure_logging(config.server.log_level, "supervisor")
+    return Supervisor(config.server.workers, functools.partial(_worker_main, config)).run()

@@ -30,6 +30,9 @@ DEFAULT_LIMITS: dict[str, Limits] = {
 }
 
 
+DEFAULT_MAX_REQUEST_TOKENS = 1_000_000
+
+
 class Secret(str):
     """A string whose repr never shows its value (URLs keep their shape, passwords are masked)."""
 
@@ -49,16 +52,42 @@ def redact_url(url: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """TLS on the gRPC port (README "TLS on the gRPC port"); off while ``cert_file`` is empty."""
+
+    cert_file: str = ""
+    key_file: str = ""
+    client_ca_file: str = ""  # set: clients must present a certificate signed by this CA
+    require_client_cert: bool = False  # parsed: defaults to true when client_ca_file is set
+    # Subject alternative names (a SPIFFE URI, a DNS name) of which a client certificate must
+    # carry one; empty: any certificate client_ca_file signed.
+    client_names: tuple[str, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 9000
     workers: int = 1
     metrics_port: int = 9090  # 0: no metrics endpoint
     grace_period_s: float = 10.0
+    # On SIGTERM, health answers NOT_SERVING for this long while everything is still served, so
+    # Envoy's health check moves new streams away before the server stops accepting them. In a
+    # pod, the preStop sleep does this job instead.
+    drain_delay_s: float = 0.0
     log_level: str = "info"
     # Where admission runs: ext_authz Check (default), or inside the ext_proc stream (no
     # ext_authz filter: one gRPC stream per request instead of a unary call plus a stream).
     admission: Literal["ext_authz", "ext_proc"] = "ext_authz"
+    reflection: bool = True  # gRPC server reflection on the gRPC port (off in deploy/)
+    # A plaintext port serving grpc.health.v1 only, for probes that cannot speak (m)TLS such as
+    # the kubelet's; 0: off (health is always served on the gRPC port too).
+    health_port: int = 0
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +110,9 @@ class TiersConfig:
     configmap_namespace: str = "maas-api"
     configmap_name: str = "tier-to-group-mapping"
     maas_api_url: str = "http://maas-api.maas-api.svc.cluster.local:8080"
+    # https maas_api_url: the CA bundle (PEM) that signed maas-api's certificate, e.g. OpenShift's
+    # service CA on Open Data Hub; "" trusts the system's CAs.
+    maas_api_ca_file: str = ""
     cache_ttl_s: float = 300.0
 
 
@@ -98,8 +130,14 @@ class LimitsConfig:
     tiers: Mapping[str, Limits] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
     models: Mapping[str, Mapping[str, Limits]] = field(default_factory=dict)  # tier -> model -> ...
     window: Literal["fixed", "sliding"] = "fixed"
+    # Whose budget a request spends: the user's across every model ("user"), or the user's on
+    # the request's model route ("route"), as Kuadrant counts (one limit per HTTPRoute).
+    scope: Literal["user", "route"] = "user"
     default_reservation_tokens: int = 256
     reservation_tokens: Mapping[str, int] = field(default_factory=dict)  # per tier
+    # The largest token count believed anywhere: a client's max_tokens above it is a 400, an
+    # upstream's usage count above it is not trusted. Integers beyond it never reach a counter.
+    max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +147,9 @@ class StoreConfig:
     spool_size: int = 10_000
     retention_days: int = 90
     timeout_s: float = 0.5
+    # How long a settle's id is remembered (at least the longest token window is used): a replay
+    # of the same settle within it is ignored, and the spool never replays anything older.
+    dedupe_ttl_s: int = 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +158,12 @@ class AccountingConfig:
     hide_injected_usage: bool = False  # drop that usage chunk before it reaches the client
     chars_per_token: float = 4.0  # estimates: characters of text per token
     max_body_bytes: int = 8 << 20  # JSON bodies kept whole up to this; beyond, a bounded tail
+    # A gzip / deflate body inflating past this many times its compressed size (or past
+    # max_body_bytes) is a decompression bomb: decoding stops, its usage is not trusted.
+    max_decompression_ratio: int = 100
+    # At the end of a response, how long its last reply waits for the charge to land before it
+    # goes anyway; the charge itself always runs to completion (or to the spool).
+    settle_wait_s: float = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +198,13 @@ class KuadrantConfig:
     limit_name_template: str = "{tier}-user-tokens"  # the policy's limit for a tier ...
     limit_names: tuple[tuple[str, str], ...] = ()  # ... unless named here (tier -> limit name)
     route_template: str = "{namespace}/{name}-kserve-route"  # HTTPRoute of /<ns>/<name>/v1/...
+    # Body-model routes (POST /v1/... with the model in the body): each model's own HTTPRoute,
+    # watched (httproutes: watch), else named here (model -> "<namespace>/<name>"), else
+    # default_route.
+    model_routes: tuple[tuple[str, str], ...] = ()
     default_route: str = ""  # "<namespace>/<name>" of the HTTPRoute for body-model routes
+    httproutes: Literal["off", "watch"] = "off"  # watch KServe's llminferenceservice-router routes
+    model_header: str = "X-Gateway-Model-Name"  # the header KServe's model-routing rules match
     counter_expression: str = "auth.identity.userid"
     batch_interval_s: float = 0.2  # hits are summed per counter this long before one Report
     queue_size: int = 10_000  # charges waiting to be reported; beyond, the newest are dropped
@@ -211,7 +264,7 @@ def load(path: str | Path | None, environ: Mapping[str, str], *, serving: bool =
 def parse(raw: Mapping[str, Any], base_dir: str = ".", *, serving: bool = True) -> Config:
     _no_unknown(raw, "", {f.name for f in fields(Config)} - {"base_dir"})
     config = Config(
-        server=_section(ServerConfig, raw, "server"),
+        server=_server(raw.get("server")),
         identity=_section(IdentityConfig, raw, "identity"),
         tiers=_section(TiersConfig, raw, "tiers"),
         access=_access(raw.get("access")),
@@ -240,20 +293,27 @@ def _apply_environ(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
         "kuadrant": KuadrantConfig,
         "observability": ObservabilityConfig,
     }
-    known: dict[str, tuple[str, str]] = {}
+    known: dict[str, tuple[str, ...]] = {}
     for section, cls in simple.items():
         for f in fields(cls):
-            known[f"{ENV_PREFIX}{section}_{f.name}".upper()] = (section, f.name)
+            if f.name != "tls":  # a section of its own: MAAS_EXTPROC_SERVER_TLS_<KEY>
+                known[f"{ENV_PREFIX}{section}_{f.name}".upper()] = (section, f.name)
+    for f in fields(TlsConfig):
+        known[f"{ENV_PREFIX}SERVER_TLS_{f.name}".upper()] = ("server", "tls", f.name)
     known[f"{ENV_PREFIX}LIMITS_WINDOW"] = ("limits", "window")
+    known[f"{ENV_PREFIX}LIMITS_SCOPE"] = ("limits", "scope")
+    known[f"{ENV_PREFIX}LIMITS_MAX_REQUEST_TOKENS"] = ("limits", "max_request_tokens")
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX):
             continue
         if name not in known:
             raise ConfigError(name, "a known setting, e.g. MAAS_EXTPROC_STORE_URL")
-        section, key = known[name]
-        target = raw.setdefault(section, {})
-        if not isinstance(target, dict):
-            raise ConfigError(section, "a mapping", target)
+        *sections, key = known[name]
+        target = raw
+        for depth, section in enumerate(sections, 1):
+            target = target.setdefault(section, {})
+            if not isinstance(target, dict):
+                raise ConfigError(".".join(sections[:depth]), "a mapping", target)
         target[key] = yaml.safe_load(value) if value else value
 
 
@@ -364,9 +424,22 @@ def _tier_limits(key: str, value: object, base: Limits) -> Limits:
     return out
 
 
+# Counts stay exact as doubles (Lua numbers, Prometheus samples) below 2**53; a bound above
+# that could let a sum of two trusted counts lose its last digits.
+_MAX_BOUND = 2**52
+
+
 def _limits(value: object) -> LimitsConfig:
     raw = _mapping(value, "limits")
-    allowed = {"tiers", "models", "window", "default_reservation_tokens", "reservation_tokens"}
+    allowed = {
+        "tiers",
+        "models",
+        "window",
+        "scope",
+        "default_reservation_tokens",
+        "reservation_tokens",
+        "max_request_tokens",
+    }
     _no_unknown(raw, "limits.", allowed)
     defaults = LimitsConfig()
     tiers = dict(defaults.tiers)
@@ -380,25 +453,84 @@ def _limits(value: object) -> LimitsConfig:
     window = raw.get("window", defaults.window)
     if window not in ("fixed", "sliding"):
         raise ConfigError("limits.window", "fixed or sliding", window)
-    default_reservation = raw.get("default_reservation_tokens", defaults.default_reservation_tokens)
-    if isinstance(default_reservation, bool) or not isinstance(default_reservation, int):
+    scope = raw.get("scope", defaults.scope)
+    if scope not in ("user", "route"):
+        raise ConfigError("limits.scope", "user or route", scope)
+    bound = raw.get("max_request_tokens", defaults.max_request_tokens)
+    if isinstance(bound, bool) or not isinstance(bound, int) or not 1 <= bound <= _MAX_BOUND:
         raise ConfigError(
-            "limits.default_reservation_tokens", "a whole number", default_reservation
+            "limits.max_request_tokens", f"a whole number from 1 to {_MAX_BOUND}", bound
         )
+    within = f"a whole number from 0 to limits.max_request_tokens ({bound})"
+    default_reservation = raw.get("default_reservation_tokens", defaults.default_reservation_tokens)
+    if (
+        isinstance(default_reservation, bool)
+        or not isinstance(default_reservation, int)
+        or not 0 <= default_reservation <= bound
+    ):
+        raise ConfigError("limits.default_reservation_tokens", within, default_reservation)
     reservations: dict[str, int] = {}
     for tier, amount in _mapping(
         raw.get("reservation_tokens"), "limits.reservation_tokens"
     ).items():
-        if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
-            raise ConfigError(f"limits.reservation_tokens.{tier}", "a whole number >= 0", amount)
+        if isinstance(amount, bool) or not isinstance(amount, int) or not 0 <= amount <= bound:
+            raise ConfigError(f"limits.reservation_tokens.{tier}", within, amount)
         reservations[tier] = amount
     return LimitsConfig(
         tiers=tiers,
         models=models,
         window=window,
+        scope=scope,
         default_reservation_tokens=default_reservation,
         reservation_tokens=reservations,
+        max_request_tokens=bound,
     )
+
+
+def _server(value: object) -> ServerConfig:
+    raw = dict(_mapping(value, "server"))
+    tls = _tls(_mapping(raw.pop("tls", None), "server.tls"))
+    return replace(_section(ServerConfig, {"server": raw}, "server"), tls=tls)
+
+
+def _tls(raw: Mapping[str, Any]) -> TlsConfig:
+    """``server.tls``; the files themselves are read and checked by ``extproc.tls``."""
+    values = dict(raw)
+    require = values.pop("require_client_cert", None)
+    config = _section(TlsConfig, {"server.tls": values}, "server.tls")
+    if require is None:
+        require = bool(config.client_ca_file)
+    if not isinstance(require, bool):
+        raise ConfigError("server.tls.require_client_cert", "true or false", require)
+    config = replace(config, require_client_cert=require)
+    if config.cert_file and not config.key_file:
+        raise ConfigError("server.tls.key_file", "a key file when server.tls.cert_file is set")
+    if config.key_file and not config.cert_file:
+        raise ConfigError("server.tls.cert_file", "a certificate file when key_file is set")
+    if config.client_ca_file and not config.cert_file:
+        raise ConfigError(
+            "server.tls.cert_file", "a certificate file when server.tls.client_ca_file is set"
+        )
+    if config.require_client_cert and not config.client_ca_file:
+        raise ConfigError(
+            "server.tls.require_client_cert",
+            "false unless server.tls.client_ca_file names the CA of the client certificates",
+            True,
+        )
+    if config.client_ca_file and not config.require_client_cert:
+        # grpc either requires and verifies a client certificate or never asks for one.
+        raise ConfigError(
+            "server.tls.require_client_cert",
+            "true when server.tls.client_ca_file is set (grpc cannot verify optional ones)",
+            False,
+        )
+    if config.client_names and not config.require_client_cert:
+        raise ConfigError(
+            "server.tls.client_names", "empty unless server.tls.client_ca_file is set"
+        )
+    if any(not name for name in config.client_names):
+        raise ConfigError("server.tls.client_names", "non-empty names", list(config.client_names))
+    return config
 
 
 def _access(value: object) -> AccessConfig:
@@ -416,7 +548,8 @@ def _access(value: object) -> AccessConfig:
 def _kuadrant(value: object) -> KuadrantConfig:
     raw = dict(_mapping(value, "kuadrant"))
     limit_names = _mapping(raw.pop("limit_names", None), "kuadrant.limit_names")
-    for key in ("mode", "policies"):
+    model_routes = _mapping(raw.pop("model_routes", None), "kuadrant.model_routes")
+    for key in ("mode", "policies", "httproutes"):
         if raw.get(key) is False:  # YAML 1.1 reads a bare `off` as false
             raw[key] = "off"
     config = _section(KuadrantConfig, {"kuadrant": raw}, "kuadrant")
@@ -425,7 +558,12 @@ def _kuadrant(value: object) -> KuadrantConfig:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"kuadrant.limit_names.{tier}", "a limit name of the policy", name)
         pairs.append((str(tier), name))
-    config = replace(config, limit_names=tuple(pairs))
+    routes: list[tuple[str, str]] = []
+    for model, route in model_routes.items():
+        if not _namespaced_name(route):
+            raise ConfigError(f"kuadrant.model_routes.{model}", "a '<namespace>/<name>'", route)
+        routes.append((str(model), route))
+    config = replace(config, limit_names=tuple(pairs), model_routes=tuple(routes))
     if "{tier}" not in config.limit_name_template:
         raise ConfigError(
             "kuadrant.limit_name_template", "a template with {tier}", config.limit_name_template
@@ -440,10 +578,10 @@ def _kuadrant(value: object) -> KuadrantConfig:
             "'<namespace part>/<name part>' using {namespace} and {name}",
             config.route_template,
         )
-    if config.default_route and (
-        config.default_route.count("/") != 1 or not all(config.default_route.split("/"))
-    ):
+    if config.default_route and not _namespaced_name(config.default_route):
         raise ConfigError("kuadrant.default_route", "'' or '<namespace>/<name>'")
+    if not config.model_header:
+        raise ConfigError("kuadrant.model_header", "a header name", config.model_header)
     if config.mode != "off" and not config.limitador_grpc:
         raise ConfigError("kuadrant.limitador_grpc", "host:port when kuadrant.mode is not off")
     if config.batch_interval_s <= 0:
@@ -451,6 +589,11 @@ def _kuadrant(value: object) -> KuadrantConfig:
     if config.queue_size < 1:
         raise ConfigError("kuadrant.queue_size", "a whole number >= 1", config.queue_size)
     return config
+
+
+def _namespaced_name(value: object) -> bool:
+    """Whether ``value`` is ``<namespace>/<name>`` with both parts non-empty."""
+    return isinstance(value, str) and value.count("/") == 1 and all(value.split("/"))
 
 
 def _check(config: Config, serving: bool) -> None:
@@ -465,6 +608,10 @@ def _check(config: Config, serving: bool) -> None:
         raise ConfigError("server.port", "a port from 1 to 65535", config.server.port)
     if config.server.metrics_port > 65535:
         raise ConfigError("server.metrics_port", "a port from 0 to 65535")
+    if config.server.health_port > 65535 or config.server.health_port == config.server.port:
+        raise ConfigError(
+            "server.health_port", "0 or a port from 1 to 65535 other than server.port"
+        )
     if config.observability.usage_port > 65535:
         raise ConfigError("observability.usage_port", "a port from 0 to 65535")
     scheme = urllib.parse.urlsplit(str(config.store.url)).scheme
@@ -481,10 +628,18 @@ def _check(config: Config, serving: bool) -> None:
             "memory://, redis://, rediss:// (or +cluster / +sentinel)",
             redact_url(str(config.store.url)),
         )
+    if config.tiers.maas_api_ca_file and not config.tiers.maas_api_url.startswith("https://"):
+        raise ConfigError("tiers.maas_api_ca_file", "empty unless tiers.maas_api_url is https://")
     if config.store.spool_size < 1:
         raise ConfigError("store.spool_size", "a whole number >= 1", config.store.spool_size)
     if config.store.retention_days < 1:
         raise ConfigError("store.retention_days", "a whole number >= 1")
+    if config.accounting.max_decompression_ratio < 1:
+        raise ConfigError(
+            "accounting.max_decompression_ratio",
+            "a whole number >= 1",
+            config.accounting.max_decompression_ratio,
+        )
     if config.accounting.hide_injected_usage and not config.accounting.inject_include_usage:
         raise ConfigError(
             "accounting.hide_injected_usage", "false unless accounting.inject_include_usage is true"

@@ -43,6 +43,9 @@ class Usage:
 
     "Not reported" is kept apart from 0 so that a missing field is never charged as free.
     ``estimated`` marks usage we computed ourselves because the upstream reported none.
+    ``invalid`` says why the upstream reported numbers we cannot trust ("" when we can): a
+    count that is negative, a fraction, not a number, not finite or above the configured bound,
+    or a body that inflated past the decompression cap. Its numbers are then all ``None``.
     """
 
     prompt_tokens: int | None = None
@@ -51,6 +54,7 @@ class Usage:
     cached_tokens: int | None = None
     reasoning_tokens: int | None = None
     estimated: bool = False
+    invalid: str = ""  # one of UNTRUSTED_REASONS
 
     @property
     def reported(self) -> bool:
@@ -75,7 +79,19 @@ class Usage:
             cached_tokens=_pick(newer.cached_tokens, self.cached_tokens),
             reasoning_tokens=_pick(newer.reasoning_tokens, self.reasoning_tokens),
             estimated=self.estimated or newer.estimated,
+            invalid=self.invalid or newer.invalid,
         )
+
+
+# Why upstream usage is not trusted: the ``reason`` label of maas_upstream_usage_invalid_total.
+UNTRUSTED_REASONS = (
+    "negative",  # a count below 0
+    "fraction",  # a number with a fractional part
+    "not_a_number",  # a string, a bool, an array or an object where a count belongs
+    "not_finite",  # NaN
+    "too_large",  # above limits.max_request_tokens, infinite, or a literal too long to read
+    "decompression_bomb",  # the compressed body inflated past the ratio or size cap
+)
 
 
 def _pick(first: int | None, second: int | None) -> int | None:
@@ -92,7 +108,9 @@ class Outcome(enum.Enum):
     SPOOFED = "spoofed"  # 403: client sent X-MaaS-* headers (only when configured to reject)
     RATE_LIMITED = "rate_limited"  # 429: request limit
     TOKEN_LIMITED = "token_limited"  # 429: token limit
+    BAD_REQUEST = "bad_request"  # 400: a token bound the client sent is not a count we accept
     UNAVAILABLE = "unavailable"  # 503: a dependency failed and policy is fail-closed
+    INTERNAL_ERROR = "internal_error"  # 500: a bug of ours; logged in one line, counted
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +122,9 @@ class Decision:
     identity: Identity | None = None
     tier: Tier | None = None
     model: str = ""
+    route: str = (
+        ""  # "<namespace>/<name>" of the HTTPRoute (Kuadrant's limit namespace); "" unknown
+    )
     charged: bool = False  # whether the route is metered (completions-like POST)
     reserved_tokens: int = 0
     token_windows: tuple[int, ...] = ()  # start of each token window the reservation went into
@@ -115,6 +136,8 @@ class Decision:
     strip_headers: tuple[str, ...] = ()  # client-sent X-MaaS-* headers to remove
     inject_usage: bool = False  # ext_proc rewrites the request to ask the stream for usage
     prompt_estimate: int = 0  # prompt tokens estimated from the request, for missing usage
+    request_id: str = ""  # set when the request is admitted to a charged route
+    admitted_ms: int = 0  # the admission clock (its day holds the reservation until settled)
 
     @property
     def allowed(self) -> bool:
@@ -133,4 +156,7 @@ class Charge:
     token_windows: tuple[int, ...] = ()
     status: int = 200
     disconnected: bool = False
-    path: str = ""  # the request path, which names the model route (for Kuadrant's domain)
+    path: str = ""  # the request path
+    route: str = ""  # the HTTPRoute admission counted the request in (Kuadrant's domain)
+    request_id: str = ""  # the admission's id: a settle with an id already applied is ignored
+    admitted_ms: int = 0  # 0: not admitted with a reservation (nothing unsettled to clear)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from extproc.authz.api_keys import ApiKeyIdentities
 from extproc.authz.base import AllowAll
 from extproc.authz.tiers import FileTiers
 from extproc.config import Config, load
+from extproc.kuadrant.route_map import RouteDomains
 from extproc.limits.limiter import Limiter
 from extproc.routes import RouteTable
 from extproc.store.memory import MemoryStore
@@ -56,5 +58,16 @@ def build_admission(
         limiter,
         spoofed_headers=config.routes.spoofed_headers,
         store_failure=config.store.failure_policy,
+        route_of=RouteDomains(config.kuadrant, config.access.body_models).domain,
+        max_request_tokens=config.limits.max_request_tokens,
     )
     return admission, limiter, store
+
+
+async def eventually(condition: Callable[[], bool], what: str) -> None:
+    """Wait for a condition another thread brings about (a bounded poll, not a timing assertion)."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never happened: {what}")

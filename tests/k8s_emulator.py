@@ -1,10 +1,20 @@
 """A local Kubernetes API server over HTTPS: TokenReview, SubjectAccessReview, watched ConfigMaps
-and watched custom objects (e.g. Kuadrant policies).
+and watched custom objects (e.g. Kuadrant policies, HTTPRoutes), namespaced or cluster-wide.
 
 It speaks the real JSON shapes so the official ``kubernetes`` client reaches it through a kubeconfig
 (``write_kubeconfig``). Tests script it live: tokens, RBAC rules, ConfigMap contents, custom
 objects (``define_custom``, ``put_custom``, ``delete_custom``), failures (``fail_with(503)``,
-``down()`` / ``up()``), and read request counters per endpoint.
+``down()`` / ``up()``), and read request counters per endpoint and ``audit``: each request as
+the API server's authorizer sees it (verb, group, resource, namespace, name).
+
+Malformed requests get the API server's answers, each a ``Status`` object
+(k8s.io/apimachinery ``pkg/api/errors/errors.go``: ``NewBadRequest`` 400, ``NewInvalid`` 422):
+a TokenReview without ``spec.token`` (kubernetes ``pkg/registry/authentication/tokenreview/
+storage.go``), a SubjectAccessReview without exactly one of ``resourceAttributes`` /
+``nonResourceAttributes``, without user and groups, or with metadata (``pkg/apis/authorization/
+validation/validation.go``), a body that is not the expected kind, a field selector on a field
+other than ``metadata.name`` / ``metadata.namespace`` ("field label not supported", as for
+custom resources without selectable fields), or a label selector that does not parse.
 """
 
 from __future__ import annotations
@@ -15,16 +25,17 @@ import contextlib
 import copy
 import itertools
 import json
+import re
 import secrets
 import ssl
 import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 from aiohttp import web
@@ -58,6 +69,25 @@ class AllowRule:
     verb: str = "post"
     group: str = "serving.kserve.io"
     resource: str = "llminferenceservices"
+
+
+class ApiRequest(NamedTuple):
+    """One request as RBAC authorizes it: list and watch with a ``metadata.name`` field selector
+    are authorized for that name (what lets ``resourceNames`` restrict them)."""
+
+    verb: str  # create, get, list, watch
+    group: str  # "" for the core group
+    resource: str
+    namespace: str  # "" for cluster-scoped resources and cluster-wide lists
+    name: str = ""
+
+
+class Refused(Exception):
+    """A request the API server answers with a Status instead of doing it."""
+
+    def __init__(self, code: int, reason: str, message: str, details: Json | None = None) -> None:
+        super().__init__(message)
+        self.response = _status(code, reason, message, details)
 
 
 @dataclass
@@ -128,6 +158,7 @@ class KubeEmulator:
         self.workdir = workdir
         self.clock = clock
         self.counts: Counter[str] = Counter()
+        self.audit: list[ApiRequest] = []  # every authenticated request, in order
         self.access_reviews: list[Json] = []  # SubjectAccessReview specs received, in order
         self.port = 0
         self._state = _State()
@@ -362,7 +393,7 @@ class KubeEmulator:
     async def _serve(self) -> None:
         if self._runner is not None:
             return
-        app = web.Application()
+        app = web.Application(middlewares=[_refusals])
         app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self._token_review)
         app.router.add_post(
             "/apis/authorization.k8s.io/v1/subjectaccessreviews", self._access_review
@@ -372,6 +403,7 @@ class KubeEmulator:
         custom = "/apis/{group}/{version}/namespaces/{ns}/{plural}"
         app.router.add_get(custom, self._list_custom)
         app.router.add_get(custom + "/{name}", self._get_custom)
+        app.router.add_get("/apis/{group}/{version}/{plural}", self._list_custom)
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(self._cert, self._key)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
@@ -387,24 +419,47 @@ class KubeEmulator:
         runner, self._runner = self._runner, None
         await runner.cleanup()
 
-    def _refusal(self, request: web.Request) -> web.Response | None:
+    def _admit(self, request: web.Request, asked: ApiRequest) -> None:
+        """Authenticate the caller (the sidecar's own token), fail when told to, then record the
+        request as the authorizer sees it."""
         if request.headers.get("Authorization") != f"Bearer {CLIENT_TOKEN}":
-            return _status(401, "Unauthorized", "Unauthorized")
+            raise Refused(401, "Unauthorized", "Unauthorized")
         with self._lock:
             failing = self._state.fail_status
         if failing is not None:
-            return _status(failing, "ServiceUnavailable", "the emulator was told to fail")
-        return None
+            raise Refused(failing, "ServiceUnavailable", "the emulator was told to fail")
+        self.audit.append(asked)
+
+    async def _body(self, request: web.Request, kind: str, api_version: str) -> Json:
+        """The request's object, refused as the API server's decoder refuses it."""
+        try:
+            body = json.loads(await request.read())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise Refused(
+                400, "BadRequest", f"the request body could not be decoded: {exc}"
+            ) from None
+        if not isinstance(body, dict):
+            raise Refused(400, "BadRequest", f"the object provided is unrecognized: {body!r}")
+        if body.get("kind", kind) != kind or body.get("apiVersion", api_version) != api_version:
+            raise Refused(
+                400,
+                "BadRequest",
+                f"the object provided is unrecognized (must be of type {kind}): "
+                f"{body.get('apiVersion')}, Kind={body.get('kind')}",
+            )
+        return body
 
     async def _token_review(self, request: web.Request) -> web.Response:
         self.counts["tokenreviews"] += 1
-        if refused := self._refusal(request):
-            return refused
-        review: Json = await request.json()
+        self._admit(request, ApiRequest("create", "authentication.k8s.io", "tokenreviews", ""))
+        review = await self._body(request, "TokenReview", "authentication.k8s.io/v1")
         spec = review.get("spec") or {}
+        token = spec.get("token")
+        if not isinstance(token, str) or not token:
+            raise Refused(400, "BadRequest", "token is required for TokenReview in authentication")
         wanted = list(spec.get("audiences") or [API_SERVER_AUDIENCE])
         with self._lock:
-            known = self._state.tokens.get(str(spec.get("token", "")))
+            known = self._state.tokens.get(token)
         status: Json
         if known is None:
             status = {"user": {}, "error": "[invalid bearer token, token lookup failed]"}
@@ -437,10 +492,12 @@ class KubeEmulator:
 
     async def _access_review(self, request: web.Request) -> web.Response:
         self.counts["subjectaccessreviews"] += 1
-        if refused := self._refusal(request):
-            return refused
-        review: Json = await request.json()
+        self._admit(
+            request, ApiRequest("create", "authorization.k8s.io", "subjectaccessreviews", "")
+        )
+        review = await self._body(request, "SubjectAccessReview", "authorization.k8s.io/v1")
         spec = review.get("spec") or {}
+        _validate_access_review(review, spec)
         self.access_reviews.append(spec)
         attrs = spec.get("resourceAttributes") or {}
         subjects = {spec.get("user", "")} | {f"group:{g}" for g in spec.get("groups") or []}
@@ -469,9 +526,8 @@ class KubeEmulator:
 
     async def _get_config_map(self, request: web.Request) -> web.Response:
         self.counts["configmap_get"] += 1
-        if refused := self._refusal(request):
-            return refused
         ns, name = request.match_info["ns"], request.match_info["name"]
+        self._admit(request, ApiRequest("get", "", "configmaps", ns, name))
         with self._lock:
             obj = self._state.objects.get((CONFIG_MAPS, ns, name))
         if obj is None:
@@ -493,8 +549,10 @@ class KubeEmulator:
         info = request.match_info
         if kind is None:  # no such CRD installed
             self.counts[f"{info['plural']}_unknown"] += 1
-            if refused := self._refusal(request):
-                return refused
+            verb = "watch" if _watching(request) else "list"
+            self._admit(
+                request, ApiRequest(verb, info["group"], info["plural"], info.get("ns", ""))
+            )
             return _status(404, "NotFound", "the server could not find the requested resource")
         api_version = f"{info['group']}/{info['version']}"
         return await self._list_or_watch(request, collection, info["plural"], api_version, kind)
@@ -503,8 +561,9 @@ class KubeEmulator:
         collection, kind = self._custom_kind(request)
         info = request.match_info
         self.counts[f"{info['plural']}_get"] += 1
-        if refused := self._refusal(request):
-            return refused
+        self._admit(
+            request, ApiRequest("get", info["group"], info["plural"], info["ns"], info["name"])
+        )
         with self._lock:
             obj = self._state.objects.get((collection, info["ns"], info["name"]))
         if kind is None or obj is None:
@@ -515,18 +574,35 @@ class KubeEmulator:
     async def _list_or_watch(
         self, request: web.Request, collection: str, counter: str, api_version: str, kind: str
     ) -> web.StreamResponse:
-        """A namespaced list (``<Kind>List``) or, with ``?watch=true``, a watch of one collection;
-        counted as ``<counter>_list`` / ``<counter>_watch``."""
-        watching = request.query.get("watch") in ("true", "1")
+        """A list (``<Kind>List``) or, with ``?watch=true``, a watch of one collection, in one
+        namespace or (no ``ns`` in the URL) across the cluster; counted as ``<counter>_list`` /
+        ``<counter>_watch``."""
+        watching = _watching(request)
         self.counts[f"{counter}_watch" if watching else f"{counter}_list"] += 1
-        if refused := self._refusal(request):
-            return refused
-        ns = request.match_info["ns"]
-        wanted = _field_selector_name(request.query.get("fieldSelector", ""))
+        ns = request.match_info.get("ns", "")
+        group_version, _, resource = collection.rpartition("/")
+        group = group_version.rpartition("/")[0]  # "v1" (core) has no group
+        self._admit(
+            request,
+            ApiRequest(
+                "watch" if watching else "list",
+                group,
+                resource,
+                ns,
+                _selected_name(request.query.get("fieldSelector", "")),
+            ),
+        )
+        fields = _field_selector(request.query.get("fieldSelector", ""))
+        labels = _label_selector(request.query.get("labelSelector", ""))
 
         def matches(obj: Json) -> bool:
             meta = obj["metadata"]
-            return bool(meta["namespace"] == ns and wanted in (None, meta["name"]))
+            values = {"metadata.name": meta["name"], "metadata.namespace": meta["namespace"]}
+            if ns and meta["namespace"] != ns:
+                return False
+            if not all((values[name] == value) == equal for name, equal, value in fields):
+                return False
+            return all(test(meta.get("labels") or {}) for test in labels)
 
         if watching:
             return await self._watch(request, collection, matches)
@@ -607,16 +683,164 @@ def _collection(group: str, version: str, plural: str) -> str:
     return f"{group}/{version}/{plural}"
 
 
-def _field_selector_name(selector: str) -> str | None:
+@web.middleware
+async def _refusals(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """A refused request answers with its Status, whatever the handler was doing."""
+    try:
+        return await handler(request)
+    except Refused as refused:
+        return refused.response
+
+
+def _watching(request: web.Request) -> bool:
+    return request.query.get("watch") in ("true", "1")
+
+
+_SELECTABLE = ("metadata.name", "metadata.namespace")
+# A qualified label key (optional DNS prefix) or value; k8s.io/apimachinery validation, in short.
+_LABEL_KEY = re.compile(
+    r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+_SET_TERM = re.compile(r"^(\S+)\s+(in|notin)\s+\(([^()]*)\)$")
+
+
+def _field_selector(selector: str) -> list[tuple[str, bool, str]]:
+    """(field, equal, value) terms; 400 for a malformed term or a field custom resources and
+    ConfigMaps cannot be selected on (only metadata.name and metadata.namespace)."""
+    terms: list[tuple[str, bool, str]] = []
     for term in filter(None, selector.split(",")):
-        key, _, value = term.replace("==", "=").partition("=")
-        if key == "metadata.name":
+        for op in ("!=", "==", "="):
+            if op in term:
+                name, _, value = term.partition(op)
+                break
+        else:
+            raise Refused(
+                400, "BadRequest", f"invalid selector: '{selector}'; can't understand '{term}'"
+            )
+        if name not in _SELECTABLE:
+            raise Refused(400, "BadRequest", f"field label not supported: {name}")
+        terms.append((name, op != "!=", value))
+    return terms
+
+
+def _selected_name(selector: str) -> str:
+    """The one object a ``metadata.name=<name>`` field selector names ("" when none): RBAC
+    authorizes such a list or watch as a request for that name."""
+    for term in filter(None, selector.split(",")):
+        name, op, value = term.replace("==", "=").partition("=")
+        if op and name == "metadata.name" and not name.endswith("!"):
             return value
-    return None
+    return ""
 
 
-def _status_body(code: int, reason: str, message: str) -> Json:
-    return {
+def _label_selector(selector: str) -> list[Callable[[dict[str, str]], bool]]:
+    """Label requirements (``k``, ``!k``, ``k=v``, ``k==v``, ``k!=v``, ``k in (a,b)``,
+    ``k notin (a,b)``); 400 for one that does not parse."""
+    tests: list[Callable[[dict[str, str]], bool]] = []
+    for term in _split_outside_parentheses(selector):
+        term = term.strip()
+        requirement = _requirement(term)
+        if requirement is None:
+            raise Refused(400, "BadRequest", f"unable to parse requirement: {term!r}")
+        tests.append(requirement)
+    return tests
+
+
+def _split_outside_parentheses(text: str) -> list[str]:
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    if current or parts:
+        parts.append(current)
+    return [part for part in parts if part.strip()] if text else []
+
+
+def _requirement(term: str) -> Callable[[dict[str, str]], bool] | None:
+    if match := _SET_TERM.match(term):
+        key, op = match[1], match[2]
+        values = {v.strip() for v in match[3].split(",")}
+        if not _LABEL_KEY.match(key) or not all(_LABEL_VALUE.match(v) for v in values):
+            return None
+        if op == "in":
+            return lambda labels: labels.get(key) in values
+        return lambda labels: labels.get(key) not in values
+    for op in ("!=", "==", "="):
+        if op in term:
+            key, _, value = (part.strip() for part in term.partition(op))
+            if not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
+                return None
+            if op == "!=":
+                return lambda labels: labels.get(key) != value
+            return lambda labels: labels.get(key) == value
+    negated = term.startswith("!")
+    key = term[1:].strip() if negated else term
+    if not _LABEL_KEY.match(key):
+        return None
+    return (lambda labels: key not in labels) if negated else (lambda labels: key in labels)
+
+
+def _validate_access_review(review: Json, spec: Json) -> None:
+    """422 Invalid for what ``ValidateSubjectAccessReview`` refuses, every error at once."""
+    errors: list[tuple[str, object, str]] = []
+    resource, non_resource = spec.get("resourceAttributes"), spec.get("nonResourceAttributes")
+    if resource is not None and non_resource is not None:
+        errors.append(
+            (
+                "spec.nonResourceAttributes",
+                non_resource,
+                "cannot be specified in combination with resourceAttributes",
+            )
+        )
+    if resource is None and non_resource is None:
+        errors.append(
+            (
+                "spec.resourceAttributes",
+                None,
+                "exactly one of nonResourceAttributes or resourceAttributes must be specified",
+            )
+        )
+    if not spec.get("user") and not spec.get("groups"):
+        errors.append(
+            ("spec.user", spec.get("user", ""), "at least one of user or group must be specified")
+        )
+    metadata = {k: v for k, v in (review.get("metadata") or {}).items() if k != "managedFields"}
+    if any(v not in (None, "", {}, []) for v in metadata.values()):
+        errors.append(("metadata", metadata, "must be empty"))
+    if not errors:
+        return
+    causes = [
+        {
+            "reason": "FieldValueInvalid",
+            "message": f"Invalid value: {json.dumps(value)}: {detail}",
+            "field": where,
+        }
+        for where, value, detail in errors
+    ]
+    texts = [f"{c['field']}: {c['message']}" for c in causes]
+    aggregate = texts[0] if len(texts) == 1 else "[" + ", ".join(texts) + "]"
+    raise Refused(
+        422,
+        "Invalid",
+        f'SubjectAccessReview.authorization.k8s.io "" is invalid: {aggregate}',
+        {
+            "group": "authorization.k8s.io",
+            "kind": "SubjectAccessReview",
+            "name": "",
+            "causes": causes,
+        },
+    )
+
+
+def _status_body(code: int, reason: str, message: str, details: Json | None = None) -> Json:
+    body: Json = {
         "kind": "Status",
         "apiVersion": "v1",
         "metadata": {},
@@ -625,7 +849,10 @@ def _status_body(code: int, reason: str, message: str) -> Json:
         "reason": reason,
         "code": code,
     }
+    if details is not None:
+        body["details"] = details
+    return body
 
 
-def _status(code: int, reason: str, message: str) -> web.Response:
-    return web.json_response(_status_body(code, reason, message), status=code)
+def _status(code: int, reason: str, message: str, details: Json | None = None) -> web.Response:
+    return web.json_response(_status_body(code, reason, message, details), status=code)

@@ -1,21 +1,32 @@
 """A local Limitador: Kuadrant's RateLimitService (CheckRateLimit, Report) and ``GET /limits/<ns>``.
 
-It keeps Limitador's documented semantics: limits in its JSON shape (``namespace, max_value,
-seconds, name, conditions, variables``), a limit applies when every condition holds on
-``descriptors[0]`` and every variable is present there; a counter per (limit, variable values) in a
-fixed window that starts at its first hit; ``Report`` adds ``hits_addend`` unconditionally (0 counts
-as 1); ``CheckRateLimit`` adds nothing and answers OVER_LIMIT when counter + 1 > max. It runs on its
-own thread and loop, so synchronous tests and other processes can both reach it; ``fail(True)``
-makes both RPCs answer UNAVAILABLE, as Limitador does when its storage fails.
+Written from Limitador's own format, never from the sidecar's parsers, so the two can disagree.
+Limits have Limitador's JSON shape (``id, namespace, max_value, seconds, name, conditions,
+variables``: Kuadrant/limitador ``limitador-server/src/http_api/request_types.rs`` at 2981b2bd).
+Since Limitador 2 a condition is a CEL predicate and a variable a CEL expression over
+``descriptors``, the request's descriptors as a list of maps (``limitador/src/limit/cel.rs``,
+``limitador-server/src/envoy_rls/server.rs``). This emulator evaluates the part of CEL those
+limits use: a descriptor entry read as ``descriptors[i]["k"]``, ``descriptors[i]['k']`` or
+``descriptors[i].k``, compared with ``==`` or ``!=`` to a string literal. A limit written with any
+other CEL is refused when set, so a test never relies on an emulator that guesses.
+
+Semantics (``limitador/src/limit.rs``, ``lib.rs``): a limit applies when every condition is true
+(an entry that is not there makes it false); it is counted only when every variable resolves; a
+counter per (limit, variable values) in a fixed window that starts at its first hit; ``Report``
+adds ``hits_addend`` unconditionally (0 counts as 1); ``CheckRateLimit`` adds nothing and answers
+OVER_LIMIT when counter + 1 > max (``kuadrant_service.rs``: ``is_rate_limited(.., 1)``). An empty
+domain answers UNKNOWN. It runs on its own thread and loop, so synchronous tests and other
+processes can both reach it; ``fail(True)`` makes both RPCs answer UNAVAILABLE, as Limitador
+does when its storage fails.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
-import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,10 +34,71 @@ import grpc
 from aiohttp import web
 from envoy.service.ratelimit.v3 import rls_pb2
 
-from extproc.kuadrant import service
-from extproc.kuadrant.descriptors import parse_condition, parse_variable
+# The stubs generated from our declaration of Kuadrant's service (protos/): the wire, no parser.
+from extproc._gen.kuadrant.service.ratelimit.v1 import ratelimit_pb2_grpc
 
 Json = dict[str, Any]
+Descriptors = Sequence[dict[str, str]]
+
+# CEL, the small part Kuadrant's limits use (https://github.com/google/cel-spec, langdef.md).
+_STRING = r"""(?:"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')"""
+_ACCESS = re.compile(
+    rf"""^descriptors\s*\[\s*(\d+)\s*\](?:\s*\[\s*({_STRING})\s*\]|\.([A-Za-z_][A-Za-z0-9_]*))$"""
+)
+_TOKEN = re.compile(rf"{_STRING}|==|!=|[^\"'=!]+|[=!]")
+_LITERAL = re.compile(rf"^{_STRING}$")
+
+
+def _unquote(literal: str) -> str:
+    return re.sub(r"\\(.)", r"\1", literal[1:-1])
+
+
+@dataclass(frozen=True)
+class Access:
+    """``descriptors[index][key]``: the entry's value, or None when it is not there."""
+
+    index: int
+    key: str
+
+    @classmethod
+    def parse(cls, text: str) -> Access:
+        match = _ACCESS.match(text.strip())
+        if match is None:
+            raise ValueError(f"not a descriptor entry the emulator evaluates: {text!r}")
+        return cls(int(match[1]), _unquote(match[2]) if match[2] else match[3])
+
+    def resolve(self, descriptors: Descriptors) -> str | None:
+        if self.index >= len(descriptors):
+            return None
+        return descriptors[self.index].get(self.key)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """``<entry> == "<v>"`` or ``!=``, either side first; false when the entry is not there."""
+
+    access: Access
+    equal: bool
+    value: str
+
+    @classmethod
+    def parse(cls, text: str) -> Condition:
+        tokens = _TOKEN.findall(text)
+        ops = [i for i, token in enumerate(tokens) if token in ("==", "!=")]
+        if "".join(tokens) != text or len(ops) != 1:
+            raise ValueError(f"not one comparison the emulator evaluates: {text!r}")
+        left = "".join(tokens[: ops[0]]).strip()
+        op = tokens[ops[0]]
+        right = "".join(tokens[ops[0] + 1 :]).strip()
+        if _LITERAL.match(left):
+            left, right = right, left
+        if not _LITERAL.match(right):
+            raise ValueError(f"not a comparison with a string literal: {text!r}")
+        return cls(Access.parse(left), op == "==", _unquote(right))
+
+    def holds(self, descriptors: Descriptors) -> bool:
+        found = self.access.resolve(descriptors)
+        return found is not None and (found == self.value) == self.equal
 
 
 @dataclass
@@ -45,11 +117,61 @@ class Received:
     hits: int
 
 
+@dataclass(frozen=True)
+class Limit:
+    """A limit as set, parsed once. Its identity (Limitador hashes namespace, seconds, conditions
+    and variables, not max_value) keys its counters, so replacing the limits keeps them."""
+
+    raw: Json
+    conditions: tuple[Condition, ...]
+    variables: tuple[Access, ...]
+
+    @classmethod
+    def parse(cls, raw: Json) -> Limit:
+        return cls(
+            dict(raw),
+            tuple(Condition.parse(c) for c in raw.get("conditions") or ()),
+            tuple(Access.parse(v) for v in raw.get("variables") or ()),
+        )
+
+    @property
+    def identity(self) -> tuple[object, ...]:
+        raw = self.raw
+        return (
+            raw["namespace"],
+            int(raw["seconds"]),
+            frozenset(raw.get("conditions") or ()),
+            frozenset(raw.get("variables") or ()),
+        )
+
+    def values(self, descriptors: Descriptors) -> tuple[str, ...] | None:
+        """The counter's variable values when the limit applies and is counted, else None."""
+        if not all(condition.holds(descriptors) for condition in self.conditions):
+            return None
+        values = [access.resolve(descriptors) for access in self.variables]
+        if any(value is None for value in values):
+            return None  # a variable that does not resolve: no counter (Counter::new -> None)
+        return tuple(value for value in values if value is not None)
+
+    def as_listed(self) -> Json:
+        """``GET /limits/<ns>``'s shape: every field, absent optional ones as null."""
+        raw = self.raw
+        return {
+            "id": raw.get("id"),
+            "namespace": raw["namespace"],
+            "max_value": int(raw["max_value"]),
+            "seconds": int(raw["seconds"]),
+            "name": raw.get("name"),
+            "conditions": list(raw.get("conditions") or ()),
+            "variables": list(raw.get("variables") or ()),
+        }
+
+
 @dataclass
 class LimitadorEmulator:
     clock: Callable[[], float] = time.monotonic
-    limits: list[Json] = field(default_factory=list)
-    windows: dict[tuple[int, tuple[str, ...]], Window] = field(default_factory=dict)
+    limits: list[Limit] = field(default_factory=list)
+    windows: dict[tuple[tuple[object, ...], tuple[str, ...]], Window] = field(default_factory=dict)
     reports: list[Received] = field(default_factory=list)
     checks: int = 0
     grpc_port: int = 0
@@ -63,9 +185,11 @@ class LimitadorEmulator:
     # ------------------------------------------------------------------ scripting from tests
 
     def set_limits(self, limits: Iterable[Json]) -> None:
-        """Replace the limits (Limitador's JSON shape); counters are kept, as Limitador does."""
+        """Replace the limits (Limitador's JSON shape); counters are kept, as Limitador does.
+        A condition or variable outside the CEL this emulator evaluates raises ValueError."""
+        parsed = [Limit.parse(limit) for limit in limits]
         with self._lock:
-            self.limits = [dict(limit) for limit in limits]
+            self.limits = parsed
 
     def fail(self, failing: bool) -> None:
         """True: every RPC answers UNAVAILABLE (storage down); False: serve again."""
@@ -76,9 +200,9 @@ class LimitadorEmulator:
         """The live value of limit ``name``'s counter for these variable values (0 when none)."""
         with self._lock:
             now = self.clock()
-            for index, limit in enumerate(self.limits):
-                if limit["namespace"] == namespace and limit.get("name") == name:
-                    window = self.windows.get((index, values))
+            for limit in self.limits:
+                if limit.raw["namespace"] == namespace and limit.raw.get("name") == name:
+                    window = self.windows.get((limit.identity, values))
                     return window.value if window and window.expires_at > now else 0
         return 0
 
@@ -99,31 +223,29 @@ class LimitadorEmulator:
 
     # ------------------------------------------------------------------ Limitador's semantics
 
-    def _applicable(self, request: Any) -> list[tuple[int, Json, tuple[str, ...]]]:
-        entries: dict[str, str] = {}
-        if request.descriptors:
-            entries = {e.key: e.value for e in request.descriptors[0].entries}
+    def _counted(self, request: Any) -> list[tuple[Limit, Window]]:
+        """The window of each limit of the domain that applies to the request and is counted."""
+        descriptors = [{e.key: e.value for e in d.entries} for d in request.descriptors]
         found = []
-        for index, limit in enumerate(self.limits):
-            if limit["namespace"] != request.domain:
+        for limit in self.limits:
+            if limit.raw["namespace"] != request.domain:
                 continue
-            conditions = [parse_condition(c) for c in limit.get("conditions") or ()]
-            if not all(c is not None and entries.get(c[0]) == c[1] for c in conditions):
-                continue
-            keys = [parse_variable(v) for v in limit.get("variables") or ()]
-            if not all(k is not None and k in entries for k in keys):
-                continue
-            found.append((index, limit, tuple(entries[k] for k in keys if k is not None)))
+            values = limit.values(descriptors)
+            if values is not None:
+                found.append((limit, self._window(limit, values)))
         return found
 
-    def _window(self, index: int, limit: Json, values: tuple[str, ...]) -> Window:
+    def _window(self, limit: Limit, values: tuple[str, ...]) -> Window:
         now = self.clock()
-        window = self.windows.get((index, values))
+        key = (limit.identity, values)
+        window = self.windows.get(key)
         if window is None or window.expires_at <= now:  # fixed window from the first hit
-            window = self.windows[(index, values)] = Window(0, now + float(limit["seconds"]))
+            window = self.windows[key] = Window(0, now + float(limit.raw["seconds"]))
         return window
 
-    def report(self, request: Any) -> None:
+    def report(self, request: Any) -> int:
+        if not request.domain:
+            return int(rls_pb2.RateLimitResponse.UNKNOWN)
         hits = request.hits_addend or 1
         labels: tuple[tuple[str, str], ...] = ()
         if len(request.descriptors) > 1:
@@ -132,13 +254,16 @@ class LimitadorEmulator:
         if request.descriptors:
             counters = tuple((e.key, e.value) for e in request.descriptors[0].entries)
         self.reports.append(Received(request.domain, counters, labels, hits))
-        for index, limit, values in self._applicable(request):
-            self._window(index, limit, values).value += hits
+        for _limit, window in self._counted(request):
+            window.value += hits
+        return int(rls_pb2.RateLimitResponse.OK)
 
     def check(self, request: Any) -> int:
+        if not request.domain:
+            return int(rls_pb2.RateLimitResponse.UNKNOWN)
         self.checks += 1
-        for index, limit, values in self._applicable(request):
-            if self._window(index, limit, values).value + 1 > int(limit["max_value"]):
+        for limit, window in self._counted(request):
+            if window.value + 1 > int(limit.raw["max_value"]):
                 return int(rls_pb2.RateLimitResponse.OVER_LIMIT)
         return int(rls_pb2.RateLimitResponse.OK)
 
@@ -171,11 +296,13 @@ class LimitadorEmulator:
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        service.add_servicer_to_server(_Servicer(self), server)
+        ratelimit_pb2_grpc.add_RateLimitServiceServicer_to_server(_Servicer(self), server)
         self.grpc_port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         app = web.Application()
-        app.router.add_get("/limits/{namespace:.+}", self._http_limits)
+        # One path segment: a namespace with "/" arrives percent-encoded, as Limitador's
+        # actix route /limits/{namespace} takes it (limitador-server src/http_api/server.rs).
+        app.router.add_get("/limits/{namespace}", self._http_limits)
         runner = web.AppRunner(app)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -189,13 +316,15 @@ class LimitadorEmulator:
             await runner.cleanup()
 
     async def _http_limits(self, request: web.Request) -> web.Response:
-        namespace = urllib.parse.unquote(request.match_info["namespace"])
+        namespace = request.match_info["namespace"]  # decoded once, as actix's Path<String>
         with self._lock:
-            found = [limit for limit in self.limits if limit["namespace"] == namespace]
+            found = [
+                limit.as_listed() for limit in self.limits if limit.raw["namespace"] == namespace
+            ]
         return web.json_response(found)
 
 
-class _Servicer(service.RateLimitServiceServicer):  # type: ignore[misc]
+class _Servicer(ratelimit_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
     def __init__(self, emulator: LimitadorEmulator) -> None:
         self._emulator = emulator
 
@@ -216,5 +345,5 @@ class _Servicer(service.RateLimitServiceServicer):  # type: ignore[misc]
     ) -> Any:
         await self._guard(context)
         with self._emulator._lock:
-            self._emulator.report(request)
-        return rls_pb2.RateLimitResponse(overall_code=rls_pb2.RateLimitResponse.OK)
+            code = self._emulator.report(request)
+        return rls_pb2.RateLimitResponse(overall_code=code)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.tools import missing_tool, require_tool
+from tests.tls_fixtures import openssl_binary
+from tests.tools import missing_tool
 
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
@@ -251,9 +252,7 @@ class RedisSentinel:
 
 def self_signed_cert(workdir: Path) -> tuple[Path, Path]:
     """A throwaway certificate for 127.0.0.1 and its key, made with the openssl CLI."""
-    openssl = require_tool(
-        "openssl", "openssl not installed: cannot make a certificate for the TLS test"
-    )
+    openssl = openssl_binary()
     cert, key = workdir / "cert.pem", workdir / "key.pem"
     subprocess.run(
         [

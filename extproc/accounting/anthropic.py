@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from extproc.accounting.sse import SseEvent, as_int, dig, event_type, load_json, string_chars
+from extproc.accounting import counts
+from extproc.accounting.sse import SseEvent, dig, event_type, load_json, string_chars
 from extproc.domain import Usage
 
 FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
@@ -14,7 +15,11 @@ def usage_of(raw: object) -> Usage | None:
     """Map an Anthropic ``usage`` object: the prompt includes cache reads and cache writes."""
     if not isinstance(raw, dict):
         return None
-    fresh, output, read, written = (as_int(raw.get(name)) for name in FIELDS)
+    checked = [counts.count(raw.get(name)) for name in FIELDS]
+    for _, problem in checked:
+        if problem:  # every field is charged (cache reads and writes are part of the prompt)
+            return Usage(invalid=problem)
+    fresh, output, read, written = (number for number, _ in checked)
     prompt = None if fresh is None else fresh + (read or 0) + (written or 0)
     if prompt is None and output is None and read is None:
         return None
@@ -39,7 +44,7 @@ class Stream:
     """Counts text deltas; usage from ``message_start``, then ``message_delta`` (latest wins)."""
 
     def __init__(self) -> None:
-        self.fields: dict[str, int] = {}
+        self.fields: dict[str, object] = {}  # latest raw value of each field, checked in usage_of
         self.chars = 0
         self.errors = 0
 
@@ -58,6 +63,6 @@ class Stream:
                 return
             raw = dig(obj, "message", "usage") if kind == "message_start" else obj.get("usage")
             for name in FIELDS:
-                value = as_int(dig(raw, name))
+                value = dig(raw, name)
                 if value is not None:
                     self.fields[name] = value

@@ -15,30 +15,39 @@ def tokens_from_chars(chars: int, chars_per_token: float = CHARS_PER_TOKEN) -> i
 
 
 def prompt_chars(body: dict[str, Any]) -> int:
-    """Characters of prompt text in an OpenAI / Anthropic / Responses request body."""
+    """Characters of prompt text in an OpenAI / Anthropic / Responses request body.
+
+    Walked with an explicit stack, not recursion: a body nested as deep as the JSON parser
+    allows must not overflow the interpreter's stack here.
+    """
     total = 0
-    for key in ("messages", "prompt", "input", "system", "instructions"):
-        total += _text_chars(body.get(key))
+    pending: list[object] = [
+        body.get(key) for key in ("messages", "prompt", "input", "system", "instructions")
+    ]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            total += len(value)
+        elif isinstance(value, list):
+            pending.extend(value)
+        elif isinstance(value, dict):
+            pending.extend(value.get(key) for key in ("content", "text", "input"))
     return total
 
 
-def _text_chars(value: object) -> int:
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list):
-        return sum(_text_chars(item) for item in value)
-    if isinstance(value, dict):
-        return sum(_text_chars(value.get(key)) for key in ("content", "text", "input"))
-    return 0
-
-
 def completed(
-    usage: Usage | None, prompt_estimate: int, content_chars: int, chars_per_token: float
+    usage: Usage | None,
+    prompt_estimate: int,
+    content_chars: int,
+    chars_per_token: float,
+    cap: int | None = None,
 ) -> Usage:
     """``usage`` with every missing part estimated; flagged when any part is an estimate.
 
     Reported fields are never replaced. With nothing reported, the prompt is the request-side
-    estimate and the completion is the generated text seen, in tokens.
+    estimate and the completion is the generated text seen, in tokens. With ``cap`` (the
+    request's own bound: its reservation), the estimated parts are cut so that the total never
+    passes it; reported parts are kept even when they alone pass it.
     """
     usage = usage or Usage()
     if usage.total_tokens is not None:
@@ -48,8 +57,12 @@ def completed(
     estimated = False
     if prompt is None:
         prompt, estimated = prompt_estimate, True
+        if cap is not None:
+            prompt = min(prompt, max(0, cap - (completion or 0)))
     if completion is None:
         completion, estimated = tokens_from_chars(content_chars, chars_per_token), True
+        if cap is not None:
+            completion = min(completion, max(0, cap - prompt))
     return Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,
@@ -57,4 +70,23 @@ def completed(
         cached_tokens=usage.cached_tokens,
         reasoning_tokens=usage.reasoning_tokens,
         estimated=usage.estimated or estimated,
+        invalid=usage.invalid,
+    )
+
+
+def untrusted(
+    usage: Usage,
+    prompt_estimate: int,
+    content_chars: int,
+    chars_per_token: float,
+    cap: int | None,
+) -> Usage:
+    """The charge for usage the upstream reported but we cannot trust (``usage.invalid``).
+
+    None of its numbers are used: the prompt estimate plus the generated text seen, cut to
+    ``cap`` (the request's reservation: prompt estimate plus completion bound), never more;
+    flagged as an estimate and keeping the reason. ``None``: no reservation was taken.
+    """
+    return completed(
+        Usage(invalid=usage.invalid), prompt_estimate, content_chars, chars_per_token, cap
     )

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from extproc.accounting import anthropic, openai, responses
+from extproc.accounting import anthropic, counts, openai, responses
+from extproc.accounting.decompress import MAX_RATIO, Decoder
 from extproc.accounting.sse import SseEvent, SseSplitter, dig, event_type, load_json
+from extproc.config import DEFAULT_MAX_REQUEST_TOKENS
 from extproc.domain import Usage
 
 MAX_BODY_BYTES = 8 << 20
@@ -52,9 +54,15 @@ class EventStream(Protocol):
 class SseExtractor:
     """Splits an event stream and hands each event to a schema's consumer."""
 
-    def __init__(self, stream: EventStream, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+    def __init__(
+        self,
+        stream: EventStream,
+        max_event_bytes: int = MAX_EVENT_BYTES,
+        max_count: int = DEFAULT_MAX_REQUEST_TOKENS,
+    ) -> None:
         self._splitter = SseSplitter(max_event_bytes)
         self._stream = stream
+        self._max_count = max_count
         self._failures = 0
 
     def feed(self, chunk: bytes) -> None:
@@ -64,7 +72,7 @@ class SseExtractor:
     def finish(self) -> Usage | None:
         for ev in self._splitter.finish():
             self._handle(ev)
-        return self._stream.usage
+        return counts.within(self._stream.usage, self._max_count)
 
     @property
     def content_chars(self) -> int:
@@ -97,8 +105,10 @@ class JsonExtractor:
         parse: BodyParser,
         max_body_bytes: int = MAX_BODY_BYTES,
         tail_bytes: int = TAIL_BYTES,
+        max_count: int = DEFAULT_MAX_REQUEST_TOKENS,
     ) -> None:
         self._parse = parse
+        self._max_count = max_count
         self._max = max_body_bytes
         self._tail = tail_bytes
         self._buf = bytearray()
@@ -121,7 +131,8 @@ class JsonExtractor:
 
     def finish(self) -> Usage | None:
         if self._result is None:
-            self._result = self._evaluate()
+            usage, chars, errors = self._evaluate()
+            self._result = counts.within(usage, self._max_count), chars, errors
         return self._result[0]
 
     @property
@@ -151,6 +162,41 @@ class JsonExtractor:
         except Exception:  # a schema bug must not break the response
             return None, 0, 1
         return usage, chars, 0
+
+
+class DecodingExtractor:
+    """Decodes a gzip / deflate body before another extractor reads it; a bomb is not trusted.
+
+    When the body inflates past the decoder's caps, decoding stops and ``finish`` answers an
+    untrusted usage (``invalid="decompression_bomb"``), whatever was read before the cap.
+    """
+
+    def __init__(self, decoder: Decoder, inner: UsageExtractor) -> None:
+        self.decoder = decoder
+        self._inner = inner
+        self._finished = False
+
+    def feed(self, chunk: bytes) -> None:
+        plain = self.decoder.feed(chunk)
+        if plain:
+            self._inner.feed(plain)
+
+    def finish(self) -> Usage | None:
+        if not self._finished:
+            self._finished = True
+            rest = self.decoder.finish()
+            if rest:
+                self._inner.feed(rest)
+        usage = self._inner.finish()
+        return Usage(invalid="decompression_bomb") if self.decoder.capped else usage
+
+    @property
+    def content_chars(self) -> int:
+        return self._inner.content_chars
+
+    @property
+    def errors(self) -> int:
+        return self._inner.errors + self.decoder.errors
 
 
 def tail_usage(tail: bytes | bytearray) -> dict[str, object] | None:
@@ -256,8 +302,25 @@ def extractor_for(
     *,
     max_body_bytes: int = MAX_BODY_BYTES,
     max_event_bytes: int = MAX_EVENT_BYTES,
+    max_count: int = DEFAULT_MAX_REQUEST_TOKENS,
+    encoding: str | None = None,
+    max_ratio: int = MAX_RATIO,
 ) -> UsageExtractor:
-    """SSE or JSON by content type; the schema by path suffix (unknown paths: all schemas)."""
+    """SSE or JSON by content type; the schema by path suffix (unknown paths: all schemas).
+
+    Usage counts above ``max_count`` are not trusted. With ``encoding`` (``gzip`` or ``deflate``,
+    see ``decompress.encoding_of``) the body is decoded first, inflating at most
+    ``max_body_bytes`` and ``max_ratio`` times its compressed size.
+    """
+    if encoding is not None:
+        inner = extractor_for(
+            content_type,
+            path,
+            max_body_bytes=max_body_bytes,
+            max_event_bytes=max_event_bytes,
+            max_count=max_count,
+        )
+        return DecodingExtractor(Decoder(encoding, max_body_bytes, max_ratio), inner)
     route = path.split("?", 1)[0].rstrip("/")
     parse: BodyParser = generic_body
     stream: Callable[[], EventStream] = GenericStream
@@ -266,5 +329,5 @@ def extractor_for(
             parse, stream = schema_parse, schema_stream
             break
     if content_type.split(";", 1)[0].strip().lower() == "text/event-stream":
-        return SseExtractor(stream(), max_event_bytes)
-    return JsonExtractor(parse, max_body_bytes)
+        return SseExtractor(stream(), max_event_bytes, max_count)
+    return JsonExtractor(parse, max_body_bytes, max_count=max_count)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from extproc.accounting.sse import SseEvent, as_int, dig, has_object, load_json, string_chars
+from extproc.accounting import counts
+from extproc.accounting.sse import SseEvent, dig, has_object, load_json, string_chars
 from extproc.domain import Usage
 
 CHAT_KEYS = (b'"content"',)  # choices[*].delta.content
@@ -13,14 +14,13 @@ def usage_of(raw: object) -> Usage | None:
     """Map an OpenAI ``usage`` object; ``None`` if it is absent, null or reports nothing."""
     if not isinstance(raw, dict):
         return None
-    usage = Usage(
-        prompt_tokens=as_int(raw.get("prompt_tokens")),
-        completion_tokens=as_int(raw.get("completion_tokens")),
-        total_tokens=as_int(raw.get("total_tokens")),
-        cached_tokens=as_int(dig(raw, "prompt_tokens_details", "cached_tokens")),
-        reasoning_tokens=as_int(dig(raw, "completion_tokens_details", "reasoning_tokens")),
+    return counts.usage(
+        raw.get("prompt_tokens"),
+        raw.get("completion_tokens"),
+        raw.get("total_tokens"),
+        cached=dig(raw, "prompt_tokens_details", "cached_tokens"),
+        reasoning=dig(raw, "completion_tokens_details", "reasoning_tokens"),
     )
-    return usage if usage != Usage() else None
 
 
 def body(obj: object) -> tuple[Usage | None, int]:

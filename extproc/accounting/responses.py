@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-from extproc.accounting.sse import (
-    SseEvent,
-    as_int,
-    dig,
-    event_type,
-    has_object,
-    load_json,
-    string_chars,
-)
+from extproc.accounting import counts
+from extproc.accounting.sse import SseEvent, dig, event_type, has_object, load_json, string_chars
 from extproc.domain import Usage
 
 FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
@@ -21,14 +14,13 @@ def usage_of(raw: object) -> Usage | None:
     """Map a Responses ``usage`` object (input/output naming) to prompt/completion."""
     if not isinstance(raw, dict):
         return None
-    usage = Usage(
-        prompt_tokens=as_int(raw.get("input_tokens")),
-        completion_tokens=as_int(raw.get("output_tokens")),
-        total_tokens=as_int(raw.get("total_tokens")),
-        cached_tokens=as_int(dig(raw, "input_tokens_details", "cached_tokens")),
-        reasoning_tokens=as_int(dig(raw, "output_tokens_details", "reasoning_tokens")),
+    return counts.usage(
+        raw.get("input_tokens"),
+        raw.get("output_tokens"),
+        raw.get("total_tokens"),
+        cached=dig(raw, "input_tokens_details", "cached_tokens"),
+        reasoning=dig(raw, "output_tokens_details", "reasoning_tokens"),
     )
-    return usage if usage != Usage() else None
 
 
 def body(obj: object) -> tuple[Usage | None, int]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, NamedTuple
+
+from extproc.accounting.counts import loads
 
 _LF = 10  # b"\n"
 _COLON = 58  # b":"
@@ -130,9 +131,13 @@ class SseSplitter:
 
 
 def load_json(data: bytes | bytearray) -> Any:
-    """``json.loads`` that never raises: ``None`` for malformed JSON; bad UTF-8 is replaced."""
+    """``json.loads`` that never raises: ``None`` for malformed JSON; bad UTF-8 is replaced.
+
+    An integer literal too long to be any count reads as infinity (signed), so a hostile
+    400-digit number costs no big-integer arithmetic and reads as "too large" downstream.
+    """
     try:
-        return json.loads(data.decode("utf-8", "replace"))
+        return loads(data.decode("utf-8", "replace"))
     except (ValueError, RecursionError):
         return None
 
@@ -235,10 +240,3 @@ def dig(obj: object, *keys: str) -> object:
             return None
         obj = obj.get(key)
     return obj
-
-
-def as_int(value: object) -> int | None:
-    """A token count, or ``None`` unless ``value`` is a non-negative integer (bools excluded)."""
-    if type(value) is float and value.is_integer():
-        value = int(value)
-    return value if type(value) is int and value >= 0 else None

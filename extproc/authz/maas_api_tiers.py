@@ -1,9 +1,11 @@
-"""Tiers from maas-api's ``POST /v1/tiers/lookup``, cached per username."""
+"""Tiers from maas-api's ``POST /v1/tiers/lookup`` (HTTP, or HTTPS verified by a CA), per username."""
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -11,7 +13,7 @@ import aiohttp
 from extproc.authz.cache import ExpiringCache, SingleFlight
 from extproc.config import TiersConfig
 from extproc.domain import Identity, Tier
-from extproc.errors import TierUnavailable
+from extproc.errors import ConfigError, TierUnavailable
 from extproc.observability.metrics import Metrics
 
 CACHE = "tier_lookup"
@@ -25,6 +27,12 @@ class MaasApiTiers:
     200 ``{"tier": name, "displayName": ...}`` gives the tier (its level is not told: 0);
     404 means no tier (a 403 for the caller); both are cached ``cache_ttl_s`` per username.
     Any other status, a malformed body or a connection error raises ``TierUnavailable``.
+
+    An ``https://`` URL is verified against ``ca_file`` (on Open Data Hub maas-api serves
+    ``https://maas-api.opendatahub.svc:8443`` with a certificate from OpenShift's service CA:
+    models-as-a-service ``deployment/base/maas-api/overlays/tls`` at ae050cb6), else against the
+    system's CAs; the host name is always checked. A certificate that does not verify is a
+    connection error like any other: ``TierUnavailable``.
     """
 
     def __init__(
@@ -35,8 +43,10 @@ class MaasApiTiers:
         clock: Callable[[], float] = time.monotonic,
         timeout_s: float = 2.0,
         max_entries: int = MAX_ENTRIES,
+        ca_file: Path | None = None,
     ) -> None:
         self._url = settings.maas_api_url.rstrip("/") + LOOKUP_PATH
+        self._ssl = client_tls(ca_file) if self._url.startswith("https://") else None
         self._ttl_s = settings.cache_ttl_s
         self._metrics = metrics
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -62,7 +72,8 @@ class MaasApiTiers:
 
     async def _lookup(self, identity: Identity) -> Tier | None:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
+            connector = aiohttp.TCPConnector(ssl=self._ssl) if self._ssl else None
+            self._session = aiohttp.ClientSession(timeout=self._timeout, connector=connector)
         try:
             async with self._session.post(
                 self._url, json={"groups": list(identity.groups)}
@@ -89,3 +100,15 @@ class MaasApiTiers:
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()
+
+
+def client_tls(ca_file: Path | None) -> ssl.SSLContext:
+    """A verifying client context: the CA bundle ``ca_file`` (PEM), else the system's CAs."""
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=str(ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise ConfigError("tiers.maas_api_ca_file", "a readable PEM CA bundle", reason) from exc
+    return context

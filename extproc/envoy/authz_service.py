@@ -12,6 +12,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
 from extproc.admission import Admission, AdmissionRequest
 from extproc.domain import Decision, Outcome
 from extproc.envoy import replies
+from extproc.errors import Unavailable
 from extproc.observability.metrics import Metrics
 
 log = logging.getLogger("extproc.authz")
@@ -28,22 +29,34 @@ class AuthorizationService(authz_grpc.AuthorizationServicer):  # type: ignore[mi
     ) -> authz.CheckResponse:
         started = time.perf_counter()
         http = request.attributes.request.http
-        path = http.path
+        path = http.path.split("?", 1)[0]
         try:
             decision = await self._admission.decide(
                 AdmissionRequest(
-                    http.method, path, http.headers, http.raw_body or http.body.encode()
+                    http.method, http.path, http.headers, http.raw_body or http.body.encode()
                 )
             )
-        except Exception:  # the reply must always be a decision, never a broken RPC
-            log.exception("admission failed unexpectedly")
-            decision = Decision(Outcome.UNAVAILABLE, "internal error")
+        except Unavailable as exc:  # admission maps its own; this is one that got past it
+            log.warning("check: dependency unavailable: %s", type(exc).__name__)
+            decision = Decision(Outcome.UNAVAILABLE, "a dependency is unavailable")
+        except Exception as exc:  # the reply is always a defined answer, never a broken RPC
+            decision = self._internal_error(exc)
         self._metrics.decided(decision, time.perf_counter() - started)
         if not decision.allowed:
             log.info(
                 "denied outcome=%s tier=%s path=%s",
                 decision.outcome.value,
                 decision.tier.name if decision.tier else "",
-                path.split("?", 1)[0],
+                path,
             )
-        return self._replies.reply(decision, path.split("?", 1)[0])
+        try:
+            return self._replies.reply(decision, path)
+        except Exception as exc:
+            return replies.check_response(self._internal_error(exc), "")
+
+    def _internal_error(self, exc: Exception) -> Decision:
+        """A bug of ours: HTTP 500, one log line naming the exception type (no traceback, which
+        could carry the request's data), counted in ``maas_internal_errors_total{where="check"}``."""
+        log.error("check failed: internal error %s", type(exc).__name__)
+        self._metrics.internal_errors.labels("check").inc()
+        return Decision(Outcome.INTERNAL_ERROR, "internal error")

@@ -14,8 +14,9 @@ from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from extproc.domain import Decision, Outcome
+from extproc.envoy import handover
 
-METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
+METADATA_NAMESPACE = handover.METADATA_NAMESPACE
 
 # outcome -> (HTTP status, gRPC code, error type as OpenAI clients expect it)
 _TABLE: dict[Outcome, tuple[int, int, str]] = {
@@ -25,7 +26,9 @@ _TABLE: dict[Outcome, tuple[int, int, str]] = {
     Outcome.SPOOFED: (403, code_pb2.PERMISSION_DENIED, "permission_error"),
     Outcome.RATE_LIMITED: (429, code_pb2.RESOURCE_EXHAUSTED, "rate_limit_exceeded"),
     Outcome.TOKEN_LIMITED: (429, code_pb2.RESOURCE_EXHAUSTED, "rate_limit_exceeded"),
+    Outcome.BAD_REQUEST: (400, code_pb2.INVALID_ARGUMENT, "invalid_request_error"),
     Outcome.UNAVAILABLE: (503, code_pb2.UNAVAILABLE, "service_unavailable"),
+    Outcome.INTERNAL_ERROR: (500, code_pb2.INTERNAL, "server_error"),
 }
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -67,7 +70,7 @@ def error_body(decision: Decision) -> bytes:
 
 
 def metadata(decision: Decision, path: str) -> struct_pb2.Struct:
-    """``identity`` for Kuadrant predicates; ``maas`` for our own ext_proc stream to charge by."""
+    """``identity`` for Kuadrant predicates; ``maas`` (``handover``) for our ext_proc to charge by."""
     identity = decision.identity
     tier = decision.tier
     out = struct_pb2.Struct()
@@ -79,18 +82,12 @@ def metadata(decision: Decision, path: str) -> struct_pb2.Struct:
                 "userid": identity.userid,
                 "tier": tier.name,
                 "groups": list(identity.groups),
-            },
-            "maas": {
-                "model": decision.model,
-                "path": path,
-                "charged": decision.charged,
-                "reserved": decision.reserved_tokens,
-                "windows": list(decision.token_windows),
-                "inject": decision.inject_usage,
-                "prompt_est": decision.prompt_estimate,
-            },
+            }
         }
     )
+    billing = handover.Billing.from_decision(decision, path)
+    if billing is not None:
+        handover.write(out.fields[handover.BILLING_KEY].struct_value.fields, billing)
     return out
 
 
@@ -154,25 +151,22 @@ class CheckReplies:
     def reply(self, decision: Decision, path: str) -> authz.CheckResponse:
         if not decision.allowed or decision.identity is None or decision.tier is None:
             return check_response(decision, path)
-        key = (decision.identity, decision.tier.name, decision.charged, decision.strip_headers)
+        key = (decision.identity, decision.tier.name, decision.strip_headers)
         base = self._bases.get(key)
         if base is None:
             if len(self._bases) >= self._max_entries:
                 self._bases.clear()
             base = self._bases[key] = _allow(
-                replace(decision, limit=0, token_windows=(), inject_usage=False), ""
+                replace(decision, limit=0, charged=False, inject_usage=False), ""
             )
         out = authz.CheckResponse()
         out.CopyFrom(base)
-        maas = out.dynamic_metadata.fields["maas"].struct_value.fields
-        maas["model"].string_value = decision.model
-        maas["path"].string_value = path
-        maas["reserved"].number_value = decision.reserved_tokens
-        windows = maas["windows"].list_value.values
-        for start in decision.token_windows:
-            windows.add().number_value = start
-        maas["inject"].bool_value = decision.inject_usage
-        maas["prompt_est"].number_value = decision.prompt_estimate
+        if decision.charged:
+            out.ok_response.headers_to_remove.append("accept-encoding")
+            billing = handover.Billing.from_decision(decision, path)
+            if billing is not None:
+                fields = out.dynamic_metadata.fields[handover.BILLING_KEY].struct_value.fields
+                handover.write(fields, billing)
         if decision.inject_usage:
             out.ok_response.headers.append(_header(INJECT_HEADER, "1"))
         out.ok_response.response_headers_to_add.extend(_rate_headers(decision))

@@ -3,73 +3,20 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
+from collections.abc import Mapping
 from typing import Any
 
 from extproc.accounting import estimate
-from extproc.accounting.decompress import Decoder, encoding_of
+from extproc.accounting.decompress import encoding_of
 from extproc.accounting.extractor import UsageExtractor, extractor_for
 from extproc.accounting.usage_filter import UsageEventFilter
-from extproc.admission import AdmissionRequest
-from extproc.config import AccountingConfig
+from extproc.config import DEFAULT_MAX_REQUEST_TOKENS, AccountingConfig
 from extproc.domain import Charge, Decision, Usage
-from extproc.envoy.replies import METADATA_NAMESPACE
+from extproc.envoy import handover
+from extproc.envoy.handover import Billing
 
-
-@dataclass(frozen=True, slots=True)
-class Billing:
-    """What ext_authz left in dynamic metadata for this request."""
-
-    userid: str
-    tier: str
-    model: str
-    path: str
-    reserved: int
-    windows: tuple[int, ...]
-    inject: bool = False
-    prompt_estimate: int = 0
-
-    @classmethod
-    def from_decision(cls, decision: Decision, path: str) -> Billing | None:
-        """The same record built in-process, when admission ran in the ext_proc stream."""
-        if not decision.allowed or not decision.charged:
-            return None
-        assert decision.identity is not None
-        assert decision.tier is not None
-        return cls(
-            userid=decision.identity.userid,
-            tier=decision.tier.name,
-            model=decision.model,
-            path=path,
-            reserved=decision.reserved_tokens,
-            windows=decision.token_windows,
-            inject=decision.inject_usage,
-            prompt_estimate=decision.prompt_estimate,
-        )
-
-    @classmethod
-    def from_metadata(cls, filter_metadata: Any) -> Billing | None:
-        struct = filter_metadata.get(METADATA_NAMESPACE)
-        if struct is None:
-            return None
-        fields = struct.fields
-        identity, maas = fields.get("identity"), fields.get("maas")
-        if identity is None or maas is None:
-            return None
-        who = identity.struct_value.fields
-        what = maas.struct_value.fields
-        if not what["charged"].bool_value:
-            return None
-        return cls(
-            userid=who["userid"].string_value,
-            tier=who["tier"].string_value,
-            model=what["model"].string_value,
-            path=what["path"].string_value,
-            reserved=int(what["reserved"].number_value),
-            windows=tuple(int(v.number_value) for v in what["windows"].list_value.values),
-            inject=what["inject"].bool_value if "inject" in what else False,
-            prompt_estimate=int(what["prompt_est"].number_value) if "prompt_est" in what else 0,
-        )
+log = logging.getLogger("extproc.session")
 
 
 def with_include_usage(body: bytes) -> bytes | None:
@@ -91,36 +38,38 @@ class Session:
     """One HTTP request's accounting. Feed it what Envoy sends; ``finish`` yields the charge once."""
 
     __slots__ = (
+        "_broken",
         "_config",
-        "_decoder",
         "_done",
         "_extractor",
         "_filter",
+        "_max_count",
         "billing",
         "decision",
         "injected",
-        "pending",
         "request_only",
         "status",
     )
 
-    def __init__(self, config: AccountingConfig) -> None:
+    def __init__(
+        self, config: AccountingConfig, max_count: int = DEFAULT_MAX_REQUEST_TOKENS
+    ) -> None:
         self._config = config
+        self._max_count = max_count  # limits.max_request_tokens: larger usage is not trusted
         self.billing: Billing | None = None
         self.decision: Decision | None = None  # inline admission: the request's decision
-        self.pending: AdmissionRequest | None = None  # inline admission: waiting for the body
         self.status = 0
         self.injected = False
         self.request_only = False  # a filter that never sees the response: never bills
         self._extractor: UsageExtractor | None = None
-        self._decoder: Decoder | None = None
         self._filter: UsageEventFilter | None = None
         self._done = False
+        self._broken = False
 
-    def bind(self, filter_metadata: Any) -> None:
+    def bind(self, filter_metadata: Mapping[str, Any]) -> None:
         """Read the billing record from the first message that carries ext_authz metadata."""
         if self.billing is None:
-            self.billing = Billing.from_metadata(filter_metadata)
+            self.billing = handover.read(filter_metadata)
 
     @property
     def wants_request_body(self) -> bool:
@@ -137,13 +86,16 @@ class Session:
         self.status = status
         if self.billing is None:
             return False
-        self._extractor = extractor_for(
-            content_type, self.billing.path, max_body_bytes=self._config.max_body_bytes
-        )
         encoding = encoding_of(content_encoding) if content_encoding else None
-        if encoding is not None:
-            self._decoder = Decoder(encoding)
-        elif (
+        self._extractor = extractor_for(
+            content_type,
+            self.billing.path,
+            max_body_bytes=self._config.max_body_bytes,
+            max_count=self._max_count,
+            encoding=encoding,
+            max_ratio=self._config.max_decompression_ratio,
+        )
+        if encoding is None and (
             self.injected
             and self._config.hide_injected_usage
             and content_type.startswith("text/event-stream")
@@ -154,21 +106,19 @@ class Session:
     def on_body(self, chunk: bytes, end_of_stream: bool) -> bytes | None:
         """Follow one chunk; returns the bytes to send on instead, when the body is rewritten."""
         extractor = self._extractor
-        if extractor is None:
+        if extractor is None or self._broken:
             return None
-        decoder = self._decoder
-        if decoder is not None:
-            plain = decoder.feed(chunk)
-            if end_of_stream:
-                plain += decoder.finish()
-            if plain:
-                extractor.feed(plain)
-        elif chunk:
-            extractor.feed(chunk)
+        if chunk:
+            extractor.feed(chunk)  # compressed bodies are decoded (and capped) by the extractor
         if self._filter is None:
             return None
         out = self._filter.feed(chunk)
         return out + self._filter.finish() if end_of_stream else out
+
+    def broken(self) -> None:
+        """Following the body failed unexpectedly: stop reading it; the charge becomes an estimate."""
+        self._broken = True
+        self._filter = None
 
     @property
     def open(self) -> bool:
@@ -184,19 +134,8 @@ class Session:
         billing = self.billing
         if billing is None or self._done or self.request_only:
             return None
+        usage = self._usage(billing)
         self._done = True
-        extractor = self._extractor
-        usage = extractor.finish() if extractor is not None else None
-        failed = self.status >= 400
-        if usage is not None and usage.total_tokens is not None:
-            pass
-        elif failed and (usage is None or not usage.reported):
-            usage = Usage()
-        else:
-            chars = extractor.content_chars if extractor is not None else 0
-            usage = estimate.completed(
-                usage, billing.prompt_estimate, chars, self._config.chars_per_token
-            )
         return Charge(
             userid=billing.userid,
             tier=billing.tier,
@@ -207,4 +146,33 @@ class Session:
             status=self.status,
             disconnected=disconnected,
             path=billing.path,
+            request_id=billing.request_id,
+            admitted_ms=billing.admitted_ms,
+            route=billing.route,
+        )
+
+    def _usage(self, billing: Billing) -> Usage:
+        extractor = self._extractor
+        usage = extractor.finish() if extractor is not None and not self._broken else None
+        failed = self.status >= 400
+        chars = extractor.content_chars if extractor is not None else 0
+        # An estimate never passes the request's own bound: its reservation (prompt estimate +
+        # completion bound). 0 means no window took one (unlimited tier, store down): no cap.
+        cap = billing.reserved or None
+        if usage is not None and usage.invalid:
+            log.warning(
+                "upstream usage not trusted: reason=%s user=%s model=%s: charged a capped estimate",
+                usage.invalid,
+                billing.userid,
+                billing.model,
+            )
+            return estimate.untrusted(
+                usage, billing.prompt_estimate, chars, self._config.chars_per_token, cap
+            )
+        if usage is not None and usage.total_tokens is not None:
+            return usage
+        if failed and (usage is None or not usage.reported):
+            return Usage()
+        return estimate.completed(
+            usage, billing.prompt_estimate, chars, self._config.chars_per_token, cap
         )

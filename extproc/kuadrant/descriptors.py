@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from dataclasses import dataclass
 
 TOKEN_LIMIT_PREFIX = "tokenlimit"  # TokenRateLimitPolicy limits
 REQUEST_LIMIT_PREFIX = "limit"  # RateLimitPolicy limits
-_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
+# Go's unicode.IsLetter (categories Lu, Ll, Lt, Lm, Lo) and unicode.IsDigit (Nd).
+_KEPT = frozenset({"Lu", "Ll", "Lt", "Lm", "Lo", "Nd"})
 # descriptors[0]["key"] with either quote; the only shape Kuadrant writes into Limitador's limits.
 _DESCRIPTOR_REF = r"""descriptors\[0\]\[(?P<q>["'])(?P<key>.+?)(?P=q)\]"""
 _CONDITION = re.compile(rf"""^\s*{_DESCRIPTOR_REF}\s*==\s*(?P<q2>["'])(?P<value>.*?)(?P=q2)\s*$""")
@@ -22,25 +24,19 @@ def limit_identifier(
 ) -> str:
     """The descriptor key Kuadrant sets to "1" when a policy limit applies to a request.
 
-    ``tokenlimit.<limit name, [^A-Za-z0-9_] as _>__<first 8 hex of sha256(ns/policy/limit)>``.
+    ``tokenlimit.<limit name, each character not a letter, digit or _ as _>__<first 8 hex of
+    sha256(ns/policy/limit)>``; letters and digits in any script are kept, as Go's
+    ``unicode.IsLetter`` / ``unicode.IsDigit`` keep them (kuadrant-operator
+    ``internal/controller/ratelimit_workflow_helpers.go`` at ae698811,
+    ``TokenLimitNameToLimitadorIdentifier`` and ``LimitNameToLimitadorIdentifier``).
     """
     digest = hashlib.sha256(f"{policy_namespace}/{policy_name}/{limit_name}".encode()).hexdigest()
-    return f"{prefix}.{_UNSAFE.sub('_', limit_name)}__{digest[:8]}"
+    return f"{prefix}.{sanitized(limit_name)}__{digest[:8]}"
 
 
-def route_domain(path: str, route_template: str, default_route: str) -> str:
-    """The ``<HTTPRoute namespace>/<HTTPRoute name>`` a request path went through; "" if unknown.
-
-    Path routes ``/<namespace>/<name>/v1/...`` fill ``route_template``; paths without that prefix
-    (body-model routes) use ``default_route``.
-    """
-    path = path.split("?", 1)[0]
-    index = path.find("/v1/")
-    if index > 0:
-        segments = path[1:index].split("/")
-        if len(segments) == 2 and all(segments):
-            return route_template.format(namespace=segments[0], name=segments[1])
-    return default_route
+def sanitized(name: str) -> str:
+    """``name`` with every character but letters, digits and ``_`` replaced by ``_``."""
+    return "".join(c if c == "_" or unicodedata.category(c) in _KEPT else "_" for c in name)
 
 
 def parse_condition(text: str) -> tuple[str, str] | None:

@@ -1,34 +1,47 @@
 """Per-tier limits declared by Kuadrant policies in the cluster, watched so admission enforces them.
 
 A TokenRateLimitPolicy (``kuadrant.io/v1alpha1``) limit becomes a tier's token limit and a
-RateLimitPolicy (``kuadrant.io/v1``) limit its request limit, when the limit has the shape the MaaS
-seed policies use: ``when: [{predicate: 'auth.identity.tier == "<tier>"'}]``, one rate
-``{limit, window}`` and the per-user counter. Anything else is logged, counted in
-``maas_policy_predicates_ignored_total`` and left out: never guessed.
+RateLimitPolicy (``kuadrant.io/v1``) limit its request limit, whatever the limit is called, when
+its predicates select one tier and nothing the sidecar does not already enforce: the MaaS seed
+shape ``auth.identity.tier == "<tier>"`` (models-as-a-service ``deployment/base/policies/
+usage-policies/`` at 1282feb5), and the conjunction ``auth.identity.tier == "<tier>" &&
+!request.path.endsWith("/v1/models")`` it reads from a6ae8dca on (the last tier-era commit,
+ae050cb6). Kuadrant ANDs a policy's top-level ``when`` and every entry of a limit's ``when``
+(kuadrant-operator ``internal/controller/ratelimit_workflow_helpers.go`` at ae698811,
+``wasmActionSpecsFromTokenLimit``), so all of them are read as one conjunction. A path term is
+accepted only when it holds on every path the sidecar limits, and ``"x-maas-…" in
+request.headers`` marks a limit the data plane never triggers (``kuadrant.mode: all``, README
+"Feeding Kuadrant"). One rate ``{limit, window}`` and the per-user counter are required too.
+Anything else is logged, counted in ``maas_policy_predicates_ignored_total`` and left out:
+never guessed.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from kubernetes import client, watch
-
-from extproc.authz.kube import CONNECT_TIMEOUT_S, Kube, run_list_watch, stop_watches
-from extproc.config import KuadrantConfig, LimitsConfig
+from extproc.authz.kube import Kube
+from extproc.config import KuadrantConfig, LimitsConfig, RoutesConfig
 from extproc.domain import Limits
+from extproc.kuadrant.objects import Collection, ObjectWatch, Snapshot
 from extproc.observability.metrics import Metrics
 
 log = logging.getLogger("extproc.kuadrant")
 
 Kind = Literal["tokens", "requests"]
-_TIER = re.compile(r"""^\s*auth\.identity\.tier\s*==\s*(["'])([^"'\\]+)\1\s*$""")
+_TIER = re.compile(r"""^auth\.identity\.tier\s*==\s*(["'])([^"'\\]+)\1$""")
+_ENDS_WITH = re.compile(r"""^request\.path\.endsWith\(\s*(["'])([^"'\\]+)\1\s*\)$""")
+# `"x-maas-…" in request.headers`: never true in the data plane (ext_authz strips every client
+# X-MaaS-* header and sets none of that name), so Kuadrant never charges the limit: the marker
+# of a limit only the sidecar enforces and reports (kuadrant.mode: all).
+_SIDECAR_ONLY = re.compile(r"""^(["'])x-maas-[a-z0-9-]+\1\s+in\s+request\.headers$""")
 _WINDOW = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+CHARGED_SUFFIXES = RoutesConfig().charged_suffixes
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,12 +68,116 @@ class PolicyLimit:
     window_s: int
 
 
+def conjuncts(predicate: str) -> list[str] | None:
+    """The terms of ``a && (b && c) && ...``, flattened, outer parentheses dropped; None when
+    quotes or parentheses do not balance. A term may still hold ``||``: it is then not
+    understood, which is the safe answer (``&&`` binds tighter than ``||`` in CEL)."""
+    parts = _top_level_split(predicate)
+    if parts is None:
+        return None
+    terms: list[str] = []
+    for part in parts:
+        part = part.strip()
+        if _enclosed(part):
+            inner = conjuncts(part[1:-1])
+            if inner is None:
+                return None
+            terms.extend(inner)
+        else:
+            terms.append(part)
+    return terms
+
+
+def _outside_quotes(text: str) -> Iterator[tuple[int, str, int]]:
+    """(index, char, parenthesis depth after it) for each character outside string literals;
+    a depth below 0, or a literal left open, yields a final (-1, "", -1)."""
+    depth, quote, index = 0, "", 0
+    while index < len(text):
+        char = text[index]
+        if quote:
+            if char == "\\":
+                index += 1
+            elif char == quote:
+                quote = ""
+        elif char in "\"'":
+            quote = char
+        else:
+            depth += {"(": 1, ")": -1}.get(char, 0)
+            yield index, char, depth
+            if depth < 0:
+                return
+        index += 1
+    if quote or depth:
+        yield -1, "", -1
+
+
+def _top_level_split(text: str) -> list[str] | None:
+    """``text`` cut at each ``&&`` outside literals and parentheses; None when unbalanced."""
+    parts: list[str] = []
+    start = 0
+    for index, char, depth in _outside_quotes(text):
+        if depth < 0:
+            return None
+        if depth == 0 and char == "&" and text.startswith("&&", index) and index >= start:
+            parts.append(text[start:index])
+            start = index + 2
+    parts.append(text[start:])
+    return parts
+
+
+def _enclosed(term: str) -> bool:
+    """Whether the parenthesis opening ``term`` is the one closing it."""
+    if not (term.startswith("(") and term.endswith(")")):
+        return False
+    for index, _char, depth in _outside_quotes(term):
+        if depth <= 0:
+            return index == len(term) - 1 and depth == 0
+    return False
+
+
 def tier_of(predicate: object) -> str | None:
     """The tier of ``auth.identity.tier == "<tier>"``; None for any other predicate."""
     if not isinstance(predicate, str):
         return None
-    match = _TIER.match(predicate)
+    match = _TIER.match(predicate.strip())
     return match[2] if match else None
+
+
+def always_true_on(term: str, charged_suffixes: Sequence[str]) -> bool:
+    """Whether ``!request.path.endsWith("<s>")`` holds on every path the sidecar limits.
+
+    A path ends with both a charged suffix ``c`` and ``s`` only if one of them ends with the
+    other; when neither does for any ``c``, no limited path ends with ``s``.
+    """
+    if not term.startswith("!"):
+        return False
+    inner = term[1:].strip()
+    while _enclosed(inner):
+        inner = inner[1:-1].strip()
+    match = _ENDS_WITH.match(inner)
+    if match is None:
+        return False
+    suffix = match[2]
+    return not any(c.endswith(suffix) or suffix.endswith(c) for c in charged_suffixes)
+
+
+def predicate_tier(
+    predicates: Iterable[object], charged_suffixes: Sequence[str] = CHARGED_SUFFIXES
+) -> str | None:
+    """The one tier a list of ANDed predicates selects, when every other term holds on every
+    limited path; None for any other shape."""
+    tiers: set[str] = set()
+    for predicate in predicates:
+        terms = conjuncts(predicate) if isinstance(predicate, str) else None
+        if not terms:
+            return None
+        for term in terms:
+            tier = tier_of(term)
+            if tier is not None:
+                tiers.add(tier)
+            elif not (_SIDECAR_ONLY.match(term) or always_true_on(term, charged_suffixes)):
+                return None
+    return tiers.pop() if len(tiers) == 1 else None
 
 
 def window_seconds(text: object) -> int | None:
@@ -76,25 +193,26 @@ def window_seconds(text: object) -> int | None:
 
 
 def policy_limits(
-    policy: Mapping[str, Any], kind: Kind, counter_expression: str
+    policy: Mapping[str, Any],
+    kind: Kind,
+    counter_expression: str,
+    charged_suffixes: Sequence[str] = CHARGED_SUFFIXES,
 ) -> tuple[list[PolicyLimit], list[str]]:
     """The understood limits of a policy object, and one reason per limit left out."""
     meta = policy.get("metadata") or {}
     where = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
     spec = policy.get("spec") or {}
-    if spec.get("when"):
-        return [], [f"{where}: top-level when is not understood"]
-    sections = [
-        spec.get("limits"),
-        *((spec.get(k) or {}).get("limits") for k in ("defaults", "overrides")),
-    ]
     understood: list[PolicyLimit] = []
     ignored: list[str] = []
-    for limits in sections:
-        if not isinstance(limits, Mapping):
+    for section in (spec, spec.get("defaults"), spec.get("overrides")):
+        if not isinstance(section, Mapping) or not isinstance(section.get("limits"), Mapping):
             continue
-        for name, body in limits.items():
-            parsed = _limit(where, str(name), body, kind, counter_expression)
+        top = section.get("when") or []
+        if not isinstance(top, list):
+            ignored.append(f"{where}: top-level when {top!r} is not a list")
+            continue
+        for name, body in section["limits"].items():
+            parsed = _limit(where, str(name), body, kind, counter_expression, top, charged_suffixes)
             if isinstance(parsed, PolicyLimit):
                 understood.append(parsed)
             else:
@@ -103,16 +221,24 @@ def policy_limits(
 
 
 def _limit(
-    where: str, name: str, body: object, kind: Kind, counter_expression: str
+    where: str,
+    name: str,
+    body: object,
+    kind: Kind,
+    counter_expression: str,
+    top: list[Any],
+    charged_suffixes: Sequence[str],
 ) -> PolicyLimit | str:
     if not isinstance(body, Mapping):
         return "not a mapping"
     when = body.get("when") or []
-    if not isinstance(when, list) or len(when) != 1 or not isinstance(when[0], Mapping):
-        return f"predicates {when!r} are not one tier predicate"
-    tier = tier_of(when[0].get("predicate"))
+    if not isinstance(when, list) or not all(isinstance(w, Mapping) for w in [*top, *when]):
+        return f"predicates {when!r} are not a list of predicates"
+    predicates = [w.get("predicate") for w in [*top, *when]]
+    tier = predicate_tier(predicates, charged_suffixes)
     if tier is None:
-        return f'predicate {when[0].get("predicate")!r} is not auth.identity.tier == "<tier>"'
+        shown = " && ".join(" ".join(str(p).split()) for p in predicates) or "(none)"
+        return f'predicates {shown!r} do not select one tier (auth.identity.tier == "<tier>")'
     counters = body.get("counters") or []
     expressions = [c.get("expression") for c in counters if isinstance(c, Mapping)]
     if expressions != [counter_expression]:
@@ -158,36 +284,34 @@ class PolicyLimits:
         base: LimitsConfig,
         metrics: Metrics,
         *,
+        charged_suffixes: Sequence[str] = CHARGED_SUFFIXES,
         kinds: tuple[PolicyKind, ...] = (TOKEN_POLICIES, REQUEST_POLICIES),
         watch_timeout_s: int = 300,
         backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
     ) -> None:
         self._kube = kube
-        self._custom = client.CustomObjectsApi(kube.api_client)
         self._config = config
         self._base = base
         self._metrics = metrics
-        self._watch_timeout_s = watch_timeout_s
-        self._backoff_s = backoff_s
-        self._max_backoff_s = max_backoff_s
-        self._lock = threading.Lock()
-        self._objects: dict[tuple[str, str], dict[str, Any]] = {}  # (plural, name) -> object
+        self._charged_suffixes = tuple(charged_suffixes)
+        self._kinds = {kind.plural: kind.kind for kind in kinds}
         self._current = base
         self._limits: tuple[PolicyLimit, ...] = ()
         self._ignored: frozenset[tuple[str, str]] = frozenset()  # (plural, reason) in force now
-        self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._closed = False
-        self._watches: list[watch.Watch] = []
-        self._threads: list[threading.Thread] = []
-        for kind in kinds:
-            stream = watch.Watch()
-            thread = threading.Thread(
-                target=self._run, args=(kind, stream), name=f"watch-{kind.plural}", daemon=True
-            )
-            self._watches.append(stream)
-            self._threads.append(thread)
-            thread.start()
+        self._watch = ObjectWatch(
+            kube,
+            [
+                Collection(kind.group, kind.version, kind.plural, config.policy_namespace)
+                for kind in kinds
+            ],
+            self._recompute,
+            watch_timeout_s=watch_timeout_s,
+            backoff_s=backoff_s,
+            max_backoff_s=max_backoff_s,
+        )
 
     def current(self) -> LimitsConfig:
         return self._current
@@ -197,94 +321,25 @@ class PolicyLimits:
         return self._limits
 
     def limit_name_for(self, tier: str) -> str:
-        """The configured TokenRateLimitPolicy's limit for ``tier`` ("" when it declares none)."""
+        """The configured TokenRateLimitPolicy's limit whose predicate selects ``tier``, whatever
+        it is called ("" when it declares none)."""
         policy = f"{self._config.policy_namespace}/{self._config.policy_name}"
         for item in self._limits:
             if item.kind == "tokens" and item.policy == policy and item.tier == tier:
                 return item.name
         return ""
 
-    # ------------------------------------------------------------------ the watch threads
-
-    def _run(self, kind: PolicyKind, stream: watch.Watch) -> None:
-        run_list_watch(
-            self._kube,
-            self._stop,
-            kind.plural,
-            lambda: self._list(kind),
-            lambda version: self._follow(kind, stream, version),
-            backoff_s=self._backoff_s,
-            max_backoff_s=self._max_backoff_s,
-        )
-
-    def _list(self, kind: PolicyKind) -> str | None:
-        listed = self._custom.list_namespaced_custom_object(
-            kind.group,
-            kind.version,
-            self._config.policy_namespace,
-            kind.plural,
-            _request_timeout=self._kube.timeout,
-        )
-        self._kube.note_success()
-        items = {
-            (kind.plural, str((item.get("metadata") or {}).get("name", ""))): item
-            for item in listed.get("items") or []
-        }
-        with self._lock:
-            for key in [k for k in self._objects if k[0] == kind.plural]:
-                del self._objects[key]
-            self._objects.update(items)
-        self._recompute()
-        return str((listed.get("metadata") or {}).get("resourceVersion") or "") or None
-
-    def _follow(self, kind: PolicyKind, stream: watch.Watch, version: str | None) -> str | None:
-        events = stream.stream(
-            self._custom.list_namespaced_custom_object,
-            kind.group,
-            kind.version,
-            self._config.policy_namespace,
-            kind.plural,
-            resource_version=version,
-            allow_watch_bookmarks=True,
-            timeout_seconds=self._watch_timeout_s,
-            _request_timeout=(CONNECT_TIMEOUT_S, self._watch_timeout_s + 30),
-        )
-        try:
-            for event in events:
-                if self._stop.is_set():
-                    break
-                raw: dict[str, Any] = event.get("raw_object") or event.get("object") or {}
-                meta = raw.get("metadata") or {}
-                key = (kind.plural, str(meta.get("name", "")))
-                changed = True
-                with self._lock:
-                    if event.get("type") in ("ADDED", "MODIFIED"):
-                        self._objects[key] = raw
-                    elif event.get("type") == "DELETED":
-                        self._objects.pop(key, None)
-                    else:
-                        changed = False
-                if changed:
-                    self._recompute()
-                version = str(meta.get("resourceVersion") or "") or version
-        finally:
-            events.close()
-        return version
-
-    def _recompute(self) -> None:
-        # Under the lock the objects change under: both watch threads recompute, and a view of an
-        # older snapshot must not replace a newer one. An ignored limit is counted (and logged)
-        # when it appears, not again on each recompute.
-        with self._lock:
-            self._recompute_locked()
-
-    def _recompute_locked(self) -> None:
-        objects = sorted(self._objects.items())
+    def _recompute(self, objects: Snapshot) -> None:
+        # Called under the watch's lock with every object: a view of an older snapshot never
+        # replaces a newer one. An ignored limit is counted (and logged) when it appears, not
+        # again on each recompute.
         understood: list[PolicyLimit] = []
         ignored_now: set[tuple[str, str]] = set()
-        for (plural, _name), obj in objects:
-            kind: Kind = "tokens" if plural == TOKEN_POLICIES.plural else "requests"
-            found, ignored = policy_limits(obj, kind, self._config.counter_expression)
+        for (plural, _namespace, _name), obj in objects:
+            kind = self._kinds[plural]
+            found, ignored = policy_limits(
+                obj, kind, self._config.counter_expression, self._charged_suffixes
+            )
             understood.extend(found)
             for reason in ignored:
                 ignored_now.add((plural, reason))
@@ -303,11 +358,11 @@ class PolicyLimits:
 
     async def close(self) -> None:
         """Stop the watch threads (idempotent), then release the client."""
-        if self._closed:
-            return
-        self._closed = True
-        self._stop.set()
-        await asyncio.to_thread(stop_watches, self._threads, self._watches, "policy watch threads")
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        await self._watch.close()
         await self._kube.release()
 
 

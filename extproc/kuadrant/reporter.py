@@ -25,13 +25,7 @@ from envoy.service.ratelimit.v3 import rls_pb2
 from extproc.config import KuadrantConfig
 from extproc.domain import Charge
 from extproc.kuadrant import service
-from extproc.kuadrant.descriptors import (
-    Entries,
-    limit_identifier,
-    metric_labels,
-    report_entries,
-    route_domain,
-)
+from extproc.kuadrant.descriptors import Entries, limit_identifier, metric_labels, report_entries
 from extproc.kuadrant.limitador import (
     LimitadorLimits,
     LimitadorUnavailable,
@@ -50,10 +44,15 @@ _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 def is_gap(charge: Charge) -> bool:
     """Whether Kuadrant's wasm filter charges this response 0 while we charge it tokens.
 
-    The wasm filter reads ``usage`` from a complete response body with a 2xx status: aborted
-    streams, responses without usage (our flagged estimates) and upstream errors cost it nothing.
+    The wasm filter's Report action takes ``hits_addend`` from ``usage.total_tokens`` of the
+    response body once the body has ended, whatever the status (kuadrant-operator
+    ``internal/controller/ratelimit_workflow_helpers.go`` at ae698811,
+    ``wasmActionSpecsFromTokenLimit``; wasm-shim ``crates/kuadrant-filter/src/kuadrant/pipeline/
+    tasks/token_usage.rs`` at af0f9b45, which waits for the end of stream). So only aborted
+    streams and responses without usage (our flagged estimates) cost it nothing: an upstream
+    error that reports usage is already charged by Kuadrant.
     """
-    return charge.disconnected or charge.usage.estimated or charge.status >= 400
+    return charge.disconnected or charge.usage.estimated
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +109,7 @@ class Reporter:
         if len(self._queue) >= self._config.queue_size:
             self._dropped.inc()
             return
-        self._queue.append((charge.path, charge.tier, charge.userid, charge.model, tokens))
+        self._queue.append((charge.route, charge.tier, charge.userid, charge.model, tokens))
         if self._task is None:
             self.start()
         if not self._wake.is_set():
@@ -180,10 +179,8 @@ class Reporter:
                 backoff = self._backoff_s
 
     def _take_queue(self) -> None:
-        config = self._config
         while self._queue:
-            path, tier, userid, model, tokens = self._queue.popleft()
-            domain = route_domain(path, config.route_template, config.default_route)
+            domain, tier, userid, model, tokens = self._queue.popleft()
             key = Counter(domain, tier, userid, model)
             self._pending[key] = self._pending.get(key, 0) + tokens
 

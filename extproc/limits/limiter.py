@@ -9,9 +9,8 @@ from typing import Protocol
 from extproc.config import LimitsConfig
 from extproc.domain import Charge, Limits
 from extproc.limits import windows
-from extproc.store import keys
-from extproc.store.base import Adjustment, CounterStore, LedgerEntry, WindowCounter
-from extproc.store.memory import day_of
+from extproc.store import keys, ledger
+from extproc.store.base import Adjustment, CounterStore, WindowCounter
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +23,7 @@ class Verdict:
     retry_after_s: int = 0
     reserved_tokens: int = 0
     token_windows: tuple[int, ...] = ()  # start of each token window the reservation went into
+    admitted_ms: int = 0  # when the store took the reservation (0: it did not, e.g. fail_open)
 
 
 class LimitsProvider(Protocol):
@@ -44,7 +44,7 @@ class FixedLimits:
 
 @dataclass(frozen=True, slots=True)
 class _Plan:
-    """The counters of one (user, tier, model), built once: keys, limits, windows, kinds."""
+    """The counters of one (user, tier, model, route), built once: keys, limits, windows, kinds."""
 
     requests: tuple[tuple[str, int, int], ...]  # (key, limit, window_ms)
     tokens: tuple[tuple[str, int, int], ...]
@@ -66,19 +66,28 @@ class Limiter:
         self._limits = FixedLimits(config) if isinstance(config, LimitsConfig) else config
         self._clock_ms = clock_ms
         self._sliding = self._limits.current().window == "sliding"
-        # Key strings and limits per (user, tier, model), rebuilt when the limits change.
-        self._plans: dict[tuple[str, str, str], _Plan] = {}
+        # Key strings and limits per (user, tier, model, route), rebuilt when the limits change.
+        self._plans: dict[tuple[str, str, str, str], _Plan] = {}
         self._plans_for: LimitsConfig | None = None
 
     @property
     def _config(self) -> LimitsConfig:
         return self._limits.current()
 
-    def reservation_for(self, tier: str, requested: int | None) -> int:
-        """Tokens to hold at admission: the request's own bound, else the tier's default."""
+    def reservation_for(self, tier: str, requested: int | None, prompt_estimate: int = 0) -> int:
+        """Tokens to hold at admission: the prompt estimate plus the completion bound.
+
+        The completion bound is the request's own (``max_tokens`` and kin), else the tier's
+        default. Holding the whole request keeps a user within one reservation of the limit
+        however many requests run at once, as long as no response uses more than it reserved.
+        """
         if requested is not None and requested > 0:
-            return requested
-        return self._config.reservation_tokens.get(tier, self._config.default_reservation_tokens)
+            bound = requested
+        else:
+            bound = self._config.reservation_tokens.get(
+                tier, self._config.default_reservation_tokens
+            )
+        return max(0, prompt_estimate) + bound
 
     def _limit_sets(self, tier: str, model: str) -> list[tuple[Limits, str]]:
         sets: list[tuple[Limits, str]] = []
@@ -90,22 +99,26 @@ class Limiter:
             sets.append((override, model))
         return sets
 
-    def token_counters(self, userid: str, tier: str, model: str) -> list[tuple[str, int]]:
+    def token_counters(
+        self, userid: str, tier: str, model: str, route: str = ""
+    ) -> list[tuple[str, int]]:
         """(key, window_ms) of every token counter this request is charged to, in admit order."""
-        return [(key, window) for key, _, window in self._plan(userid, tier, model).tokens]
+        return [(key, window) for key, _, window in self._plan(userid, tier, model, route).tokens]
 
-    def _plan(self, userid: str, tier: str, model: str) -> _Plan:
+    def _plan(self, userid: str, tier: str, model: str, route: str) -> _Plan:
         config = self._config
         if config is not self._plans_for or len(self._plans) >= _PLAN_CACHE_SIZE:
             self._plans.clear()
             self._plans_for = config
-        plan = self._plans.get((userid, tier, model))
+        # limits.scope user: one budget across every route; route: one per HTTPRoute, as Kuadrant.
+        route = route if config.scope == "route" else ""
+        plan = self._plans.get((userid, tier, model, route))
         if plan is None:
             sets = self._limit_sets(tier, model)
             plan = _Plan(
                 requests=tuple(
                     (
-                        keys.requests_key(userid, tier, scope),
+                        keys.requests_key(userid, tier, scope, route=route),
                         lim.requests,
                         lim.requests_window_s * 1000,
                     )
@@ -113,23 +126,32 @@ class Limiter:
                     if lim.requests
                 ),
                 tokens=tuple(
-                    (keys.tokens_key(userid, tier, scope), lim.tokens, lim.tokens_window_s * 1000)
+                    (
+                        keys.tokens_key(userid, tier, scope, route=route),
+                        lim.tokens,
+                        lim.tokens_window_s * 1000,
+                    )
                     for lim, scope in sets
                     if lim.tokens
                 ),
             )
-            self._plans[(userid, tier, model)] = plan
+            self._plans[(userid, tier, model, route)] = plan
         return plan
 
-    async def admit(self, userid: str, tier: str, model: str, reserve: int) -> Verdict:
-        plan = self._plan(userid, tier, model)
+    async def admit(
+        self, userid: str, tier: str, model: str, reserve: int, route: str = ""
+    ) -> Verdict:
+        """Check and take the reservation; the ledger holds it as unsettled until the settle."""
+        plan = self._plan(userid, tier, model, route)
         sliding = self._sliding
         counters = [WindowCounter(k, lim, w, 1, sliding) for k, lim, w in plan.requests]
         counters += [WindowCounter(k, lim, w, reserve, sliding) for k, lim, w in plan.tokens]
         kinds = ["requests"] * len(plan.requests) + ["tokens"] * len(plan.tokens)
+        now = self._clock_ms()
+        hold = ledger.hold_for(userid, model, reserve, now)
+        result = await self._store.admit(counters, now, hold)
         if not counters:
-            return Verdict(allowed=True)
-        result = await self._store.admit(counters, self._clock_ms())
+            return Verdict(allowed=True, reserved_tokens=reserve, admitted_ms=now)
         if not result.allowed:
             index = result.denied_index
             state, counter = result.states[index], counters[index]
@@ -151,15 +173,19 @@ class Limiter:
             limit=counter.limit,
             remaining=max(0, counter.limit - state.value),
             reset_s=windows.retry_after_s(state.reset_ms),
-            reserved_tokens=reserve if token_windows else 0,
+            reserved_tokens=reserve,
             token_windows=token_windows,
+            admitted_ms=now,
         )
 
-    async def settle(self, charge: Charge) -> None:
-        """Swap the reservation for the actual tokens and record the ledger entry."""
+    async def settle(self, charge: Charge) -> bool:
+        """Swap the reservation for the actual tokens, record the ledger entry, release the hold.
+
+        False when the store had applied this charge's request id already.
+        """
         now = self._clock_ms()
         token_windows = charge.token_windows
-        counters = self.token_counters(charge.userid, charge.tier, charge.model)
+        counters = self.token_counters(charge.userid, charge.tier, charge.model, charge.route)
         adjustments = []
         for index, (key, window_ms) in enumerate(counters):
             admitted = index < len(token_windows)
@@ -173,19 +199,15 @@ class Limiter:
                     sliding=self._sliding,
                 )
             )
-        entry = ledger_entry(charge, now)
-        await self._store.settle(adjustments, entry, now)
-
-
-def ledger_entry(charge: Charge, now_ms: int) -> LedgerEntry:
-    usage = charge.usage
-    total = usage.total()
-    return LedgerEntry(
-        userid=charge.userid,
-        day=day_of(now_ms),
-        model=charge.model or "unknown",
-        prompt_tokens=usage.prompt_tokens or 0,
-        completion_tokens=usage.completion_tokens or 0,
-        total_tokens=total,
-        estimated_tokens=total if usage.estimated else 0,
-    )
+        release = None
+        if charge.admitted_ms:
+            release = ledger.hold_for(
+                charge.userid, charge.model, charge.reserved_tokens, charge.admitted_ms
+            )
+        return await self._store.settle(
+            adjustments,
+            ledger.entry_for(charge, now),
+            now,
+            request_id=charge.request_id,
+            release=release,
+        )

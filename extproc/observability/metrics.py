@@ -8,7 +8,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from extproc.domain import Charge, Decision, Limits
+from extproc.domain import UNTRUSTED_REASONS, Charge, Decision, Limits
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _STREAM_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0)
@@ -97,7 +97,31 @@ class Metrics:
             "maas_spool_depth", "Charges waiting for the store to come back", registry=r
         )
         self.spool_dropped = Counter(
-            "maas_spool_dropped", "Charges dropped because the spool was full", registry=r
+            "maas_spool_dropped",
+            "Charges dropped: the spool was full, or they outlived store.dedupe_ttl_s",
+            registry=r,
+        )
+        self.settle_duplicates = Counter(
+            "maas_settle_duplicates",
+            "Settles the store had applied already (a replay after a lost reply): ignored",
+            registry=r,
+        )
+        self.reservation_exceeded = Counter(
+            "maas_reservation_exceeded",
+            "Charges larger than their admission's reservation (the overshoot bound can break)",
+            ["tier"],
+            registry=r,
+        )
+        self.charges_pending = Gauge(
+            "maas_charges_pending",
+            "Charges handed to the store and not yet settled or spooled",
+            registry=r,
+        )
+        self.internal_errors = Counter(
+            "maas_internal_errors",
+            "Unexpected errors answered with a defined reply instead of a traceback",
+            ["where"],
+            registry=r,
         )
         self.cache_lookups = Counter(
             "maas_cache_lookups", "Cache lookups", ["cache", "result"], registry=r
@@ -135,6 +159,19 @@ class Metrics:
             "Policy limits whose predicates, counters or rates are not understood (not enforced)",
             registry=r,
         )
+        self.httproute_conflicts = Counter(
+            "maas_httproute_conflicts",
+            "Model names or services two watched HTTPRoutes claim (left out of the route map)",
+            registry=r,
+        )
+        self.usage_invalid = Counter(
+            "maas_upstream_usage_invalid",
+            "Responses whose reported usage was not trusted and was charged as a capped estimate",
+            ["reason"],
+            registry=r,
+        )
+        for reason in UNTRUSTED_REASONS:
+            self.usage_invalid.labels(reason)
         self._decision_children: dict[tuple[str, ...], Counter] = {}
         self._response_children: dict[tuple[int, str], Counter] = {}
         # Label children are looked up once: ``labels()`` costs more than the increment itself.
@@ -181,6 +218,8 @@ class Metrics:
         ):
             if amount:
                 token_child.inc(amount)
+        if usage.invalid:
+            self.usage_invalid.labels(usage.invalid).inc()
         source = "estimated" if usage.estimated else ("reported" if usage.reported else "none")
         by_source = self._charge_children.get((charge.tier, source))
         if by_source is None:

@@ -1,4 +1,16 @@
-"""An aiohttp app imitating OpenAI/Anthropic model servers that records everything it serves."""
+"""An aiohttp app imitating OpenAI/Anthropic model servers that records everything it serves.
+
+Per-request ``x-sim-*`` headers script it: ``status``, ``completion-tokens``, ``delay-ms``,
+``abort-after``, ``omit-usage``; and, to play a misbehaving upstream:
+
+- ``x-sim-usage: <JSON object>``: the response's ``usage`` object is this text, verbatim (so a
+  400-digit literal or ``1e308`` reaches the client unchanged): in JSON bodies of every API and
+  in the usage chunk of OpenAI streams (``stream_options.include_usage``);
+- ``x-sim-pad-bytes: N``: N spaces after a JSON body (still valid JSON, RFC 8259 §2);
+- ``x-sim-content-encoding: gzip``: a JSON body is sent gzip-compressed (RFC 1952), whether or
+  not the client accepts it; with ``pad-bytes`` that makes a decompression bomb (100 MiB of
+  padding compresses to about 100 KB).
+"""
 
 from __future__ import annotations
 
@@ -43,6 +55,9 @@ _ERRORS: dict[int, tuple[str, str | None]] = {
     429: ("rate_limit_error", "rate_limit_exceeded"),
 }
 _TRUE = frozenset({"1", "true", "yes", "on"})
+_RAW_USAGE = "\x01sim-usage\x01"  # stands for the x-sim-usage text until the body is encoded
+_RAW_USAGE_JSON = b'"\\u0001sim-usage\\u0001"'
+_MAX_PAD_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -52,6 +67,71 @@ class SimConfig:
     models: tuple[str, ...] = ("facebook/opt-125m", "sim-model")
     chunk_delay_s: float = 0.0
     default_completion_tokens: int = 16
+
+
+class _BadRequestError(ValueError):
+    """The request cannot be served; answered with a 400."""
+
+
+@dataclass(frozen=True)
+class _Hostile:
+    """How this response misbehaves (x-sim-usage, x-sim-pad-bytes, x-sim-content-encoding)."""
+
+    usage: bytes | None = None
+    pad_bytes: int = 0
+    gzip: bool = False
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> _Hostile:
+        usage = headers.get("x-sim-usage")
+        if usage is not None:
+            try:
+                parsed = json.loads(usage)
+            except ValueError:
+                raise _BadRequestError("header x-sim-usage must be a JSON object") from None
+            if not isinstance(parsed, dict):
+                raise _BadRequestError("header x-sim-usage must be a JSON object")
+        pad = _int_header(headers, "x-sim-pad-bytes") or 0
+        if not 0 <= pad <= _MAX_PAD_BYTES:
+            raise _BadRequestError(f"header x-sim-pad-bytes must be from 0 to {_MAX_PAD_BYTES}")
+        encoding = headers.get("x-sim-content-encoding", "identity").lower()
+        if encoding not in ("identity", "gzip"):
+            raise _BadRequestError("header x-sim-content-encoding must be gzip or identity")
+        return cls(None if usage is None else usage.encode(), pad, encoding == "gzip")
+
+    def usage_of(self, usage: Json) -> object:
+        """What goes where the usage object belongs: the real one, or the scripted text's mark."""
+        return usage if self.usage is None else _RAW_USAGE
+
+    def encode(self, data: bytes) -> bytes:
+        """A body with the scripted usage spliced in (still uncompressed, not yet padded)."""
+        return data if self.usage is None else data.replace(_RAW_USAGE_JSON, self.usage)
+
+    def json(self, obj: object) -> web.Response:
+        data = self.encode(_dumps(obj).encode())
+        response = web.Response(content_type="application/json")
+        if not self.gzip:
+            response.body = data + b" " * self.pad_bytes
+            return response
+        packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # gzip wrapper
+        parts = [packer.compress(data)]
+        spaces = b" " * (1 << 20)
+        for start in range(0, self.pad_bytes, len(spaces)):
+            parts.append(packer.compress(spaces[: self.pad_bytes - start]))
+        parts.append(packer.flush())
+        response.body = b"".join(parts)
+        response.headers["Content-Encoding"] = "gzip"
+        return response
+
+
+def _int_header(headers: Mapping[str, str], name: str) -> int | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise _BadRequestError(f"header {name} must be an integer, got {value!r}") from None
 
 
 @dataclass(frozen=True)
@@ -66,6 +146,7 @@ class _Gen:
     hit_limit: bool
     usage: bool  # False when x-sim-omit-usage asks for no usage at all
     include_usage: bool  # chat/completions streams: stream_options.include_usage
+    hostile: _Hostile = _Hostile()
 
 
 def _dumps(obj: object) -> str:
@@ -94,20 +175,6 @@ def _error(status: int, message: str) -> web.Response:
     return _json({"error": err}, status)
 
 
-class _BadRequestError(ValueError):
-    """The request cannot be served; answered with a 400."""
-
-
-def _int_header(headers: Mapping[str, str], name: str) -> int | None:
-    value = headers.get(name)
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise _BadRequestError(f"header {name} must be an integer, got {value!r}") from None
-
-
 def _openai_usage(g: _Gen) -> Json:
     return {
         "prompt_tokens": g.prompt,
@@ -130,7 +197,7 @@ def _chat_json(g: _Gen) -> Json:
         "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
     }
     if g.usage:
-        out["usage"] = _openai_usage(g)
+        out["usage"] = g.hostile.usage_of(_openai_usage(g))
     return out
 
 
@@ -145,7 +212,7 @@ def _completions_json(g: _Gen) -> Json:
         "choices": [{**choice, "finish_reason": finish}],
     }
     if g.usage:
-        out["usage"] = _openai_usage(g)
+        out["usage"] = g.hostile.usage_of(_openai_usage(g))
     return out
 
 
@@ -173,7 +240,8 @@ def _openai_stream(g: _Gen, chat: bool) -> Parts:
         last = {"text": "", "logprobs": None}
     tail = [_sse(chunk(last, "length" if g.hit_limit else "stop"))]
     if send_usage:
-        tail.append(_sse({**base, "choices": [], "usage": _openai_usage(g)}))
+        usage = g.hostile.usage_of(_openai_usage(g))
+        tail.append(g.hostile.encode(_sse({**base, "choices": [], "usage": usage})))
     tail.append(_DONE)
     return head, _per_token(chunk(token, None), g.completion), tail
 
@@ -192,7 +260,8 @@ def _messages_json(g: _Gen) -> Json:
         "stop_sequence": None,
     }
     if g.usage:
-        out["usage"] = {"input_tokens": g.prompt, "output_tokens": g.completion}
+        usage = {"input_tokens": g.prompt, "output_tokens": g.completion}
+        out["usage"] = g.hostile.usage_of(usage)
     return out
 
 
@@ -246,13 +315,15 @@ def _responses_json(g: _Gen, done: bool = True) -> Json:
         "tools": [],
     }
     if g.usage and done:
-        out["usage"] = {
-            "input_tokens": g.prompt,
-            "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": g.completion,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": g.prompt + g.completion,
-        }
+        out["usage"] = g.hostile.usage_of(
+            {
+                "input_tokens": g.prompt,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": g.completion,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": g.prompt + g.completion,
+            }
+        )
     return out
 
 
@@ -313,7 +384,7 @@ def _embeddings_json(g: _Gen, body: Json) -> Json:
         data.append({"object": "embedding", "index": i, "embedding": vec})
     out: Json = {"object": "list", "data": data, "model": g.model}
     if g.usage:
-        out["usage"] = {"prompt_tokens": g.prompt, "total_tokens": g.prompt}
+        out["usage"] = g.hostile.usage_of({"prompt_tokens": g.prompt, "total_tokens": g.prompt})
     return out
 
 
@@ -396,6 +467,7 @@ class SimServer:
         delay_ms = _int_header(headers, "x-sim-delay-ms")
         abort_after = _int_header(headers, "x-sim-abort-after")
         omit_usage = headers.get("x-sim-omit-usage", "").lower() in _TRUE
+        hostile = _Hostile.from_headers(headers)
         body: Json = {}
         if api != "models":
             try:
@@ -432,20 +504,21 @@ class SimServer:
             hit_limit=hit,
             usage=not omit_usage,
             include_usage=include_usage,
+            hostile=hostile,
         )
         rec.update(prompt_tokens=prompt, completion_tokens=completion)
         rec["total_tokens"] = prompt + completion
         if not stream:
             rec["usage_sent"] = g.usage
             if api == "chat":
-                return _json(_chat_json(g))
+                return hostile.json(_chat_json(g))
             if api == "completions":
-                return _json(_completions_json(g))
+                return hostile.json(_completions_json(g))
             if api == "messages":
-                return _json(_messages_json(g))
+                return hostile.json(_messages_json(g))
             if api == "responses":
-                return _json(_responses_json(g))
-            return _json(_embeddings_json(g, body))
+                return hostile.json(_responses_json(g))
+            return hostile.json(_embeddings_json(g, body))
 
         if api in ("chat", "completions"):
             parts, usage_sent = _openai_stream(g, api == "chat"), g.usage and include_usage

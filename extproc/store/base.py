@@ -70,6 +70,20 @@ class LedgerEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class Hold:
+    """One admitted request's reservation, kept in the ledger as unsettled until its settle.
+
+    Admission adds ``tokens`` (and one open request) to the (user, day) ledger; the settle takes
+    the same off again. What is left belongs to requests whose charge never came.
+    """
+
+    userid: str
+    day: str  # the admission's day: the settle releases the hold on that day, whenever it runs
+    model: str
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
 class LedgerRow:
     day: str
     model: str
@@ -78,6 +92,8 @@ class LedgerRow:
     total_tokens: int
     estimated_tokens: int
     requests: int
+    unsettled_tokens: int = 0  # reservations of admitted requests not settled (yet)
+    unsettled_requests: int = 0
 
 
 class CounterStore(Protocol):
@@ -86,14 +102,26 @@ class CounterStore(Protocol):
     Every method raises ``errors.StoreUnavailable`` when the backend fails.
     """
 
-    async def admit(self, counters: Sequence[WindowCounter], now_ms: int) -> AdmitResult:
-        """Check every counter; only if all pass, add each one's hits (all or nothing)."""
+    async def admit(
+        self, counters: Sequence[WindowCounter], now_ms: int, hold: Hold | None = None
+    ) -> AdmitResult:
+        """Check every counter; only if all pass, add each one's hits and the hold (all or nothing)."""
         ...
 
     async def settle(
-        self, adjustments: Sequence[Adjustment], entry: LedgerEntry | None, now_ms: int
-    ) -> None:
-        """Apply the adjustments and add the entry to the ledger, atomically per user."""
+        self,
+        adjustments: Sequence[Adjustment],
+        entry: LedgerEntry | None,
+        now_ms: int,
+        *,
+        request_id: str = "",
+        release: Hold | None = None,
+    ) -> bool:
+        """Apply the adjustments, add the entry and release the hold, atomically per user.
+
+        With a ``request_id`` the settle is applied at most once: a second settle with the same
+        id (a replay whose first attempt did land) changes nothing and returns False.
+        """
         ...
 
     async def ledger(self, userid: str, days: Sequence[str]) -> list[LedgerRow]:

@@ -10,14 +10,19 @@ def _tag(userid: str) -> str:
     return "{" + userid.replace("{", "(").replace("}", ")") + "}"
 
 
-def requests_key(userid: str, tier: str, model: str = "") -> str:
+def requests_key(userid: str, tier: str, model: str = "", *, route: str = "") -> str:
     suffix = f":m:{model}" if model else ""
-    return f"{PREFIX}:{_tag(userid)}:req:{tier}{suffix}"
+    return f"{PREFIX}:{_tag(userid)}:req:{tier}{suffix}{_route(route)}"
 
 
-def tokens_key(userid: str, tier: str, model: str = "") -> str:
+def tokens_key(userid: str, tier: str, model: str = "", *, route: str = "") -> str:
     suffix = f":m:{model}" if model else ""
-    return f"{PREFIX}:{_tag(userid)}:tok:{tier}{suffix}"
+    return f"{PREFIX}:{_tag(userid)}:tok:{tier}{suffix}{_route(route)}"
+
+
+def _route(route: str) -> str:
+    """``limits.scope: route``: the HTTPRoute (``<namespace>/<name>``) the counter belongs to."""
+    return f":r:{route}" if route else ""
 
 
 def sliding_bucket_key(key: str, bucket: int) -> str:
@@ -27,6 +32,11 @@ def sliding_bucket_key(key: str, bucket: int) -> str:
 
 def ledger_key(userid: str, day: str) -> str:
     return f"{PREFIX}:{_tag(userid)}:usage:{day}"
+
+
+def settled_key(userid: str, request_id: str) -> str:
+    """Marks one admission's settle as applied, so a replay of it is ignored (user-tagged)."""
+    return f"{PREFIX}:{_tag(userid)}:settled:{request_id}"
 
 
 def ledger_users_key(day: str) -> str:

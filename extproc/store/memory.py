@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from extproc.limits import windows
-from extproc.store import keys
+from extproc.store import keys, ledger
 from extproc.store.base import (
     Adjustment,
     AdmitResult,
     CounterState,
+    Hold,
     LedgerEntry,
     LedgerRow,
     WindowCounter,
@@ -28,13 +27,17 @@ class _Window:
 class MemoryStore:
     """Fixed and sliding windows in dicts; the event loop makes every call atomic."""
 
-    def __init__(self, retention_days: int = 90) -> None:
+    def __init__(self, retention_days: int = 90, dedupe_ttl_ms: int = 3_600_000) -> None:
         self._windows: dict[str, _Window] = {}
         self._ledger: dict[str, dict[str, int]] = {}
         self._users: dict[str, set[str]] = {}
+        self._settled: dict[str, int] = {}  # settled_key -> expiry (ms)
         self._retention_days = retention_days
+        self._dedupe_ttl_ms = dedupe_ttl_ms
 
-    async def admit(self, counters: Sequence[WindowCounter], now_ms: int) -> AdmitResult:
+    async def admit(
+        self, counters: Sequence[WindowCounter], now_ms: int, hold: Hold | None = None
+    ) -> AdmitResult:
         states: list[CounterState] = []
         for index, counter in enumerate(counters):
             value, start, reset = self._read(
@@ -46,11 +49,22 @@ class MemoryStore:
             states.append(CounterState(value + counter.hits, start, reset))
         for counter in counters:
             self._add(counter.key, counter.window_ms, counter.sliding, counter.hits, now_ms)
+        if hold is not None:
+            self._hold(hold, 1, now_ms)
         return AdmitResult(True, tuple(states))
 
     async def settle(
-        self, adjustments: Sequence[Adjustment], entry: LedgerEntry | None, now_ms: int
-    ) -> None:
+        self,
+        adjustments: Sequence[Adjustment],
+        entry: LedgerEntry | None,
+        now_ms: int,
+        *,
+        request_id: str = "",
+        release: Hold | None = None,
+    ) -> bool:
+        marker = keys.settled_key(entry.userid, request_id) if request_id and entry else ""
+        if marker and not self._first_settle(marker, now_ms):
+            return False
         for adj in adjustments:
             if adj.sliding:
                 bucket_key = keys.sliding_bucket_key(adj.key, adj.window_start_ms // adj.window_ms)
@@ -73,13 +87,16 @@ class MemoryStore:
                 self._add(adj.key, adj.window_ms, False, adj.actual, now_ms)
         if entry is not None:
             self._record(entry, now_ms)
+        if release is not None:
+            self._hold(release, -1, now_ms)
+        return True
 
     async def ledger(self, userid: str, days: Sequence[str]) -> list[LedgerRow]:
         rows: list[LedgerRow] = []
         for day in days:
             fields = self._ledger.get(keys.ledger_key(userid, day))
             if fields:
-                rows.extend(ledger_rows(day, fields))
+                rows.extend(ledger.rows(day, fields))
         return rows
 
     async def ledger_users(self, days: Sequence[str]) -> list[str]:
@@ -125,58 +142,33 @@ class MemoryStore:
         else:
             window.value += hits
 
+    def _first_settle(self, key: str, now_ms: int) -> bool:
+        """Mark ``key`` settled; False when it already was (within the dedupe TTL)."""
+        expires = self._settled.get(key)
+        if expires is not None and expires > now_ms:
+            return False
+        if len(self._settled) >= 100_000:
+            self._settled = {k: t for k, t in self._settled.items() if t > now_ms}
+        self._settled[key] = now_ms + self._dedupe_ttl_ms
+        return True
+
     def _record(self, entry: LedgerEntry, now_ms: int) -> None:
+        pairs = zip(keys.LEDGER_KINDS, ledger.amounts(entry), strict=True)
+        fields = [(keys.ledger_field(entry.model, kind), amount) for kind, amount in pairs]
+        self._add_fields(entry.userid, entry.day, fields, now_ms)
+
+    def _hold(self, hold: Hold, sign: int, now_ms: int) -> None:
+        self._add_fields(hold.userid, hold.day, list(ledger.hold_fields(hold, sign)), now_ms)
+
+    def _add_fields(self, userid: str, day: str, pairs: list[tuple[str, int]], now_ms: int) -> None:
         self._expire_ledger(now_ms)
-        fields = self._ledger.setdefault(keys.ledger_key(entry.userid, entry.day), {})
-        for kind, amount in zip(keys.LEDGER_KINDS, ledger_amounts(entry), strict=True):
-            name = keys.ledger_field(entry.model, kind)
+        fields = self._ledger.setdefault(keys.ledger_key(userid, day), {})
+        for name, amount in pairs:
             fields[name] = fields.get(name, 0) + amount
-        self._users.setdefault(entry.day, set()).add(entry.userid)
+        self._users.setdefault(day, set()).add(userid)
 
     def _expire_ledger(self, now_ms: int) -> None:
-        oldest = day_of(now_ms - self._retention_days * 86_400_000)
+        oldest = ledger.day_of(now_ms - self._retention_days * 86_400_000)
         for day in [d for d in self._users if d < oldest]:
             for userid in self._users.pop(day):
                 self._ledger.pop(keys.ledger_key(userid, day), None)
-
-
-def ledger_amounts(entry: LedgerEntry) -> tuple[int, int, int, int, int]:
-    """The entry's numbers in ``keys.LEDGER_KINDS`` order."""
-    return (
-        entry.prompt_tokens,
-        entry.completion_tokens,
-        entry.total_tokens,
-        entry.estimated_tokens,
-        entry.requests,
-    )
-
-
-def ledger_rows(day: str, fields: dict[str, int]) -> list[LedgerRow]:
-    """Fold a ledger hash (``model|kind`` -> amount) into one row per model, sorted by model."""
-    per_model: dict[str, dict[str, int]] = {}
-    for name, amount in fields.items():
-        model, _, kind = name.rpartition("|")
-        per_model.setdefault(model, {})[kind] = int(amount)
-    return [
-        LedgerRow(
-            day=day,
-            model=model,
-            prompt_tokens=kinds.get("prompt", 0),
-            completion_tokens=kinds.get("completion", 0),
-            total_tokens=kinds.get("total", 0),
-            estimated_tokens=kinds.get("estimated", 0),
-            requests=kinds.get("requests", 0),
-        )
-        for model, kinds in sorted(per_model.items())
-    ]
-
-
-def day_of(now_ms: int) -> str:
-    """The UTC day of a millisecond timestamp, as the ledger names it (YYYYMMDD)."""
-    return _day_name(now_ms // 86_400_000)
-
-
-@functools.lru_cache(maxsize=16)
-def _day_name(day: int) -> str:
-    # Pure and called on every charge: worth remembering the few days in play.
-    return dt.datetime.fromtimestamp(day * 86_400, tz=dt.UTC).strftime("%Y%m%d")

@@ -24,16 +24,16 @@ from redis.exceptions import NoScriptError, RedisError
 from extproc.config import StoreConfig, redact_url
 from extproc.errors import StoreUnavailable
 from extproc.limits import windows
-from extproc.store import keys
+from extproc.store import keys, ledger
 from extproc.store.base import (
     Adjustment,
     AdmitResult,
     CounterState,
+    Hold,
     LedgerEntry,
     LedgerRow,
     WindowCounter,
 )
-from extproc.store.memory import ledger_amounts, ledger_rows
 
 log = logging.getLogger("extproc.store.redis")
 
@@ -68,12 +68,14 @@ class RedisStore:
         url: str = "",
         retention_days: int = 90,
         helpers: Sequence[Redis] = (),
+        dedupe_ttl_ms: int = 3_600_000,
     ) -> None:
         self._client = client
         self._helpers = tuple(helpers)  # e.g. the Sentinel connections, closed with the store
         self._where = redact_url(url) if url else type(client).__name__
         self._secrets = _secrets(url)
         self._retention_ms = retention_days * _DAY_MS
+        self._dedupe_ttl_ms = dedupe_ttl_ms
         self._admit = _Script.load("admit")
         self._settle = _Script.load("settle")
         # (day -> users) already added to the day's users set by this process; see _remember_user.
@@ -90,7 +92,7 @@ class RedisStore:
             raise StoreUnavailable(
                 f"cannot configure redis at {redact_url(url)}: {detail}"
             ) from None
-        return cls(client, url, config.retention_days, helpers)
+        return cls(client, url, config.retention_days, helpers, config.dedupe_ttl_s * 1000)
 
     def __repr__(self) -> str:
         return f"RedisStore({self._where!r})"
@@ -100,11 +102,13 @@ class RedisStore:
         for script in (self._admit, self._settle):
             await self._call("start", self._client.script_load(script.source))
 
-    async def admit(self, counters: Sequence[WindowCounter], now_ms: int) -> AdmitResult:
-        if not counters:
+    async def admit(
+        self, counters: Sequence[WindowCounter], now_ms: int, hold: Hold | None = None
+    ) -> AdmitResult:
+        if not counters and hold is None:
             return AdmitResult(True, ())
         script_keys: list[str] = []
-        args: list[int] = [now_ms, len(counters)]
+        args: list[int | str] = [now_ms, len(counters)]
         for counter in counters:
             bucket_start = 0
             if counter.sliding:
@@ -116,6 +120,13 @@ class RedisStore:
                 script_keys.append(counter.key)
             args += [counter.limit, counter.window_ms, counter.hits, int(counter.sliding)]
             args.append(bucket_start)
+        if hold is None:
+            args += [0, 0]
+        else:
+            ttl_ms = self._ledger_ttl_ms(hold.day, now_ms)
+            await self._remember_user(hold.userid, hold.day, ttl_ms, "admit")
+            script_keys.append(keys.ledger_key(hold.userid, hold.day))
+            args += _ledger_part(ttl_ms, ledger.hold_fields(hold, 1))
         reply = await self._eval("admit", self._admit, script_keys, args)
         states = tuple(
             CounterState(int(reply[i]), int(reply[i + 1]), int(reply[i + 2]))
@@ -124,12 +135,20 @@ class RedisStore:
         return AdmitResult(reply[0] == 1, states, int(reply[1]))
 
     async def settle(
-        self, adjustments: Sequence[Adjustment], entry: LedgerEntry | None, now_ms: int
-    ) -> None:
-        if not adjustments and entry is None:
-            return
+        self,
+        adjustments: Sequence[Adjustment],
+        entry: LedgerEntry | None,
+        now_ms: int,
+        *,
+        request_id: str = "",
+        release: Hold | None = None,
+    ) -> bool:
+        if not adjustments and entry is None and release is None:
+            return True
+        owner = entry or release
+        marker_ttl = self._dedupe_ttl_ms if request_id and owner is not None else 0
         script_keys: list[str] = []
-        args: list[int | str] = [now_ms, len(adjustments)]
+        args: list[int | str] = [now_ms, len(adjustments), marker_ttl]
         for adj in adjustments:
             current_start = 0
             reserved_start = adj.window_start_ms
@@ -145,15 +164,24 @@ class RedisStore:
             args += [int(adj.sliding), adj.window_ms, reserved_start, current_start]
             args += [adj.reserved, adj.actual]
         if entry is None:
-            args.append(0)
+            args += [0, 0]
         else:
             ttl_ms = self._ledger_ttl_ms(entry.day, now_ms)
-            await self._remember_user(entry, ttl_ms)
+            await self._remember_user(entry.userid, entry.day, ttl_ms, "settle")
             script_keys.append(keys.ledger_key(entry.userid, entry.day))
-            args.append(ttl_ms)
-            for kind, amount in zip(keys.LEDGER_KINDS, ledger_amounts(entry), strict=True):
-                args += [keys.ledger_field(entry.model, kind), amount]
-        await self._eval("settle", self._settle, script_keys, args)
+            pairs = zip(keys.LEDGER_KINDS, ledger.amounts(entry), strict=True)
+            args += _ledger_part(ttl_ms, [(keys.ledger_field(entry.model, k), a) for k, a in pairs])
+        if release is None:
+            args += [0, 0]
+        else:
+            script_keys.append(keys.ledger_key(release.userid, release.day))
+            ttl_ms = self._ledger_ttl_ms(release.day, now_ms)
+            args += _ledger_part(ttl_ms, ledger.hold_fields(release, -1))
+        # KEYS[1] is the settled marker; without an id, any key of the user holds its place.
+        marker = keys.settled_key(owner.userid, request_id) if marker_ttl and owner else ""
+        script_keys.insert(0, marker or script_keys[0])
+        reply = await self._eval("settle", self._settle, script_keys, args)
+        return int(cast(int, reply)) >= 0
 
     async def ledger(self, userid: str, days: Sequence[str]) -> list[LedgerRow]:
         if not days:
@@ -166,7 +194,7 @@ class RedisStore:
         rows: list[LedgerRow] = []
         for day, fields in zip(days, replies, strict=True):
             if fields:
-                rows.extend(ledger_rows(day, {str(k): int(v) for k, v in fields.items()}))
+                rows.extend(ledger.rows(day, {str(k): int(v) for k, v in fields.items()}))
         return rows
 
     async def ledger_users(self, days: Sequence[str]) -> list[str]:
@@ -200,7 +228,7 @@ class RedisStore:
         day_start_ms = calendar.timegm(dt.datetime.strptime(day, "%Y%m%d").timetuple()) * 1000
         return max(1, day_start_ms + _DAY_MS + self._retention_ms - now_ms)
 
-    async def _remember_user(self, entry: LedgerEntry, ttl_ms: int) -> None:
+    async def _remember_user(self, userid: str, day: str, ttl_ms: int, op: str) -> None:
         """Add the user to the day's users set, once per (user, day) per process.
 
         The set is not user-tagged, so on Cluster it cannot join the settle script. Doing it only
@@ -209,19 +237,19 @@ class RedisStore:
         if it fails nothing was charged yet and a replay of the whole settle is safe. The cache is
         dropped whenever Redis fails, since a restarted Redis may have lost the set.
         """
-        known = self._known_users.get(entry.day)
-        if known is not None and entry.userid in known:
+        known = self._known_users.get(day)
+        if known is not None and userid in known:
             return
-        users_key = keys.ledger_users_key(entry.day)
+        users_key = keys.ledger_users_key(day)
         pipe = self._client.pipeline(transaction=False)
-        pipe.sadd(users_key, entry.userid)
+        pipe.sadd(users_key, userid)
         pipe.pexpire(users_key, ttl_ms)
-        await self._call("settle", pipe.execute())
+        await self._call(op, pipe.execute())
         if known is None:
-            known = self._known_users[entry.day] = set()
-            for day in sorted(self._known_users)[:-_KNOWN_DAYS]:
-                del self._known_users[day]
-        known.add(entry.userid)
+            known = self._known_users[day] = set()
+            for old in sorted(self._known_users)[:-_KNOWN_DAYS]:
+                del self._known_users[old]
+        known.add(userid)
 
     async def _eval(
         self, op: str, script: _Script, script_keys: list[str], args: Sequence[int | str]
@@ -256,6 +284,14 @@ class RedisStore:
 
 
 _FAILURES = (RedisError, OSError, TimeoutError)
+
+
+def _ledger_part(ttl_ms: int, pairs: Sequence[tuple[str, int]]) -> list[int | str]:
+    """One ledger part of a script's ARGV: ttl, number of pairs, then field, amount pairs."""
+    out: list[int | str] = [ttl_ms, len(pairs)]
+    for field, amount in pairs:
+        out += [field, amount]
+    return out
 
 
 def connect(url: str, timeout_s: float) -> tuple[Client, list[Redis]]:

@@ -18,6 +18,7 @@ from extproc.store.base import (
     Adjustment,
     AdmitResult,
     CounterStore,
+    Hold,
     LedgerEntry,
     LedgerRow,
     WindowCounter,
@@ -39,6 +40,18 @@ class _Settle:
     adjustments: tuple[Adjustment, ...]
     entry: LedgerEntry | None
     now_ms: int  # the caller's clock at settle time, replayed as is so windows resolve the same
+    request_id: str
+    release: Hold | None
+    spooled_s: float  # monotonic time it was spooled: older than the dedupe TTL is not replayed
+
+    async def apply(self, store: CounterStore) -> bool:
+        return await store.settle(
+            self.adjustments,
+            self.entry,
+            self.now_ms,
+            request_id=self.request_id,
+            release=self.release,
+        )
 
 
 class ResilientStore:
@@ -74,6 +87,7 @@ class ResilientStore:
         self._replayer: asyncio.Task[None] | None = None
         self._dropped_in_outage = 0
         self._closed = False
+        self._max_age_s = float(config.dedupe_ttl_s)
 
     def __repr__(self) -> str:
         return f"ResilientStore({self._inner!r}, policy={self._policy}, spool={len(self._spool)})"
@@ -93,21 +107,39 @@ class ResilientStore:
         if self._spool:
             self._ensure_replayer()
 
-    async def admit(self, counters: Sequence[WindowCounter], now_ms: int) -> AdmitResult:
-        return await self._timed("admit", self._inner.admit(counters, now_ms))
+    async def admit(
+        self, counters: Sequence[WindowCounter], now_ms: int, hold: Hold | None = None
+    ) -> AdmitResult:
+        return await self._timed("admit", self._inner.admit(counters, now_ms, hold))
 
     async def settle(
-        self, adjustments: Sequence[Adjustment], entry: LedgerEntry | None, now_ms: int
-    ) -> None:
-        charge = _Settle(tuple(adjustments), entry, now_ms)
+        self,
+        adjustments: Sequence[Adjustment],
+        entry: LedgerEntry | None,
+        now_ms: int,
+        *,
+        request_id: str = "",
+        release: Hold | None = None,
+    ) -> bool:
+        """Apply now, or spool for replay; True unless the store had applied this id already."""
+        charge = _Settle(tuple(adjustments), entry, now_ms, request_id, release, time.monotonic())
         if self._spool:
             self._push(charge)
-            return
+            return True
         try:
-            await self._timed("settle", self._inner.settle(adjustments, entry, now_ms))
+            applied = await self._timed("settle", charge.apply(self._inner))
         except StoreUnavailable as exc:
             log.warning("counter store unavailable: spooling charges for replay: %s", exc)
             self._push(charge)
+            return True
+        except asyncio.CancelledError:
+            # Torn down mid-call (shutdown): the settle may or may not have landed. The spool
+            # replays it under the same id, so it lands exactly once either way.
+            self._push(charge)
+            raise
+        if not applied:
+            self._metrics.settle_duplicates.inc()
+        return applied
 
     async def ledger(self, userid: str, days: Sequence[str]) -> list[LedgerRow]:
         return await self._timed("ledger", self._inner.ledger(userid, days))
@@ -191,11 +223,14 @@ class ResilientStore:
         """Settle spooled charges oldest first; stops at the first failure (raising it)."""
         while self._spool:
             charge = self._spool.popleft()
+            if time.monotonic() - charge.spooled_s > self._max_age_s:
+                # The store may have forgotten this id: a replay could charge it twice.
+                self._metrics.spool_dropped.inc()
+                self._dropped_in_outage += 1
+                log.error("spooled charge older than store.dedupe_ttl_s: dropped, not replayed")
+                continue
             try:
-                await self._timed(
-                    "settle",
-                    self._inner.settle(charge.adjustments, charge.entry, charge.now_ms),
-                )
+                applied = await self._timed("settle", charge.apply(self._inner))
             except (StoreUnavailable, asyncio.CancelledError):
                 # Back to the front; if the spool filled up meanwhile it is the oldest: drop it.
                 if len(self._spool) >= self._spool_size:
@@ -204,9 +239,12 @@ class ResilientStore:
                 else:
                     self._spool.appendleft(charge)
                 raise
-            except Exception:
+            except Exception as exc:
                 # A charge the store rejects for good must not block every charge behind it.
                 self._metrics.spool_dropped.inc()
-                log.exception("spooled charge rejected by the store: dropped")
+                log.error("spooled charge rejected by the store: dropped: %s", type(exc).__name__)
+            else:
+                if not applied:
+                    self._metrics.settle_duplicates.inc()  # its first attempt had landed
             finally:
                 self._metrics.spool_depth.set(len(self._spool))

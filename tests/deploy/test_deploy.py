@@ -20,6 +20,7 @@ import yaml
 
 from extproc import config as config_mod
 from extproc.stack import envoy_binary
+from tests.tls_fixtures import Pki
 
 Doc = dict[str, Any]
 
@@ -30,14 +31,24 @@ TARGETS = {
     "dev": DEPLOY / "overlays" / "dev",
     "production": DEPLOY / "overlays" / "production",
     "kuadrant": DEPLOY / "overlays" / "kuadrant",
+    "kuadrant-mtls": DEPLOY / "overlays" / "kuadrant-mtls",
+    "odh": DEPLOY / "overlays" / "odh",
+    "mtls-service-ca": DEPLOY / "overlays" / "mtls-service-ca",
+    "mtls-cert-manager": DEPLOY / "overlays" / "mtls-cert-manager",
 }
+MTLS_TARGETS = ("mtls-service-ca", "mtls-cert-manager")
+# Overlays built on production (3 replicas, the operator's Redis Secret).
+ON_PRODUCTION = {"production", "kuadrant", "kuadrant-mtls", "odh", *MTLS_TARGETS}
+# Overlays whose tiers come from maas-api rather than the tier ConfigMap.
+MAAS_API_TIERS = {"kuadrant", "kuadrant-mtls", "odh"}
 KUBERNETES_VERSION = "1.31"  # a schema set kubernetes-validate ships; OpenShift 4.18 is 1.31
 # Custom resources have no schema in kubernetes-validate; their fields are checked below instead.
-CUSTOM_KINDS = {"EnvoyFilter", "ServiceMonitor"}
+CUSTOM_KINDS = {"EnvoyFilter", "ServiceMonitor", "PeerAuthentication", "Certificate", "Issuer"}
 
 SIDECAR_NS = "maas-extproc"
 GATEWAY_NS = "openshift-ingress"
 GATEWAY_LABEL = {"gateway.networking.k8s.io/gateway-name": "maas-default-gateway"}
+GATEWAY_CLASS = "openshift-default"
 HCM = "envoy.filters.network.http_connection_manager"
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
 EXT_PROC = "envoy.filters.http.ext_proc"
@@ -154,8 +165,10 @@ def test_kustomize_builds(built: dict[str, list[Doc]], target: str) -> None:
     kinds = {d["kind"] for d in docs}
     assert {"Namespace", "Deployment", "Service", "EnvoyFilter", "ServiceMonitor"} <= kinds
     namespaces = {d["metadata"].get("namespace") for d in docs}
-    # The sidecar in its own namespace, the EnvoyFilter beside the gateway, the tier Role in maas-api.
-    assert namespaces <= {None, SIDECAR_NS, GATEWAY_NS, "maas-api"}
+    # The sidecar in its own namespace, the EnvoyFilter beside the gateway, the tier Role in
+    # maas-api; on ODH the NetworkPolicy that lets the sidecar reach maas-api in opendatahub.
+    assert namespaces <= {None, SIDECAR_NS, GATEWAY_NS, "maas-api", "opendatahub"}
+    assert ("opendatahub" in namespaces) == (target == "odh")
     assert envoyfilter(docs)["metadata"]["namespace"] == GATEWAY_NS
     assert only(docs, "Deployment", "maas-extproc")["metadata"]["namespace"] == SIDECAR_NS
 
@@ -309,10 +322,57 @@ def test_maas_api_routes_disable_both_filters(built: dict[str, list[Doc]]) -> No
         assert all(config["disabled"] is True for config in per_filter.values())
 
 
+def istio_bootstrap_clusters(cluster: Doc, pki: Pki) -> tuple[Doc, list[Doc], Doc]:
+    """What the gateway's bootstrap gives an mTLS cluster: a node, Istio's sds-grpc cluster (the
+    istio-agent socket) and ADS to istiod; a local CA stands in for the service CA file."""
+    cluster = copy.deepcopy(cluster)
+    common = cluster["transport_socket"]["typed_config"]["common_tls_context"]
+    if "trusted_ca" in common.get("validation_context", {}):
+        common["validation_context"]["trusted_ca"]["filename"] = str(pki.ca("service-ca").cert)
+
+    def pipe_cluster(name: str) -> Doc:
+        return {
+            "name": name,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3"
+                    ".HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                }
+            },
+            "load_assignment": {
+                "cluster_name": name,
+                "endpoints": [
+                    {"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": f"./{name}"}}}}]}
+                ],
+            },
+        }
+
+    bootstrap = {
+        "node": {"id": "router~10.0.0.1~gateway.openshift-ingress~", "cluster": "gateway"},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}],
+            }
+        },
+    }
+    return cluster, [pipe_cluster("sds-grpc"), pipe_cluster("xds-grpc")], bootstrap
+
+
+@pytest.mark.parametrize("target", ["base", *MTLS_TARGETS])
 def test_envoy_accepts_the_extracted_filters_cluster_and_route_config(
-    built: dict[str, list[Doc]], tmp_path: Path
+    built: dict[str, list[Doc]], target: str, tmp_path: Path, pki: Pki
 ) -> None:
-    docs = built["base"]
+    docs = built[target]
+    cluster = sidecar_cluster(docs)
+    bootstrap_clusters: list[Doc] = []
+    istio: Doc = {}
+    if target in MTLS_TARGETS:
+        cluster, bootstrap_clusters, istio = istio_bootstrap_clusters(cluster, pki)
     ext_authz = http_filter(docs, EXT_AUTHZ)
     ext_proc = http_filter(docs, EXT_PROC)
     router = {
@@ -380,8 +440,9 @@ def test_envoy_accepts_the_extracted_filters_cluster_and_route_config(
                     "filter_chains": [{"filters": [{"name": HCM, "typed_config": manager}]}],
                 }
             ],
-            "clusters": [models, sidecar_cluster(docs)],
-        }
+            "clusters": [models, cluster, *bootstrap_clusters],
+        },
+        **istio,
     }
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
@@ -394,17 +455,125 @@ def test_envoy_accepts_the_extracted_filters_cluster_and_route_config(
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+# ------------------------------------------------------------------------------------- mTLS
+
+
+def sidecar_dns_name(docs: list[Doc]) -> str:
+    meta = only(docs, "Service", "maas-extproc")["metadata"]
+    return f"{meta['name']}.{meta['namespace']}.svc"
+
+
+@pytest.mark.parametrize("target", MTLS_TARGETS)
+def test_mtls_gateway_presents_its_workload_certificate_and_checks_the_sidecars_name(
+    built: dict[str, list[Doc]], target: str
+) -> None:
+    docs = built[target]
+    socket = sidecar_cluster(docs)["transport_socket"]
+    assert socket["name"] == "envoy.transport_sockets.tls"
+    context = socket["typed_config"]
+    assert context["@type"].endswith(".tls.v3.UpstreamTlsContext")
+    name = sidecar_dns_name(docs)
+    assert context["sni"] == name
+    common = context["common_tls_context"]
+    assert common["alpn_protocols"] == ["h2"]  # the cluster speaks HTTP/2 only
+    # The gateway's Istio workload certificate, as Istio's own ISTIO_MUTUAL clusters ask for it.
+    (identity,) = common["tls_certificate_sds_secret_configs"]
+    assert identity["name"] == "default"
+    source = identity["sds_config"]["api_config_source"]
+    assert source["grpc_services"] == [{"envoy_grpc": {"cluster_name": "sds-grpc"}}]
+    if target == "mtls-service-ca":
+        validation = common["validation_context"]
+        assert validation["trusted_ca"] == {
+            "filename": "/var/run/secrets/kubernetes.io/serviceaccount/service-ca.crt"
+        }
+    else:
+        assert "validation_context" not in common
+        combined = common["combined_validation_context"]
+        validation = combined["default_validation_context"]
+        assert combined["validation_context_sds_secret_config"] == {
+            "name": "kubernetes://maas-extproc-ca-cacert",  # "-cacert": served without RBAC
+            "sds_config": {"ads": {}, "resource_api_version": "V3"},
+        }
+        assert name in only(docs, "Certificate", "maas-extproc-tls")["spec"]["dnsNames"]
+    # Any certificate of the CA is not enough: it must be the sidecar Service's name.
+    assert validation["match_typed_subject_alt_names"] == [
+        {"san_type": "DNS", "matcher": {"exact": name}}
+    ]
+
+
+@pytest.mark.parametrize("target", MTLS_TARGETS)
+def test_mtls_sidecar_serves_the_issued_secret_and_admits_only_the_gateway(
+    built: dict[str, list[Doc]], target: str
+) -> None:
+    docs = built[target]
+    container = sidecar_container(docs)
+    pod = only(docs, "Deployment", "maas-extproc")["spec"]["template"]["spec"]
+    env = literal_env(container)
+
+    def volume_of(file: str) -> tuple[Doc, str]:
+        mount = next(m for m in container["volumeMounts"] if file.startswith(m["mountPath"] + "/"))
+        assert mount["readOnly"] is True
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        return volume, file[len(mount["mountPath"]) + 1 :]
+
+    server, cert = volume_of(env["MAAS_EXTPROC_SERVER_TLS_CERT_FILE"])
+    assert (cert, volume_of(env["MAAS_EXTPROC_SERVER_TLS_KEY_FILE"])[1]) == ("tls.crt", "tls.key")
+    secret = server["secret"]["secretName"]
+    service = only(docs, "Service", "maas-extproc")
+    if target == "mtls-service-ca":
+        annotations = service["metadata"]["annotations"]
+        assert annotations["service.beta.openshift.io/serving-cert-secret-name"] == secret
+    else:
+        serving = only(docs, "Certificate", "maas-extproc-tls")
+        assert serving["spec"]["secretName"] == secret
+        issuer = only(docs, "Issuer", serving["spec"]["issuerRef"]["name"])
+        ca = only(docs, "Certificate", "maas-extproc-ca")
+        assert ca["spec"]["isCA"] is True
+        assert issuer["spec"]["ca"]["secretName"] == ca["spec"]["secretName"]
+        # The gateway keeps a copy of this CA: renewals must keep its key.
+        assert ca["spec"]["privateKey"]["rotationPolicy"] == "Never"
+        assert {
+            d["metadata"]["namespace"] for d in docs if d["kind"] in ("Certificate", "Issuer")
+        } == {SIDECAR_NS}
+    client_ca, file = volume_of(env["MAAS_EXTPROC_SERVER_TLS_CLIENT_CA_FILE"])
+    assert (client_ca["configMap"]["name"], file) == ("istio-ca-root-cert", "root-cert.pem")
+    # Istio's CA signs every workload: only the gateway's service account may call.
+    gateway = GATEWAY_LABEL["gateway.networking.k8s.io/gateway-name"]
+    assert env["MAAS_EXTPROC_SERVER_TLS_CLIENT_NAMES"] == (
+        f"spiffe://cluster.local/ns/{GATEWAY_NS}/sa/{gateway}-{GATEWAY_CLASS}"
+    )
+    # The plaintext health port is for the kubelet only: not in the Service, not opened to pods.
+    health = int(env["MAAS_EXTPROC_SERVER_HEALTH_PORT"])
+    assert health not in {p["port"] for p in service["spec"]["ports"]}
+    policy = only(docs, "NetworkPolicy", "maas-extproc")
+    assert health not in {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+
+
 # ------------------------------------------------------------------------------ sidecar config
+
+
+def with_local_tls_files(overrides: dict[str, str], pki: Pki) -> dict[str, str]:
+    """The deployed settings with the mounted certificate files replaced by local ones."""
+    if "MAAS_EXTPROC_SERVER_TLS_CERT_FILE" not in overrides:
+        return overrides
+    ca = pki.ca("ca")
+    server = pki.issue(ca, "server", ["DNS:maas-extproc.maas-extproc.svc"], "serverAuth")
+    return {
+        **overrides,
+        "MAAS_EXTPROC_SERVER_TLS_CERT_FILE": str(server.cert),
+        "MAAS_EXTPROC_SERVER_TLS_KEY_FILE": str(server.key),
+        "MAAS_EXTPROC_SERVER_TLS_CLIENT_CA_FILE": str(ca.cert),
+    }
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_deployed_config_passes_check_config(
-    built: dict[str, list[Doc]], target: str, tmp_path: Path
+    built: dict[str, list[Doc]], target: str, tmp_path: Path, pki: Pki
 ) -> None:
     docs = built[target]
     path = tmp_path / "config.yaml"
     path.write_text(sidecar_config_text(docs))
-    overrides = literal_env(sidecar_container(docs))
+    overrides = with_local_tls_files(literal_env(sidecar_container(docs)), pki)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_EXTPROC_")}
     env.update(overrides, MAAS_EXTPROC_STORE_URL=STORE_URL)
     result = subprocess.run(
@@ -425,7 +594,18 @@ def test_deployed_config_passes_check_config(
     assert loaded.server.workers == 1
     assert loaded.identity.source == "kubernetes"
     assert loaded.access.check == "subject_access_review"
-    assert loaded.tiers.source == ("maas_api" if target == "kuadrant" else "configmap")
+    assert loaded.tiers.source == ("maas_api" if target in MAAS_API_TIERS else "configmap")
+    kuadrant = target.startswith("kuadrant")
+    # As Kuadrant counts: per user per HTTPRoute, each request's route from KServe's routes.
+    assert loaded.limits.scope == ("route" if kuadrant else "user")
+    assert loaded.kuadrant.httproutes == ("watch" if kuadrant else "off")
+    assert loaded.kuadrant.policies == ("watch" if kuadrant else "off")
+    assert loaded.kuadrant.mode == ("gaps" if kuadrant else "off")
+    if target == "odh":
+        assert loaded.tiers.maas_api_url == "https://maas-api.opendatahub.svc:8443"
+        assert loaded.tiers.maas_api_ca_file == "/etc/maas-extproc-service-ca/service-ca.crt"
+    assert loaded.server.reflection is False  # nobody on the cluster needs it
+    assert loaded.server.tls.enabled is (target in MTLS_TARGETS)
     # The store URL is never in the ConfigMap: it comes from the Secret.
     assert "url" not in (yaml.safe_load(path.read_text())["store"] or {})
 
@@ -434,13 +614,15 @@ def test_deployed_config_passes_check_config(
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_deployment_is_hardened_and_probed(built: dict[str, list[Doc]], target: str) -> None:
+def test_deployment_is_hardened_and_probed(
+    built: dict[str, list[Doc]], target: str, tmp_path: Path
+) -> None:
     docs = built[target]
     deployment = only(docs, "Deployment", "maas-extproc")
     pod = deployment["spec"]["template"]["spec"]
     container = sidecar_container(docs)
 
-    assert deployment["spec"]["replicas"] == (3 if target in ("production", "kuadrant") else 2)
+    assert deployment["spec"]["replicas"] == (3 if target in ON_PRODUCTION else 2)
     assert pod["serviceAccountName"] == "maas-extproc"
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -449,8 +631,19 @@ def test_deployment_is_hardened_and_probed(built: dict[str, list[Doc]], target: 
     assert security["readOnlyRootFilesystem"] is True
     assert security["allowPrivilegeEscalation"] is False
     assert security["capabilities"] == {"drop": ["ALL"]}
+    # The probes ask grpc.health.v1 where the kubelet can: the plaintext health port under mTLS.
+    deployed = tmp_path / "config.yaml"
+    deployed.write_text(sidecar_config_text(docs))
+    settings = config_mod.load(
+        deployed, {**literal_env(container), "MAAS_EXTPROC_STORE_URL": STORE_URL}
+    )
+    probe_port = settings.server.health_port or settings.server.port
+    assert probe_port == (9001 if target in MTLS_TARGETS else 9000)
+    assert {"containerPort": probe_port, "protocol": "TCP"}.items() <= next(
+        p for p in container["ports"] if p["containerPort"] == probe_port
+    ).items()
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"] == {"port": 9000}
+        assert container[probe]["grpc"] == {"port": probe_port}
     assert {"requests", "limits"} <= set(container["resources"])
     keys = {c["topologyKey"] for c in pod["topologySpreadConstraints"]}
     assert "kubernetes.io/hostname" in keys
@@ -494,9 +687,9 @@ def test_redis_secret_per_overlay(built: dict[str, list[Doc]]) -> None:
     assert re.fullmatch(r"redis://redis[-.\w]*:6379/0", base64.b64decode(url).decode())
     dev_kinds = {(d["kind"], d["metadata"]["name"]) for d in built["dev"]}
     assert {("Deployment", "redis"), ("Service", "redis")} <= dev_kinds
-    # Production and kuadrant read the Secret the operator creates: nothing generated in git.
-    assert secrets("production") == []
-    assert secrets("kuadrant") == []
+    # Production and the overlays on it read the Secret the operator creates: nothing in git.
+    for target in ON_PRODUCTION:
+        assert secrets(target) == []
 
 
 # ------------------------------------------------------------------- Service, policy, monitoring
@@ -578,50 +771,95 @@ CLUSTER_RULES = [
         "resources": ["subjectaccessreviews"],
         "verbs": ["create"],
     },
-    {
-        "apiGroups": ["kuadrant.io"],
-        "resources": ["tokenratelimitpolicies", "ratelimitpolicies"],
-        "verbs": ["get", "list", "watch"],
-    },
-    {
-        "apiGroups": ["limitador.kuadrant.io"],
-        "resources": ["limitadors"],
-        "verbs": ["get", "list", "watch"],
-    },
-]
-TIER_RULES = [
-    {
-        "apiGroups": [""],
-        "resources": ["configmaps"],
-        "resourceNames": ["tier-to-group-mapping"],
-        "verbs": ["get", "list", "watch"],
-    }
 ]
 SUBJECT = {"kind": "ServiceAccount", "name": "maas-extproc", "namespace": SIDECAR_NS}
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_rbac_is_least_privilege(built: dict[str, list[Doc]], target: str) -> None:
+    """No wildcards, one subject; which rules each overlay needs is tests/deploy/test_rbac_use.py."""
     docs = built[target]
     for value in walk([d for d in docs if d["kind"] in ("ClusterRole", "Role")]):
         assert value != "*", "wildcards in RBAC"
-    assert only(docs, "ClusterRole", "maas-extproc")["rules"] == CLUSTER_RULES
-    binding = only(docs, "ClusterRoleBinding", "maas-extproc")
-    assert binding["roleRef"]["name"] == "maas-extproc"
-    assert binding["subjects"] == [SUBJECT]
-    roles = [d for d in docs if d["kind"] == "Role"]
-    if target == "kuadrant":  # tiers from maas-api: no ConfigMap access at all
-        assert roles == []
-        assert not [d for d in docs if d["kind"] == "RoleBinding"]
-    else:
-        (role,) = roles
-        assert role["metadata"]["namespace"] == "maas-api"
-        assert role["rules"] == TIER_RULES
-        role_binding = only(docs, "RoleBinding", "maas-extproc-tiers")
-        assert role_binding["metadata"]["namespace"] == "maas-api"
-        assert role_binding["subjects"] == [SUBJECT]
+    (sidecar_role,) = [
+        d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "maas-extproc"
+    ]
+    assert sidecar_role["rules"] == CLUSTER_RULES
+    for binding in [d for d in docs if d["kind"] in ("ClusterRoleBinding", "RoleBinding")]:
+        assert binding["subjects"] == [SUBJECT]
+        bound = [d for d in docs if d["kind"] == binding["roleRef"]["kind"]]
+        assert binding["roleRef"]["name"] in {d["metadata"]["name"] for d in bound}
+    # Nothing reads Kuadrant's managed Limitador CR: limits come from Limitador's HTTP API.
+    groups = {g for d in docs if "rules" in d for r in d["rules"] for g in r["apiGroups"]}
+    assert "limitador.kuadrant.io" not in groups
     deployment = only(docs, "Deployment", "maas-extproc")
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == SUBJECT["name"]
+
+
+# ------------------------------------------------------------------------------ ODH and mesh
+
+
+def test_odh_trusts_the_service_ca_and_may_reach_maas_api(built: dict[str, list[Doc]]) -> None:
+    docs = built["odh"]
+    bundle = only(docs, "ConfigMap", "maas-extproc-service-ca")
+    assert bundle["metadata"]["namespace"] == SIDECAR_NS
+    assert bundle["metadata"]["annotations"] == {
+        "service.beta.openshift.io/inject-cabundle": "true"
+    }
+    container = sidecar_container(docs)
+    pod = only(docs, "Deployment", "maas-extproc")["spec"]["template"]["spec"]
+    volume = next(
+        v for v in pod["volumes"] if v.get("configMap", {}).get("name") == "maas-extproc-service-ca"
+    )
+    mount = next(m for m in container["volumeMounts"] if m["name"] == volume["name"])
+    ca_file = literal_env(container)["MAAS_EXTPROC_TIERS_MAAS_API_CA_FILE"]
+    assert ca_file == f"{mount['mountPath']}/{volume['configMap']['items'][0]['path']}"
+    assert volume["configMap"]["items"][0]["key"] == "service-ca.crt"
+    assert mount["readOnly"] is True
+
+    policy = only(docs, "NetworkPolicy", "maas-extproc-to-maas-api")
+    assert policy["metadata"]["namespace"] == "opendatahub"
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "maas-api"}}
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": 8443, "protocol": "TCP"}]
+    template = only(docs, "Deployment", "maas-extproc")["spec"]["template"]["metadata"]["labels"]
+    (peer,) = rule["from"]
+    assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": SIDECAR_NS}}
+    assert peer["podSelector"]["matchLabels"].items() <= template.items()
+    routes = patches(docs, "HTTP_ROUTE")
+    names = [p["match"]["routeConfiguration"]["vhost"]["route"]["name"] for p in routes]
+    assert names == ["opendatahub.maas-api-route.0", "opendatahub.maas-api-route.1"]
+
+
+def test_the_mesh_component_puts_the_pods_in_the_mesh_for_kuadrants_mtls(
+    built: dict[str, list[Doc]],
+) -> None:
+    docs = built["kuadrant-mtls"]
+    deployment = only(docs, "Deployment", "maas-extproc")
+    meta = deployment["spec"]["template"]["metadata"]
+    assert meta["labels"]["sidecar.istio.io/inject"] == "true"
+    proxy = json.loads(meta["annotations"]["proxy.istio.io/config"])
+    assert proxy["holdApplicationUntilProxyStarts"] is True
+    # The proxy outlives the sidecar's drain (preStop sleep + grace period), within the pod's.
+    container = sidecar_container(docs)
+    config = config_mod.parse(yaml.safe_load(sidecar_config_text(docs)))
+    drain = int(proxy["terminationDrainDuration"].removesuffix("s"))
+    budget = (
+        int(container["lifecycle"]["preStop"]["exec"]["command"][1]) + config.server.grace_period_s
+    )
+    assert budget < drain < deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    peer = only(docs, "PeerAuthentication", "maas-extproc")
+    assert peer["apiVersion"] == "security.istio.io/v1"
+    assert peer["metadata"]["namespace"] == SIDECAR_NS
+    assert peer["spec"]["mtls"] == {"mode": "PERMISSIVE"}  # the gateway's own cluster is plain
+    assert peer["spec"]["selector"]["matchLabels"].items() <= meta["labels"].items()
+    # Only the mesh overlay is in the mesh.
+    for target in TARGETS:
+        if target != "kuadrant-mtls":
+            labels = only(built[target], "Deployment", "maas-extproc")["spec"]["template"][
+                "metadata"
+            ]["labels"]
+            assert "sidecar.istio.io/inject" not in labels
 
 
 # ------------------------------------------------------------------------------- Containerfile

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
+import aiohttp
 import grpc
 import pytest
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
@@ -59,7 +61,7 @@ def limitador(clock: FakeClock) -> Iterator[LimitadorEmulator]:
 
 def charge(tokens: int, user: str = "bob", **fields: object) -> Charge:
     usage = Usage(total_tokens=tokens, estimated=bool(fields.pop("estimated", False)))
-    return replace(Charge(user, "premium", "opt", usage, path=PATH), **fields)  # type: ignore[arg-type]
+    return replace(Charge(user, "premium", "opt", usage, path=PATH, route=DOMAIN), **fields)  # type: ignore[arg-type]
 
 
 def make_reporter(limitador: LimitadorEmulator, metrics: Metrics, **settings: object) -> Reporter:
@@ -129,6 +131,74 @@ async def test_the_emulator_keeps_limitadors_semantics(
         assert failure.value.code() is grpc.StatusCode.UNAVAILABLE
 
 
+async def test_the_emulator_evaluates_limitadors_cel_not_the_sidecars_parsers(
+    limitador: LimitadorEmulator,
+) -> None:
+    # Conditions as Limitador's own tests write them (limitador-server src/envoy_rls/server.rs:
+    # `descriptors[0].x == '1'`), and `!=`: the sidecar's discovery takes neither shape.
+    limitador.set_limits(
+        [
+            {
+                **token_limit(PREMIUM, max_value=100),
+                "name": "not-bob",
+                "conditions": [
+                    f"descriptors[0]['{PREMIUM}'] == '1'",
+                    'descriptors[0]["auth.identity.userid"] != "bob"',
+                ],
+            },
+            {
+                **token_limit(PREMIUM, max_value=100),
+                "name": "by-model",
+                "conditions": ["descriptors[1].model == 'opt'"],
+                "variables": ["descriptors[1].user"],
+            },
+        ]
+    )
+    with pytest.raises(ValueError, match="not one comparison"):
+        limitador.set_limits([{**token_limit(PREMIUM), "conditions": ["a == 'x' && b == 'y'"]}])
+    metrics = Metrics()
+    reporter = make_reporter(limitador, metrics)
+    try:
+        reporter.submit(charge(5))
+        await until(
+            lambda: value(metrics, "maas_kuadrant_skipped_total", reason="conditions") >= 1,
+            "the sidecar holds back",
+        )
+    finally:
+        await reporter.close()
+    assert limitador.reports == []
+    entry = ratelimit_pb2.RateLimitDescriptor.Entry
+    flags = [entry(key=PREMIUM, value="1"), entry(key="auth.identity.userid", value="carol")]
+    labels = [entry(key="user", value="carol"), entry(key="model", value="opt")]
+    request = rls_pb2.RateLimitRequest(
+        domain=DOMAIN,
+        descriptors=[
+            ratelimit_pb2.RateLimitDescriptor(entries=flags),
+            ratelimit_pb2.RateLimitDescriptor(entries=labels),
+        ],
+        hits_addend=7,
+    )
+    async with grpc.aio.insecure_channel(limitador.grpc_target) as channel:
+        stub = service.RateLimitServiceStub(channel)
+        assert (await stub.Report(request)).overall_code == rls_pb2.RateLimitResponse.OK
+        unknown = rls_pb2.RateLimitRequest(descriptors=request.descriptors, hits_addend=1)
+        assert (await stub.Report(unknown)).overall_code == rls_pb2.RateLimitResponse.UNKNOWN
+    assert limitador.counter(DOMAIN, "not-bob", "carol") == 7
+    assert limitador.counter(DOMAIN, "by-model", "carol") == 7
+
+
+async def test_the_limits_api_takes_the_namespace_as_one_encoded_segment(
+    limitador: LimitadorEmulator,
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        encoded = f"{limitador.http_url}/limits/{urllib.parse.quote(DOMAIN, safe='')}"
+        async with session.get(encoded) as reply:
+            listed = await reply.json()
+        async with session.get(f"{limitador.http_url}/limits/{DOMAIN}") as raw:
+            assert raw.status == 404  # a "/" in the path is not part of the namespace
+    assert listed == [{"id": None, **token_limit(PREMIUM)}]
+
+
 # ----------------------------------------------------------------------------- the reporter
 
 
@@ -164,11 +234,13 @@ async def test_gaps_mode_reports_only_what_the_wasm_filter_charges_zero(
         reporter.submit(charge(100))  # complete, with usage: the wasm filter's to report
         reporter.submit(charge(7, disconnected=True))
         reporter.submit(charge(11, estimated=True))
-        reporter.submit(charge(13, status=503))
-        await until(lambda: limitador.total_hits() >= 31, "the three gaps")
+        reporter.submit(charge(13, status=503))  # usage in an error body: the wasm filter's too
+        reporter.submit(charge(17, status=503, disconnected=True))
+        await until(lambda: limitador.total_hits() >= 35, "the three gaps")
+        await until(lambda: reporter.depth == 0, "nothing left to send")
     finally:
         await reporter.close()
-    assert limitador.counter(DOMAIN, PREMIUM, "bob") == 31
+    assert limitador.counter(DOMAIN, PREMIUM, "bob") == 35
 
 
 async def test_nothing_is_reported_blind(limitador: LimitadorEmulator) -> None:
@@ -176,8 +248,8 @@ async def test_nothing_is_reported_blind(limitador: LimitadorEmulator) -> None:
     reporter = make_reporter(limitador, metrics)
     try:
         reporter.submit(charge(5, tier="free"))  # no free-user-tokens limit in the domain
-        reporter.submit(charge(5, path="/v1/chat/completions"))  # body-model route, no default
-        reporter.submit(charge(5, path="/other/route/v1/chat/completions"))  # unknown domain
+        reporter.submit(charge(5, route=""))  # admission found no HTTPRoute
+        reporter.submit(charge(5, route="other/route-kserve-route"))  # no limits there
         await until(
             lambda: (
                 sum(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +32,8 @@ from extproc.limits.limiter import Limiter
 from extproc.observability.metrics import Metrics
 from extproc.routes import RouteTable
 from extproc.store.memory import MemoryStore
-from tests.k8s_emulator import KubeEmulator
+from tests.helpers import eventually
+from tests.k8s_emulator import KubeEmulator, self_signed_cert
 
 TIERS_NS, TIERS_NAME = "maas-api", "tier-to-group-mapping"
 DEFAULT_TIERS = """\
@@ -125,15 +128,6 @@ def post(
 
 def get_models(token: str) -> AdmissionRequest:
     return AdmissionRequest("GET", MODELS_PATH, {"authorization": f"Bearer {token}"})
-
-
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    """Wait for a condition another thread brings about (not a timing assertion)."""
-    for _ in range(1000):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"never happened: {what}")
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
@@ -459,14 +453,20 @@ class MaasApiStub:
         self._runner: web.AppRunner | None = None
         self.url = ""
 
-    async def start(self) -> MaasApiStub:
+    async def start(self, tls: tuple[Path, Path] | None = None) -> MaasApiStub:
+        """Serve on loopback; with ``tls`` (certificate, key), HTTPS as maas-api on ODH."""
         app = web.Application()
         app.router.add_post("/v1/tiers/lookup", self._lookup)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        context = None
+        if tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(*tls)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=context)
         await site.start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self._runner.addresses[0][1]}"
         return self
 
     async def stop(self) -> None:
@@ -528,6 +528,48 @@ async def test_maas_api_tiers_map_statuses_and_cache_per_username(
         assert sample(metrics, "maas_dependency_unavailable_total", dependency="tiers") == 3
     finally:
         await source.close()
+
+
+async def test_maas_api_over_https_is_trusted_only_through_the_configured_ca(
+    tmp_path: Path, metrics: Metrics
+) -> None:
+    (tmp_path / "server").mkdir()
+    (tmp_path / "other").mkdir()
+    cert, key = self_signed_cert(tmp_path / "server")  # stands in for the service CA's certificate
+    other_ca, _ = self_signed_cert(tmp_path / "other")
+    stub = await MaasApiStub().start(tls=(cert, key))
+    premium = Identity("uma", "uma", ("premium-group",))
+    settings = TiersConfig(source="maas_api", maas_api_url=stub.url)
+    sources = {
+        "service-ca": MaasApiTiers(
+            replace(settings, maas_api_ca_file=str(cert)), metrics, ca_file=cert
+        ),
+        "system": MaasApiTiers(settings, metrics),
+        "other": MaasApiTiers(settings, metrics, ca_file=other_ca),
+    }
+    try:
+        tier = await sources["service-ca"].tier_for(premium)
+        assert tier is not None
+        assert tier.name == "premium"
+        for untrusted in ("system", "other"):
+            with pytest.raises(TierUnavailable):
+                await sources[untrusted].tier_for(premium)
+        assert stub.calls["premium-group"] == 1  # the untrusted ones never sent the groups
+        with pytest.raises(ConfigError, match=r"tiers\.maas_api_ca_file"):
+            MaasApiTiers(settings, metrics, ca_file=tmp_path / "missing.crt")
+    finally:
+        for source in sources.values():
+            await source.close()
+        await stub.stop()
+
+
+def test_a_ca_file_needs_an_https_maas_api_url() -> None:
+    tiers = {"source": "maas_api", "maas_api_ca_file": "/etc/ca.crt"}
+    with pytest.raises(ConfigError, match=r"tiers\.maas_api_ca_file"):
+        parse_config({"identity": {"api_keys_file": "k"}, "tiers": tiers})
+    https = {**tiers, "maas_api_url": "https://maas-api.opendatahub.svc:8443"}
+    config = parse_config({"identity": {"api_keys_file": "k"}, "tiers": https})
+    assert config.tiers.maas_api_ca_file == "/etc/ca.crt"
 
 
 async def test_a_maas_api_outage_admits_as_the_unknown_tier_when_failing_open(

@@ -3,7 +3,6 @@ the Kubernetes emulator: list, watch (ADDED / MODIFIED / DELETED), 410 Gone, a m
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from extproc.kuadrant.policies import REQUEST_POLICIES, TOKEN_POLICIES, PolicyKi
 from extproc.limits.limiter import Limiter
 from extproc.observability.metrics import Metrics
 from extproc.store.memory import MemoryStore
+from tests.helpers import eventually
 from tests.k8s_emulator import KubeEmulator
 
 NS = "openshift-ingress"
@@ -99,15 +99,6 @@ async def start(kube: Kube, metrics: Metrics) -> AsyncIterator[Start]:
     yield build
     for watched in started:
         await watched.close()
-
-
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    """Wait for a condition a watch thread brings about (a bounded poll, not a timing assertion)."""
-    for _ in range(1000):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"never happened: {what}")
 
 
 async def watching(cluster: Cluster, *kinds: PolicyKind) -> None:

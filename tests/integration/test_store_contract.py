@@ -17,6 +17,7 @@ from extproc.store.base import (
     AdmitResult,
     CounterState,
     CounterStore,
+    Hold,
     LedgerEntry,
     LedgerRow,
     WindowCounter,
@@ -243,6 +244,54 @@ async def test_retention(subject: Subject) -> None:
     assert 1000 < await raw.pttl(bucket) <= 2000  # a sliding bucket lives two
 
 
+async def test_a_settle_lands_once_per_request_id(subject: Subject) -> None:
+    store = subject.store
+    admitted = await store.admit([counter(1000, 50)], T0)
+    start = admitted.states[0].window_start_ms
+    adjustment = Adjustment(key(), 1000, start, 50, 12)
+    assert await store.settle([adjustment], entry("alice", "granite", 12), T0 + 5, request_id="r1")
+    # A replay of the same settle (its first reply was lost) changes nothing.
+    replayed = await store.settle(
+        [adjustment], entry("alice", "granite", 12), T0 + 6, request_id="r1"
+    )
+    assert replayed is False
+    assert (await value_of(store, "tok", T0 + 7)).value == 12
+    assert await store.ledger("alice", [DAY]) == [LedgerRow(DAY, "granite", 11, 1, 12, 0, 1)]
+    # Another request's settle, and one without an id, still land.
+    assert await store.settle([], entry("alice", "granite", 3), T0 + 8, request_id="r2")
+    assert await store.settle([], entry("alice", "granite", 3), T0 + 9)
+    assert [r.requests for r in await store.ledger("alice", [DAY])] == [3]
+    if subject.raw is not None:
+        marker_ttl = await subject.raw.pttl(keys.settled_key("alice", "r1"))
+        assert 3_500_000 < marker_ttl <= 3_600_000  # the default store.dedupe_ttl_s
+
+
+async def test_a_hold_stays_unsettled_until_its_settle_releases_it(subject: Subject) -> None:
+    store = subject.store
+    hold = Hold("alice", DAY, "granite", 40)
+    assert (await store.admit([counter(1000, 40)], T0, hold)).allowed
+    assert (await store.admit([], T0 + 1, Hold("alice", DAY, "granite", 7))).allowed
+    # A refused admission holds nothing.
+    assert (await store.admit([counter(1, 1, name="full")], T0 + 2)).allowed
+    assert not (await store.admit([counter(1, 1, name="full")], T0 + 2, hold)).allowed
+    assert await store.ledger("alice", [DAY]) == [LedgerRow(DAY, "granite", 0, 0, 0, 0, 0, 47, 2)]
+    assert await store.ledger_users([DAY]) == ["alice"]
+    # Settled the next day: the usage lands on that day, the hold comes off the admission day.
+    next_day = T0 + 86_400_000
+    await store.settle(
+        [], entry("alice", "granite", 9, day="20231115"), next_day, request_id="a", release=hold
+    )
+    assert await store.ledger("alice", [DAY, "20231115"]) == [
+        LedgerRow(DAY, "granite", 0, 0, 0, 0, 0, 7, 1),
+        LedgerRow("20231115", "granite", 8, 1, 9, 0, 1),
+    ]
+    # A replay releases nothing twice.
+    await store.settle(
+        [], entry("alice", "granite", 9, day="20231115"), next_day, request_id="a", release=hold
+    )
+    assert (await store.ledger("alice", [DAY]))[0].unsettled_tokens == 7
+
+
 # ----------------------------------------------------------- the same random history, both stores
 
 
@@ -275,19 +324,26 @@ async def _replay_random_history(rng: random.Random, memory: MemoryStore, other:
                 )
                 for n in picked
             ]
-            expected = await memory.admit(counters, now)
-            assert await other.admit(counters, now) == expected, f"admit step {step}"
+            hold = Hold("alice", DAY, rng.choice(["m1", "m2"]), rng.randint(0, 60))
+            expected = await memory.admit(counters, now, hold)
+            assert await other.admit(counters, now, hold) == expected, f"admit step {step}"
             if expected.allowed:
                 for c, state in zip(counters, expected.states, strict=True):
                     open_reservations.append(
-                        (c.key, c.window_ms, state.window_start_ms, c.hits, c.sliding)
+                        (c.key, c.window_ms, state.window_start_ms, c.hits, c.sliding, hold)
                     )
         else:
-            k, window_ms, start, reserved, was_sliding = open_reservations.pop(
+            k, window_ms, start, reserved, was_sliding, hold = open_reservations.pop(
                 rng.randrange(len(open_reservations))
             )
             adjustment = Adjustment(k, window_ms, start, reserved, rng.randint(0, 80), was_sliding)
             ledger = entry("alice", rng.choice(["m1", "m2"]), rng.randint(0, 9))
-            await memory.settle([adjustment], ledger, now)
-            await other.settle([adjustment], ledger, now)
+            request_id = f"r{step}"
+            for _ in range(rng.choice([1, 1, 2])):  # now and then a replay of the same settle
+                applied = await memory.settle(
+                    [adjustment], ledger, now, request_id=request_id, release=hold
+                )
+                assert applied == await other.settle(
+                    [adjustment], ledger, now, request_id=request_id, release=hold
+                ), f"settle step {step}"
     assert await other.ledger("alice", [DAY]) == await memory.ledger("alice", [DAY])

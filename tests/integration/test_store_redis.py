@@ -22,7 +22,8 @@ from extproc.limits.limiter import Limiter
 from extproc.observability.metrics import Metrics
 from extproc.store import keys
 from extproc.store.base import Adjustment, AdmitResult, LedgerEntry, LedgerRow, WindowCounter
-from extproc.store.memory import MemoryStore, day_of
+from extproc.store.ledger import day_of
+from extproc.store.memory import MemoryStore
 from extproc.store.redis import RedisStore
 from extproc.store.resilient import ResilientStore
 from tests.redis_fixtures import RedisSentinel, RedisServer, free_port, self_signed_cert
@@ -225,7 +226,10 @@ async def test_settles_during_an_outage_are_replayed_exactly(
     def charge(index: int) -> Charge:
         usage = Usage(prompt_tokens=index, completion_tokens=1, total_tokens=index + 1)
         v = verdicts[index]
-        return Charge("alice", "free", "granite", usage, v.reserved_tokens, v.token_windows)
+        return Charge(
+            "alice", "free", "granite", usage, v.reserved_tokens, v.token_windows,
+            request_id=f"r{index}", admitted_ms=v.admitted_ms,
+        )  # fmt: skip
 
     for index in range(4):  # settled before the outage
         await limiter.settle(charge(index))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from extproc.admission import AdmissionRequest, RequestBody, bearer_token
 from extproc.config import parse
@@ -82,6 +83,66 @@ async def test_token_limit_refuses_once_the_window_is_used_up_and_resets_after_i
     assert third.outcome is Outcome.ALLOW
 
 
+ROUTE = "llm/facebook-opt-125m-simulated-kserve-route"  # the HTTPRoute KServe makes for CHAT
+OTHER = "/llm/granite/v1/chat/completions"
+
+
+@pytest.mark.parametrize("scope", ["user", "route"])
+async def test_the_scope_decides_whether_each_model_route_has_its_own_budget(scope: str) -> None:
+    config = local_config({"MAAS_EXTPROC_LIMITS_SCOPE": scope})
+    admission, _, _ = build_admission(config)
+    small = {"model": "m", "max_tokens": 1}
+    for _ in range(5):  # the free tier's 5 requests, on one model route
+        decision = await admission.decide(request("free", body=small))
+        assert decision.outcome is Outcome.ALLOW
+        assert decision.route == ROUTE
+    elsewhere = await admission.decide(request("free", path=OTHER, body=small))
+    # Per user, the budget is spent; per route, as Kuadrant counts, the other model has its own.
+    expected = Outcome.RATE_LIMITED if scope == "user" else Outcome.ALLOW
+    assert elsewhere.outcome is expected
+    assert elsewhere.route == "llm/granite-kserve-route"
+    again = await admission.decide(request("free", body=small))
+    assert again.outcome is Outcome.RATE_LIMITED
+
+
+async def test_a_body_model_request_spends_the_budget_of_its_models_route() -> None:
+    raw = yaml.safe_load((LOCAL / "config.yaml").read_text())
+    raw["limits"]["scope"] = "route"
+    raw["access"]["body_models"] = {"opt": "llm/facebook-opt-125m-simulated"}
+    admission, _, _ = build_admission(parse(raw, str(LOCAL)))
+    by_body = {"model": "opt", "max_tokens": 1}
+    for _ in range(5):
+        decision = await admission.decide(
+            request("free", path="/v1/chat/completions", body=by_body)
+        )
+        assert (decision.outcome, decision.route) == (Outcome.ALLOW, ROUTE)
+    by_path = await admission.decide(request("free", body={"model": "m", "max_tokens": 1}))
+    assert by_path.outcome is Outcome.RATE_LIMITED  # one HTTPRoute, one budget
+
+
+async def test_a_charge_settles_into_the_route_it_was_admitted_on() -> None:
+    clock = Clock()
+    admission, limiter, _ = build_admission(
+        local_config({"MAAS_EXTPROC_LIMITS_SCOPE": "route"}), clock=clock
+    )
+    first = await admission.decide(request("free", body={"model": "m", "max_tokens": 60}))
+    assert first.identity is not None
+    await limiter.settle(
+        Charge(
+            "alice",
+            "free",
+            "m",
+            Usage(10, 90, 100),
+            first.reserved_tokens,
+            first.token_windows,
+            route=first.route,
+        )
+    )
+    clock.advance(1)
+    assert (await admission.decide(request("free"))).outcome is Outcome.TOKEN_LIMITED
+    assert (await admission.decide(request("free", path=OTHER))).outcome is Outcome.ALLOW
+
+
 async def test_models_route_is_authenticated_but_never_limited_or_charged() -> None:
     admission, _, _ = build_admission()
     path = "/llm/facebook-opt-125m-simulated/v1/models"
@@ -137,8 +198,8 @@ async def test_per_model_override_adds_its_own_counter() -> None:
         (b'{"model": "a", "max_tokens": 7}', "a", 7),
         (b'{"model": "a", "max_completion_tokens": 9, "max_tokens": 7}', "a", 9),
         (b'{"max_output_tokens": 5}', "", 5),
-        (b'{"max_tokens": true}', "", None),
-        (b'{"max_tokens": -3}', "", None),
+        (b'{"max_tokens": null, "max_completion_tokens": 0}', "", None),
+        (b'{"max_tokens": 12.0}', "", 12),
         (b"not json", "", None),
         (b"[1, 2]", "", None),
         (b"\xff\xfe", "", None),
@@ -147,7 +208,69 @@ async def test_per_model_override_adds_its_own_counter() -> None:
 )
 def test_request_body_parsing_never_raises(body: bytes, model: str, bound: int | None) -> None:
     parsed = RequestBody.parse(body)
-    assert (parsed.model, parsed.max_tokens) == (model, bound)
+    assert (parsed.model, parsed.max_tokens, parsed.problem) == (model, bound, "")
+
+
+HOSTILE_BOUNDS = [
+    "-3",
+    "1.5",
+    '"10"',
+    "true",
+    "1e30",
+    "1e400",
+    "NaN",
+    "-Infinity",
+    "[5]",
+    "{}",
+    "1000001",
+    str(10**30),
+    str(10**400),
+    "9" * 5000,  # past Python's int/str digit limit: json.loads alone would raise ValueError
+]
+
+
+@pytest.mark.parametrize("literal", HOSTILE_BOUNDS)
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens", "max_output_tokens"])
+def test_a_bound_that_is_not_a_count_within_the_limit_is_a_problem(
+    field: str, literal: str
+) -> None:
+    body = f'{{"model": "m", "max_tokens": 5, "{field}": {literal}}}'.encode()
+    parsed = RequestBody.parse(body, max_tokens=1_000_000)
+    assert parsed.problem == f"{field}: expected a whole number from 0 to 1000000"
+
+
+def test_json_nested_past_the_parser_depth_is_a_problem() -> None:
+    deep = b'{"model": "m", "messages": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"
+    assert RequestBody.parse(deep).problem == "the request body is nested too deeply"
+
+
+@pytest.mark.parametrize("literal", ["10**30", "10**400", "nesting"])
+async def test_hostile_bound_is_a_400_and_leaves_the_window_alone(literal: str) -> None:
+    admission, _, _ = build_admission()
+    first = await admission.decide(request("free", body={"model": "m", "max_tokens": 60}))
+    assert first.outcome is Outcome.ALLOW
+    if literal == "nesting":
+        payload = b'{"model":"m","messages":' + b"[" * 20_000 + b"]" * 20_000 + b"}"
+    else:
+        number = str(10**30 if literal == "10**30" else 10**400)
+        payload = f'{{"model": "m", "max_tokens": {number}}}'.encode()
+    headers = {"authorization": f"Bearer {KEYS['free']}"}
+    decision = await admission.decide(AdmissionRequest("POST", CHAT, headers, payload))
+    assert decision.outcome is Outcome.BAD_REQUEST
+    assert decision.reserved_tokens == 0
+    # The window still holds the first request's 60 tokens: 40 fit, then it is full.
+    assert (await admission.decide(request("free", body={"model": "m", "max_tokens": 40}))).allowed
+    refused = await admission.decide(request("free", body={"model": "m", "max_tokens": 1}))
+    assert refused.outcome is Outcome.TOKEN_LIMITED
+
+
+async def test_prompt_estimate_is_bounded_by_max_request_tokens() -> None:
+    config = local_config({"MAAS_EXTPROC_LIMITS_MAX_REQUEST_TOKENS": "1000"})
+    admission, _, _ = build_admission(config)
+    prompt = [{"role": "user", "content": "word " * 10_000}]  # 50,000 chars: 12,500 tokens
+    decision = await admission.decide(request(body={"model": "m", "messages": prompt}))
+    assert decision.allowed
+    assert decision.prompt_estimate == 1000
 
 
 def test_bearer_token_parsing() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from extproc.config import LimitsConfig, parse
@@ -13,7 +15,6 @@ from extproc.kuadrant.descriptors import (
     parse_condition,
     parse_variable,
     report_entries,
-    route_domain,
 )
 from extproc.kuadrant.limitador import LimitadorLimit, match_limit
 from extproc.kuadrant.policies import merged, policy_limits, tier_of, window_seconds
@@ -43,15 +44,13 @@ def test_limit_names_are_sanitised_but_hashed_as_written() -> None:
     assert limit_identifier("ns", "p", "a", prefix="limit").startswith("limit.a__")
 
 
-def test_domains_follow_the_route_template_or_the_default_route() -> None:
-    template = "{namespace}/{name}-kserve-route"
-    path = "/llm/facebook-opt-125m-simulated/v1/chat/completions?x=1"
-    assert route_domain(path, template, "") == "llm/facebook-opt-125m-simulated-kserve-route"
-    assert (
-        route_domain("/v1/chat/completions", template, "maas/models-route") == "maas/models-route"
-    )
-    assert route_domain("/v1/chat/completions", template, "") == ""
-    assert route_domain("/a/b/c/v1/chat/completions", template, "d/r") == "d/r"
+def test_limit_names_keep_letters_and_digits_of_every_script_as_go_does() -> None:
+    # Go's unicode.IsLetter / IsDigit (kuadrant-operator TokenLimitNameToLimitadorIdentifier):
+    # letters and decimal digits of any script stay, everything else (here "-", " ", "²") is "_".
+    identifier = limit_identifier("ns", "policy", "frée-ü1 ٣²x")
+    assert identifier.startswith("tokenlimit.frée_ü1_٣_x__")
+    digest = hashlib.sha256("ns/policy/frée-ü1 ٣²x".encode()).hexdigest()[:8]
+    assert identifier == f"tokenlimit.frée_ü1_٣_x__{digest}"
 
 
 def test_conditions_and_variables_parse_only_the_descriptor_shape() -> None:
@@ -104,7 +103,9 @@ def test_gaps_are_what_the_wasm_filter_charges_zero() -> None:
     assert not is_gap(Charge("u", "free", "m", reported))
     assert is_gap(Charge("u", "free", "m", reported, disconnected=True))
     assert is_gap(Charge("u", "free", "m", Usage(total_tokens=9, estimated=True)))
-    assert is_gap(Charge("u", "free", "m", reported, status=500))
+    # The wasm filter charges any response whose body carries usage, whatever the status.
+    assert not is_gap(Charge("u", "free", "m", reported, status=500))
+    assert not is_gap(Charge("u", "free", "m", reported, status=429))
 
 
 # ----------------------------------------------------------------------------- policies
@@ -182,8 +183,62 @@ def test_predicates_not_understood_are_reported_never_guessed() -> None:
     assert [(i.name, i.kind) for i in found] == [("ok", "requests")]
     assert len(ignored) == 4
     assert all("gateway-token-rate-limits limit" in reason for reason in ignored)
-    _, top = policy_limits(seed({}, when=[{"predicate": "x"}]), "tokens", "auth.identity.userid")
+    # A top-level `when` is ANDed to every limit's predicates, as Kuadrant does.
+    limits = {"ok": tier_limit("free", 10)}
+    _, top = policy_limits(
+        seed(limits, when=[{"predicate": "x"}]), "tokens", "auth.identity.userid"
+    )
     assert len(top) == 1
+    exempt = [{"predicate": '!request.path.endsWith("/v1/models")'}]
+    found, top = policy_limits(seed(limits, when=exempt), "tokens", "auth.identity.userid")
+    assert ([i.tier for i in found], top) == (["free"], [])
+
+
+@pytest.mark.parametrize(
+    ("predicates", "tier"),
+    [
+        # models-as-a-service ae050cb6, deployment/base/policies/usage-policies/token-limit-policy.yaml
+        (['auth.identity.tier == "free" && !request.path.endsWith("/v1/models")'], "free"),
+        (["auth.identity.tier == 'premium' && !request.path.endsWith('/v1/models')"], "premium"),
+        (['(auth.identity.tier == "free") && (!request.path.endsWith("/v1/models"))'], "free"),
+        (['auth.identity.tier == "free"', '!(request.path.endsWith("/v1/models"))'], "free"),
+        (['auth.identity.tier == "free"\n'], "free"),  # 1282feb5 wrote `predicate: |`
+        (['auth.identity.tier == "free" && !request.path.endsWith("/chat/completions")'], None),
+        (['auth.identity.tier == "free" && !request.path.endsWith("/completions")'], None),
+        (['auth.identity.tier == "free" && request.path.endsWith("/v1/models")'], None),
+        (['auth.identity.tier == "free" || !request.path.endsWith("/v1/models")'], None),
+        (['auth.identity.tier == "free" && auth.identity.tier == "premium"'], None),
+        (['auth.identity.tier == "free" && request.method == "POST"'], None),
+        # kuadrant.mode all: a term the data plane never satisfies marks a sidecar-only limit.
+        (
+            ['auth.identity.tier == "free"', '"x-maas-charged-by-kuadrant" in request.headers'],
+            "free",
+        ),
+        (['auth.identity.tier == "free" && "x-other" in request.headers'], None),
+        (['auth.identity.tier == "free" && request.headers["x-maas-a"] == "b"'], None),
+        (['auth.identity.tier == "free" && (x'], None),
+        (['!request.path.endsWith("/v1/models")'], None),
+        ([], None),
+    ],
+)
+def test_a_tier_predicate_may_come_with_terms_the_sidecar_enforces(
+    predicates: list[str], tier: str | None
+) -> None:
+    body = {**tier_limit("x", 7), "when": [{"predicate": p} for p in predicates]}
+    found, ignored = policy_limits(seed({"limit": body}), "tokens", "auth.identity.userid")
+    assert [i.tier for i in found] == ([tier] if tier else [])
+    assert len(ignored) == (0 if tier else 1)
+
+
+def test_a_path_term_is_judged_against_the_charged_suffixes_in_force() -> None:
+    body = {
+        **tier_limit("x", 7),
+        "when": [{"predicate": 'auth.identity.tier == "free" && !request.path.endsWith("/x")'}],
+    }
+    found, _ = policy_limits(seed({"l": body}), "tokens", "auth.identity.userid", ("/v1/y",))
+    assert [i.tier for i in found] == ["free"]
+    found, _ = policy_limits(seed({"l": body}), "tokens", "auth.identity.userid", ("/v1/x",))
+    assert found == []
 
 
 # ----------------------------------------------------------------------------- config

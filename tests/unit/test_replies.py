@@ -9,6 +9,8 @@ from google.protobuf import json_format
 from google.rpc import code_pb2
 
 from extproc.domain import Decision, Identity, Outcome, Tier
+from extproc.envoy import handover
+from extproc.envoy.handover import METADATA_NAMESPACE
 from extproc.envoy.replies import check_response
 
 ALICE = Identity("alice", "alice", ("tier-free-users",))
@@ -29,6 +31,8 @@ def headers_of(options: object) -> dict[str, str]:
         (Outcome.RATE_LIMITED, 429, code_pb2.RESOURCE_EXHAUSTED),
         (Outcome.TOKEN_LIMITED, 429, code_pb2.RESOURCE_EXHAUSTED),
         (Outcome.UNAVAILABLE, 503, code_pb2.UNAVAILABLE),
+        (Outcome.BAD_REQUEST, 400, code_pb2.INVALID_ARGUMENT),
+        (Outcome.INTERNAL_ERROR, 500, code_pb2.INTERNAL),
     ],
 )
 def test_every_refusal_has_a_status_and_a_json_reason(
@@ -40,6 +44,13 @@ def test_every_refusal_has_a_status_and_a_json_reason(
     body = json.loads(reply.denied_response.body)
     assert body["error"]["code"] == outcome.value
     assert headers_of(reply.denied_response.headers)["content-type"] == "application/json"
+
+
+def test_bad_request_is_an_openai_invalid_request_error() -> None:
+    reason = "max_tokens: expected a whole number from 0 to 1000000"
+    reply = check_response(Decision(Outcome.BAD_REQUEST, reason), "/p")
+    error = json.loads(reply.denied_response.body)["error"]
+    assert error == {"type": "invalid_request_error", "code": "bad_request", "message": reason}
 
 
 def test_unauthenticated_asks_for_a_bearer_token() -> None:
@@ -90,9 +101,9 @@ def test_allow_sets_identity_headers_strips_spoofed_and_fills_metadata() -> None
     assert headers_of(ok.response_headers_to_add)["x-ratelimit-remaining"] == "36"
     meta = json_format.MessageToDict(reply.dynamic_metadata)
     assert meta["identity"] == {"userid": "alice", "tier": "free", "groups": ["tier-free-users"]}
-    assert meta["maas"]["reserved"] == 64
-    assert meta["maas"]["windows"] == [1234]
-    assert meta["maas"]["charged"] is True
+    billing = handover.read({METADATA_NAMESPACE: reply.dynamic_metadata})
+    assert billing is not None
+    assert (billing.userid, billing.reserved, billing.windows) == ("alice", 64, (1234,))
 
 
 def test_uncharged_allow_keeps_accept_encoding() -> None:

@@ -14,7 +14,8 @@ from extproc.accounting.estimate import completed, prompt_chars, tokens_from_cha
 from extproc.accounting.usage_filter import UsageEventFilter
 from extproc.config import AccountingConfig
 from extproc.domain import Usage
-from extproc.envoy.replies import METADATA_NAMESPACE
+from extproc.envoy import handover
+from extproc.envoy.handover import METADATA_NAMESPACE, Billing
 from extproc.envoy.session import Session, with_include_usage
 
 CHAT = "/ns/m/v1/chat/completions"
@@ -30,22 +31,18 @@ SSE_NO_USAGE = (
 
 
 def metadata(inject: bool = False, prompt_est: int = 10) -> dict[str, struct_pb2.Struct]:
-    struct = struct_pb2.Struct()
-    struct.update(
-        {
-            "identity": {"userid": "alice", "tier": "free", "groups": []},
-            "maas": {
-                "model": "m",
-                "path": CHAT,
-                "charged": True,
-                "reserved": 64,
-                "windows": [1000],
-                "inject": inject,
-                "prompt_est": prompt_est,
-            },
-        }
+    billing = Billing(
+        request_id="r1",
+        userid="alice",
+        tier="free",
+        model="m",
+        path=CHAT,
+        reserved=64,
+        windows=(1000,),
+        inject=inject,
+        prompt_estimate=prompt_est,
     )
-    return {METADATA_NAMESPACE: struct}
+    return {METADATA_NAMESPACE: handover.to_struct(billing)}
 
 
 def session(config: AccountingConfig | None = None, **meta: object) -> Session:
@@ -203,3 +200,70 @@ def test_hidden_usage_is_still_charged() -> None:
     charge = s.finish()
     assert charge is not None
     assert charge.usage.total_tokens == 5
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_the_route_admission_counted_in_reaches_the_charge(cached: bool) -> None:
+    from extproc.domain import Decision, Identity, Outcome, Tier
+    from extproc.envoy.replies import CheckReplies, check_response
+
+    route = "llm/facebook-opt-125m-simulated-kserve-route"
+    decision = Decision(
+        Outcome.ALLOW,
+        identity=Identity("alice", "alice"),
+        tier=Tier("free", 0, frozenset()),
+        model="m",
+        route=route,
+        charged=True,
+    )
+    replies = CheckReplies()
+    if cached:
+        replies.reply(decision, CHAT)  # the second reply of a user comes from the cache
+    reply = replies.reply(decision, CHAT) if cached else check_response(decision, CHAT)
+    s = Session(AccountingConfig())
+    s.bind({METADATA_NAMESPACE: reply.dynamic_metadata})
+    assert s.on_response_headers(200, "application/json", "")
+    s.on_body(b'{"usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}', True)
+    charge = s.finish()
+    assert charge is not None
+    assert charge.route == route
+
+
+@pytest.mark.parametrize(
+    ("total", "reason"), [("1e308", "too_large"), ("9" * 400, "too_large"), ("-1", "negative")]
+)
+@pytest.mark.parametrize("status", [200, 400])
+def test_untrusted_usage_is_charged_the_estimate_capped_at_the_reservation(
+    total: str, reason: str, status: int
+) -> None:
+    text = "word " * 1000  # 5,000 characters: an estimate of 1,250 completion tokens
+    body = json.dumps({"choices": [{"message": {"content": text}}]})[:-1]
+    body += ',"usage":{"prompt_tokens":3,"total_tokens":' + total + "}}"
+    usage = run(session(prompt_est=10), status, body.encode(), "application/json")
+    assert usage.invalid == reason
+    assert usage.estimated
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (10, 54, 64)
+
+
+def test_any_estimate_is_capped_at_the_reservation() -> None:
+    long_text = b'data: {"choices":[{"delta":{"content":"' + b"x" * 4000 + b'"}}]}\n\n'
+    usage = run(session(prompt_est=10), 200, long_text)
+    assert usage.estimated
+    assert usage.total_tokens == 64  # the reservation, not 10 + 1,000
+
+
+def test_a_gzip_bomb_is_untrusted_and_charged_at_most_the_reservation() -> None:
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    bomb = packer.compress(b'{"usage":{"total_tokens":5}}') + b"".join(
+        packer.compress(b" " * (1 << 20)) for _ in range(64)
+    )
+    bomb += packer.flush()
+    s = session(AccountingConfig(max_body_bytes=1 << 20))
+    assert s.on_response_headers(200, "application/json", "gzip")
+    for at in range(0, len(bomb), 8192):
+        s.on_body(bomb[at : at + 8192], False)
+    s.on_body(b"", True)
+    charge = s.finish()
+    assert charge is not None
+    assert charge.usage.invalid == "decompression_bomb"
+    assert charge.usage.total() <= 64

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -329,6 +330,69 @@ async def test_bad_requests(sim: SimServer, base: str, http: aiohttp.ClientSessi
     async with http.get(f"{base}/v1/chat/completions") as resp:
         assert resp.status == 405
     assert [r["status"] for r in sim.records] == [400, 400]
+
+
+# --- a misbehaving upstream: scripted usage text, padding, gzip --------------------------------
+
+HOSTILE_USAGE = '{"prompt_tokens":1,"completion_tokens":2,"total_tokens":' + "9" * 400 + "}"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/responses"])
+async def test_scripted_usage_is_sent_verbatim(
+    base: str, http: aiohttp.ClientSession, path: str
+) -> None:
+    body = {"model": "m", "messages": CHAT, "prompt": "a b", "input": "a b"}
+    status, text = await post(http, base + path, body, x_sim_usage=HOSTILE_USAGE)
+    assert status == 200
+    assert f'"usage":{HOSTILE_USAGE}' in text  # not re-encoded: every digit as given
+    status, text = await post(http, base + path, body, x_sim_usage='{"total_tokens":1e308}')
+    assert '"usage":{"total_tokens":1e308}' in text
+
+
+async def test_scripted_usage_in_the_stream_usage_chunk(
+    base: str, http: aiohttp.ClientSession
+) -> None:
+    body = {
+        "model": "m",
+        "messages": CHAT,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    status, text = await post(http, f"{base}/v1/chat/completions", body, x_sim_usage=HOSTILE_USAGE)
+    assert status == 200
+    usage_events = [data for _, data in sse(text) if '"choices":[]' in data]
+    assert usage_events == [usage_events[0]]
+    assert usage_events[0].endswith(f'"usage":{HOSTILE_USAGE}}}')
+
+
+async def test_padding_and_gzip_make_a_decompression_bomb(
+    base: str, http: aiohttp.ClientSession
+) -> None:
+    body = {"model": "m", "messages": CHAT}
+    headers = {"x-sim-pad-bytes": str(100 << 20), "x-sim-content-encoding": "gzip"}
+    url = f"{base}/v1/chat/completions"
+    async with http.post(url, json=body, headers=headers, auto_decompress=False) as resp:
+        assert resp.headers["Content-Encoding"] == "gzip"
+        packed = await resp.read()
+    assert len(packed) < 110_000
+    inflated = gzip.decompress(packed)
+    assert len(inflated) > 100 << 20
+    assert json.loads(inflated)["usage"]["total_tokens"] == 21  # valid JSON: padding is whitespace
+    status, text = await post(http, url, body, x_sim_pad_bytes="3")
+    assert status == 200
+    assert text.endswith("}   ")
+
+
+async def test_bad_hostile_scripts(base: str, http: aiohttp.ClientSession) -> None:
+    url = f"{base}/v1/chat/completions"
+    for headers in (
+        {"x-sim-usage": "[1]"},
+        {"x-sim-usage": "{nope"},
+        {"x-sim-pad-bytes": "-1"},
+        {"x-sim-content-encoding": "br"},
+    ):
+        status, _ = await post(http, url, {"model": "m"}, **headers)
+        assert status == 400, headers
 
 
 # --- legacy completions, embeddings, models ------------------------------------------------------

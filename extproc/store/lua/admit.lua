@@ -6,6 +6,9 @@
 -- ARGV[1] now_ms (the caller's clock, so every replica and the memory store agree)
 -- ARGV[2] number of counters, then 5 values per counter:
 --   limit, window_ms, hits, sliding (0 or 1), bucket_start_ms (sliding: current bucket; else 0)
+-- then the hold: ttl_ms (0: none), number of pairs, then field, amount pairs added to the last
+-- key, the ledger hash of (user, day), only when every counter admits (the request's unsettled
+-- reservation, released by settle.lua).
 -- Returns {allowed (1/0), denied index (0-based, -1 when allowed),
 --          then value, window_start_ms, reset_ms for every counter checked}.
 -- A counter denies when its value has reached its limit (value + 1 > limit, as Limitador checks);
@@ -61,5 +64,14 @@ for i = 1, count do
     add_fixed(KEYS[k], window, hits)
     k = k + 1
   end
+end
+
+local h = 2 + count * 5 + 1
+local hold_ttl = tonumber(ARGV[h])
+if hold_ttl > 0 then
+  for j = h + 2, h + 1 + 2 * tonumber(ARGV[h + 1]), 2 do
+    redis.call('HINCRBY', KEYS[k], ARGV[j], ARGV[j + 1])
+  end
+  redis.call('PEXPIRE', KEYS[k], hold_ttl)
 end
 return reply

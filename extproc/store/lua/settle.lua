@@ -1,24 +1,33 @@
--- settle.lua: swap reservations for actual usage and add one entry to the usage ledger.
+-- settle.lua: apply one response's charge once: swap reservations for actual usage, add the usage
+-- to the ledger and release the admission's hold on it.
 --
--- KEYS, per adjustment in order:
+-- KEYS[1] the request's settled marker (user-tagged); then, per adjustment in order:
 --   fixed   -> 1 key: the window hash {v, t0} the reservation went into
 --   sliding -> 2 keys: the bucket the reservation went into, then the current bucket
--- then, when ARGV says there is a ledger entry, the ledger hash of (user, day) last.
+-- then the ledger hash of (user, settle day) when there is an entry, then the ledger hash of
+-- (user, admission day) when there is a hold to release.
 -- Every key carries the same {userid} hash tag, so the script runs on one Redis Cluster slot.
--- ARGV[1] now_ms; ARGV[2] number of adjustments, then 6 values per adjustment:
+-- ARGV[1] now_ms; ARGV[2] number of adjustments; ARGV[3] settled marker TTL in ms (0: the settle
+-- has no id, apply it without the at-most-once check); then 6 values per adjustment:
 --   sliding (0 or 1), window_ms, window_start_ms (fixed: the reserved window's start;
 --   sliding: the reserved bucket's start), current_bucket_start_ms (sliding only; else 0),
 --   reserved, actual
--- then: ledger_ttl_ms (0: no ledger entry), then field, amount pairs for the ledger hash.
+-- then two ledger parts, each: ttl_ms (0: none), number of pairs, then field, amount pairs:
+--   the entry (added to the settle day), then the release (added to the admission day).
 -- While the reserved window is still open it moves by actual - reserved (never below 0); once it
 -- has ended, actual is charged to the current window, which starts now if none is open.
--- Returns the number of adjustments applied.
+-- Returns the number of adjustments applied, or -1 when this id was settled already.
 
 -- now, count, open_window, add_fixed and add_bucket come from windows.lua, prepended at load.
 
-local k = 1
+local marker_ttl = tonumber(ARGV[3])
+if marker_ttl > 0 and not redis.call('SET', KEYS[1], '1', 'NX', 'PX', marker_ttl) then
+  return -1
+end
+
+local k = 2
 for i = 1, count do
-  local base = 2 + (i - 1) * 6
+  local base = 3 + (i - 1) * 6
   local window = tonumber(ARGV[base + 2])
   local reserved_start = tonumber(ARGV[base + 3])
   local reserved = tonumber(ARGV[base + 5])
@@ -42,13 +51,17 @@ for i = 1, count do
   end
 end
 
-local ttl_base = 2 + count * 6 + 1
-local ledger_ttl = tonumber(ARGV[ttl_base])
-if ledger_ttl > 0 then
-  local ledger = KEYS[k]
-  for j = ttl_base + 1, #ARGV, 2 do
-    redis.call('HINCRBY', ledger, ARGV[j], ARGV[j + 1])
+local a = 3 + count * 6 + 1
+for _ = 1, 2 do
+  local ttl = tonumber(ARGV[a])
+  local npairs = tonumber(ARGV[a + 1])
+  if ttl > 0 then
+    for j = a + 2, a + 1 + 2 * npairs, 2 do
+      redis.call('HINCRBY', KEYS[k], ARGV[j], ARGV[j + 1])
+    end
+    redis.call('PEXPIRE', KEYS[k], ttl)
+    k = k + 1
   end
-  redis.call('PEXPIRE', ledger, ledger_ttl)
+  a = a + 2 + 2 * npairs
 end
 return count

@@ -1,0 +1,129 @@
+"""The ext_authz -> ext_proc hand-over: the billing record written into and read from dynamic metadata.
+
+ext_authz's Check answers with ``dynamic_metadata``; Envoy forwards it (namespace
+``envoy.filters.http.ext_authz``) on the ext_proc stream of the same request. The writer and the
+reader live side by side here, with one round-trip test (tests/unit/test_handover.py).
+
+Integers travel as decimal strings: a protobuf ``Struct`` number is a double, which cannot hold
+every integer (2**53 + 1 comes back as 2**53, and ``10**30`` comes back larger than it went in).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import struct_pb2
+
+from extproc.domain import Decision
+
+METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
+BILLING_KEY = "maas"  # our own record; "identity" beside it is for Kuadrant predicates
+_MAX_DIGITS = 20  # every count we hand over fits in 64 bits; longer text is not ours
+
+
+@dataclass(frozen=True, slots=True)
+class Billing:
+    """What the ext_proc stream needs to charge one admitted request."""
+
+    request_id: str  # unique per admission; the settle is applied once per id
+    userid: str
+    tier: str
+    model: str
+    path: str
+    reserved: int  # tokens held at admission: prompt estimate + completion bound
+    windows: tuple[int, ...]  # start (ms) of each token window the reservation went into
+    admitted_ms: int = 0  # admission time: its day holds the unsettled reservation
+    inject: bool = False  # the request body is rewritten to ask the stream for usage
+    prompt_estimate: int = 0
+    route: str = ""  # the HTTPRoute admission counted the request in (Kuadrant's domain)
+
+    @classmethod
+    def from_decision(cls, decision: Decision, path: str) -> Billing | None:
+        """The record of an allowed, charged decision; None for everything else."""
+        if not decision.allowed or not decision.charged:
+            return None
+        if decision.identity is None or decision.tier is None:
+            return None
+        return cls(
+            request_id=decision.request_id,
+            userid=decision.identity.userid,
+            tier=decision.tier.name,
+            model=decision.model,
+            path=path,
+            reserved=decision.reserved_tokens,
+            windows=decision.token_windows,
+            admitted_ms=decision.admitted_ms,
+            inject=decision.inject_usage,
+            prompt_estimate=decision.prompt_estimate,
+            route=decision.route,
+        )
+
+
+def write(fields: Any, billing: Billing) -> None:
+    """Fill a ``Struct``'s fields map (``maas``) with the record; every integer as a string."""
+    fields["id"].string_value = billing.request_id
+    fields["user"].string_value = billing.userid
+    fields["tier"].string_value = billing.tier
+    fields["model"].string_value = billing.model
+    fields["path"].string_value = billing.path
+    fields["reserved"].string_value = str(billing.reserved)
+    fields["windows"].string_value = ",".join(str(start) for start in billing.windows)
+    fields["admitted"].string_value = str(billing.admitted_ms)
+    fields["inject"].bool_value = billing.inject
+    fields["prompt_est"].string_value = str(billing.prompt_estimate)
+    fields["route"].string_value = billing.route
+
+
+def to_struct(billing: Billing) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    write(out.fields[BILLING_KEY].struct_value.fields, billing)
+    return out
+
+
+def read(filter_metadata: Mapping[str, struct_pb2.Struct]) -> Billing | None:
+    """The record ext_authz left for this request, or None when there is none (or it is malformed).
+
+    Only ext_authz can write this namespace (clients cannot), so a malformed record means a
+    version mismatch between replicas: it is not billed by this stream, and the caller counts it.
+    """
+    struct = filter_metadata.get(METADATA_NAMESPACE)
+    if struct is None:
+        return None
+    record = struct.fields.get(BILLING_KEY)
+    if record is None:
+        return None
+    fields = record.struct_value.fields
+    try:
+        windows_text = _text(fields, "windows")
+        return Billing(
+            request_id=_text(fields, "id"),
+            userid=_text(fields, "user"),
+            tier=_text(fields, "tier"),
+            model=_text(fields, "model"),
+            path=_text(fields, "path"),
+            reserved=_count(_text(fields, "reserved")),
+            windows=tuple(_count(v) for v in windows_text.split(",")) if windows_text else (),
+            admitted_ms=_count(_text(fields, "admitted")),
+            inject=fields["inject"].bool_value if "inject" in fields else False,
+            prompt_estimate=_count(_text(fields, "prompt_est")),
+            route=_text(fields, "route"),
+        )
+    except (KeyError, ValueError):
+        return None
+
+
+def _text(fields: Any, key: str) -> str:
+    value = fields[key]
+    if value.WhichOneof("kind") != "string_value":
+        raise ValueError(key)
+    text: str = value.string_value
+    return text
+
+
+def _count(text: str) -> int:
+    """A non-negative integer written by ``write``; anything else is not ours."""
+    if not text.isdigit() or not text.isascii() or len(text) > _MAX_DIGITS:
+        raise ValueError(text)
+    return int(text)

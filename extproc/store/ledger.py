@@ -1,0 +1,97 @@
+"""The usage ledger's record format: one hash per (user, day), fields ``model|kind`` -> amount.
+
+Both stores (memory and Redis) write and read it through these helpers, so they cannot drift.
+Settled kinds (``keys.LEDGER_KINDS``) only ever grow. ``unsettled`` and ``open`` hold the
+reservations of admitted requests whose settle has not come yet: admission adds them, the settle
+takes them off again, so what stays there belongs to requests whose charge never arrived (the
+sidecar that followed the stream was killed).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+
+from extproc.domain import Charge
+from extproc.store import keys
+from extproc.store.base import Hold, LedgerEntry, LedgerRow
+
+UNSETTLED = "unsettled"  # reserved tokens of admitted requests not settled yet
+OPEN = "open"  # how many admitted requests are not settled yet
+
+
+def entry_for(charge: Charge, now_ms: int) -> LedgerEntry:
+    """The ledger entry one settled charge adds, on the day of ``now_ms``."""
+    usage = charge.usage
+    total = usage.total()
+    return LedgerEntry(
+        userid=charge.userid,
+        day=day_of(now_ms),
+        model=model_of(charge.model),
+        prompt_tokens=usage.prompt_tokens or 0,
+        completion_tokens=usage.completion_tokens or 0,
+        total_tokens=total,
+        estimated_tokens=total if usage.estimated else 0,
+    )
+
+
+def hold_for(userid: str, model: str, tokens: int, admitted_ms: int) -> Hold:
+    """The unsettled record admission writes (and the settle releases) for one request."""
+    return Hold(userid=userid, day=day_of(admitted_ms), model=model_of(model), tokens=tokens)
+
+
+def model_of(model: str) -> str:
+    return model or "unknown"
+
+
+def amounts(entry: LedgerEntry) -> tuple[int, int, int, int, int]:
+    """The entry's numbers in ``keys.LEDGER_KINDS`` order."""
+    return (
+        entry.prompt_tokens,
+        entry.completion_tokens,
+        entry.total_tokens,
+        entry.estimated_tokens,
+        entry.requests,
+    )
+
+
+def hold_fields(hold: Hold, sign: int) -> tuple[tuple[str, int], tuple[str, int]]:
+    """The (field, amount) pairs that add (sign 1) or release (sign -1) a hold."""
+    return (
+        (keys.ledger_field(hold.model, UNSETTLED), sign * hold.tokens),
+        (keys.ledger_field(hold.model, OPEN), sign),
+    )
+
+
+def rows(day: str, fields: dict[str, int]) -> list[LedgerRow]:
+    """Fold a ledger hash (``model|kind`` -> amount) into one row per model, sorted by model."""
+    per_model: dict[str, dict[str, int]] = {}
+    for name, amount in fields.items():
+        model, _, kind = name.rpartition("|")
+        per_model.setdefault(model, {})[kind] = int(amount)
+    return [
+        LedgerRow(
+            day=day,
+            model=model,
+            prompt_tokens=kinds.get("prompt", 0),
+            completion_tokens=kinds.get("completion", 0),
+            total_tokens=kinds.get("total", 0),
+            estimated_tokens=kinds.get("estimated", 0),
+            requests=kinds.get("requests", 0),
+            unsettled_tokens=max(0, kinds.get(UNSETTLED, 0)),
+            unsettled_requests=max(0, kinds.get(OPEN, 0)),
+        )
+        for model, kinds in sorted(per_model.items())
+        if any(kinds.values())
+    ]
+
+
+def day_of(now_ms: int) -> str:
+    """The UTC day of a millisecond timestamp, as the ledger names it (YYYYMMDD)."""
+    return _day_name(now_ms // 86_400_000)
+
+
+@functools.lru_cache(maxsize=16)
+def _day_name(day: int) -> str:
+    # Pure and called on every charge: worth remembering the few days in play.
+    return dt.datetime.fromtimestamp(day * 86_400, tz=dt.UTC).strftime("%Y%m%d")

@@ -1,0 +1,90 @@
+"""The ext_authz -> ext_proc hand-over: what the writer puts in, the reader gets back, exactly."""
+
+from __future__ import annotations
+
+import pytest
+from google.protobuf import struct_pb2
+
+from extproc.domain import Decision, Identity, Outcome, Tier
+from extproc.envoy import handover
+from extproc.envoy.handover import METADATA_NAMESPACE, Billing
+from extproc.envoy.replies import CheckReplies, check_response
+
+ALICE = Identity("alice", "system:serviceaccount:ns:alice", ("g",))
+FREE = Tier("free", 0, frozenset({"g"}))
+
+
+def roundtrip(billing: Billing) -> Billing | None:
+    struct = handover.to_struct(billing)
+    wire = struct_pb2.Struct()
+    wire.ParseFromString(struct.SerializeToString())  # as Envoy forwards it
+    return handover.read({METADATA_NAMESPACE: wire})
+
+
+@pytest.mark.parametrize("amount", [0, 1, 255, 2**53 - 1, 2**53 + 1, 2**63 - 1, 10**19 + 7])
+def test_every_integer_travels_exactly(amount: int) -> None:
+    billing = Billing(
+        request_id="abc1",
+        userid="a{b",
+        tier="free",
+        model="ns/m",
+        path="/ns/m/v1/chat/completions",
+        reserved=amount,
+        windows=(amount, 1_800_000_000_123),
+        admitted_ms=amount,
+        inject=True,
+        prompt_estimate=amount,
+    )
+    assert roundtrip(billing) == billing
+
+
+def test_a_double_would_not_have_held_them() -> None:
+    # Why integers travel as strings: the Struct number this replaced.
+    assert int(float(2**53 + 1)) != 2**53 + 1
+
+
+def test_no_windows_and_empty_strings_round_trip() -> None:
+    billing = Billing("", "u", "", "", "", 0, ())
+    assert roundtrip(billing) == billing
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("reserved", struct_pb2.Value(number_value=64)),  # the old number form
+        ("reserved", struct_pb2.Value(string_value="-1")),
+        ("reserved", struct_pb2.Value(string_value="1e3")),
+        ("reserved", struct_pb2.Value(string_value="9" * 21)),
+        ("windows", struct_pb2.Value(string_value="1,,2")),
+        ("user", struct_pb2.Value(bool_value=True)),
+    ],
+)
+def test_a_malformed_record_is_not_read(field: str, value: struct_pb2.Value) -> None:
+    struct = handover.to_struct(Billing("id", "u", "t", "m", "/p", 5, (1,)))
+    struct.fields[handover.BILLING_KEY].struct_value.fields[field].CopyFrom(value)
+    assert handover.read({METADATA_NAMESPACE: struct}) is None
+
+
+def test_what_check_writes_is_what_ext_proc_reads() -> None:
+    decision = Decision(
+        Outcome.ALLOW, identity=ALICE, tier=FREE, model="ns/m", charged=True,
+        reserved_tokens=2**60 + 3, token_windows=(2**53 + 1,), inject_usage=True,
+        prompt_estimate=12, request_id="r-1", admitted_ms=1_800_000_000_001,
+    )  # fmt: skip
+    expected = Billing.from_decision(decision, "/ns/m/v1/chat/completions")
+    for reply in (
+        check_response(decision, "/ns/m/v1/chat/completions"),
+        CheckReplies().reply(decision, "/ns/m/v1/chat/completions"),
+    ):
+        got = handover.read({METADATA_NAMESPACE: reply.dynamic_metadata})
+        assert got == expected
+        assert got is not None
+        assert got.reserved == 2**60 + 3
+
+
+def test_uncharged_and_refused_decisions_hand_over_nothing() -> None:
+    for decision in (
+        Decision(Outcome.ALLOW, identity=ALICE, tier=FREE, charged=False),
+        Decision(Outcome.TOKEN_LIMITED, identity=ALICE, tier=FREE, charged=True),
+    ):
+        assert Billing.from_decision(decision, "/p") is None
