@@ -57,9 +57,11 @@ def run_scenario(name: str, requests: int, workdir: Path) -> faults.Figures:
     return total
 
 
-def _row(name: str, figures: faults.Figures, seconds: float) -> str:
+def _row(name: str, figures: faults.Figures, seconds: float | None = None) -> str:
     cells = [f"{getattr(figures, column):>10}" for column in _COLUMNS]
-    return f"{name:<17}{''.join(cells)}{figures.overshoot:>10.2f}{seconds:>8.1f}s"
+    restart = f"{figures.restart_s:.1f}s" if figures.restart_s else "-"
+    took = "" if seconds is None else f"{seconds:>8.1f}s"
+    return f"{name:<17}{''.join(cells)}{figures.overshoot:>10.2f}{restart:>9}{took}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     names = args.scenario or list(SCENARIOS)
-    print(f"{'scenario':<17}{''.join(f'{c:>10}' for c in _COLUMNS)}{'overshoot':>10}{'time':>9}")
+    head = "".join(f"{column:>10}" for column in (*_COLUMNS, "overshoot"))
+    print(f"{'scenario':<17}{head}{'restart':>9}{'time':>9}")
     total = faults.Figures()
     with tempfile.TemporaryDirectory(prefix="maas-soak-") as tmp:
         for name in names:
@@ -78,13 +81,14 @@ def main(argv: list[str] | None = None) -> int:
             figures = run_scenario(name, args.requests, Path(tmp))
             print(_row(name, figures, time.monotonic() - started), flush=True)
             total.add(figures)
-    print(_row("total", total, 0.0).rsplit(" ", 1)[0])
+    print(_row("total", total))
     for line in total.problem_lines(20):
         print(line)
     failed = total.lost > 0 or total.double > 0 or total.overshoot > 1 or total.problems
     print(
         f"lost {total.lost}, double-charged {total.double}, "
-        f"max overshoot {total.overshoot:.2f} reservations: {'FAIL' if failed else 'ok'}"
+        f"max overshoot {total.overshoot:.2f} reservations, "
+        f"worker back in {total.restart_s:.1f} s at most: {'FAIL' if failed else 'ok'}"
     )
     return 1 if failed else 0
 
