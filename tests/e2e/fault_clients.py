@@ -7,11 +7,11 @@ import asyncio
 import concurrent.futures
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import httpx
 import openai
-from openai.types.chat import ChatCompletionUserMessageParam
+from openai.types.chat import ChatCompletionChunk, ChatCompletionUserMessageParam
 
 PREFIX = "/llm/facebook-opt-125m-simulated/v1"
 ClientKind = Literal["sync", "async", "raw"]
@@ -59,68 +59,78 @@ def _stream_options(plan: Plan) -> dict[str, Any]:
     return {"stream_options": {"include_usage": True}} if plan.include_usage else {}
 
 
+class _Args(TypedDict):
+    model: str
+    messages: list[ChatCompletionUserMessageParam]
+    max_tokens: int
+    extra_headers: dict[str, str]
+
+
+def _args(plan: Plan) -> _Args:
+    return {
+        "model": plan.model,
+        "messages": plan.messages,
+        "max_tokens": plan.max_tokens,
+        "extra_headers": plan.headers,
+    }
+
+
+@dataclass
+class _Reader:
+    """Follows one stream's chunks; says when the plan hangs up."""
+
+    plan: Plan
+    events: int = 0
+    usage: bool = False
+
+    def hangs_up_after(self, chunk: ChatCompletionChunk) -> bool:
+        self.events += 1
+        self.usage = self.usage or chunk.usage is not None
+        return self.plan.abort_after is not None and self.events >= self.plan.abort_after
+
+    def outcome(self) -> Outcome:
+        return Outcome(self.plan, self.usage, 200)
+
+
+def _failed(plan: Plan, exc: openai.APIError) -> Outcome:
+    status = exc.status_code if isinstance(exc, openai.APIStatusError) else 0
+    return Outcome(plan, False, status, type(exc).__name__)
+
+
 def _sync_openai(client: openai.OpenAI, plan: Plan) -> Outcome:
     try:
         if not plan.stream:
-            answer = client.chat.completions.create(
-                model=plan.model,
-                messages=plan.messages,
-                max_tokens=plan.max_tokens,
-                extra_headers=plan.headers,
-            )
+            answer = client.chat.completions.create(**_args(plan))
             return Outcome(plan, answer.usage is not None, 200)
-        usage, events = False, 0
+        reader = _Reader(plan)
         stream = client.chat.completions.create(
-            model=plan.model,
-            messages=plan.messages,
-            max_tokens=plan.max_tokens,
-            stream=True,
-            extra_headers=plan.headers,
-            extra_body=_stream_options(plan),
+            **_args(plan), stream=True, extra_body=_stream_options(plan)
         )
         with stream:  # leaving closes the connection at once, as the client does after [DONE]
             for chunk in stream:
-                events += 1
-                usage = usage or chunk.usage is not None
-                if plan.abort_after is not None and events >= plan.abort_after:
+                if reader.hangs_up_after(chunk):
                     return Outcome(plan, False, 200, "aborted")
-        return Outcome(plan, usage, 200)
-    except openai.APIStatusError as exc:
-        return Outcome(plan, False, exc.status_code, type(exc).__name__)
+        return reader.outcome()
     except openai.APIError as exc:
-        return Outcome(plan, False, 0, type(exc).__name__)
+        return _failed(plan, exc)
 
 
 async def _async_openai(client: openai.AsyncOpenAI, plan: Plan) -> Outcome:
     try:
         if not plan.stream:
-            answer = await client.chat.completions.create(
-                model=plan.model,
-                messages=plan.messages,
-                max_tokens=plan.max_tokens,
-                extra_headers=plan.headers,
-            )
+            answer = await client.chat.completions.create(**_args(plan))
             return Outcome(plan, answer.usage is not None, 200)
-        usage, events = False, 0
+        reader = _Reader(plan)
         stream = await client.chat.completions.create(
-            model=plan.model,
-            messages=plan.messages,
-            max_tokens=plan.max_tokens,
-            stream=True,
-            extra_headers=plan.headers,
-            extra_body=_stream_options(plan),
+            **_args(plan), stream=True, extra_body=_stream_options(plan)
         )
         async with stream:
             async for chunk in stream:
-                events += 1
-                usage = usage or chunk.usage is not None
-                if plan.abort_after is not None and events >= plan.abort_after:
+                if reader.hangs_up_after(chunk):
                     return Outcome(plan, False, 200, "aborted")
-        return Outcome(plan, usage, 200)
-    except openai.APIStatusError as exc:
-        return Outcome(plan, False, exc.status_code, type(exc).__name__)
+        return reader.outcome()
     except openai.APIError as exc:
-        return Outcome(plan, False, 0, type(exc).__name__)
+        return _failed(plan, exc)
 
 
 async def _raw(client: httpx.AsyncClient, key: str, plan: Plan) -> Outcome:
