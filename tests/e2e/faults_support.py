@@ -333,12 +333,17 @@ def ledger(rig: Rig, user: str) -> dict[str, dict[str, int]]:
     return asyncio.run(_ledger(rig.redis.url, user))
 
 
-def _accounted(row: dict[str, int] | None) -> bool:
-    return row is not None and row.get("requests", 0) + row.get("unsettled_requests", 0) > 0
+def _accounted(outcome: Outcome, row: dict[str, int] | None) -> bool:
+    """A completed response's row is settled; any other served request's row at least holds
+    its reservation as unsettled."""
+    if row is None:
+        return False
+    settled = row.get("requests", 0) > 0
+    return settled or (not outcome.completed and row.get("unsettled_requests", 0) > 0)
 
 
 def settled_ledger(rig: Rig, outcomes: Sequence[Outcome]) -> dict[str, dict[str, int]]:
-    """Poll (bounded) until every request the simulator saw has a row and two reads agree."""
+    """Poll (bounded) until every request the simulator saw is accounted and two reads agree."""
     users = {_user(o.plan.key) for o in outcomes}
     deadline = time.monotonic() + _SETTLE_TIMEOUT_S
     previous: dict[str, dict[str, int]] | None = None
@@ -349,7 +354,7 @@ def settled_ledger(rig: Rig, outcomes: Sequence[Outcome]) -> dict[str, dict[str,
             rows.update(ledger(rig, user))
         finished = all(r["finished"] for rs in served.values() for r in rs)
         present = all(
-            _accounted(rows.get(o.plan.model)) for o in outcomes if o.plan.model in served
+            _accounted(o, rows.get(o.plan.model)) for o in outcomes if o.plan.model in served
         )
         if (finished and present and rows == previous) or time.monotonic() > deadline:
             return rows
