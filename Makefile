@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
-SOAK_REQUESTS ?= 600
+SOAK_REQUESTS ?= 1200
 
 .PHONY: install protos run test lint format unit e2e fuzz bench soak clean
 
@@ -51,7 +51,7 @@ format: install
 bench: install  ## load the local stack; writes docs/benchmarks.md
 	$(PY) -m bench
 
-soak: install  ## issue 12's fault scenarios at size (SOAK_REQUESTS=600): lost, double-charged, overshoot
+soak: install  ## issue 12's fault scenarios at size (SOAK_REQUESTS=1200): lost, double-charged, overshoot
 	$(PY) -m bench.soak --requests $(SOAK_REQUESTS)
 
 clean:

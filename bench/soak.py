@@ -66,7 +66,7 @@ def _row(name: str, figures: faults.Figures, seconds: float | None = None) -> st
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=600, help="requests per scenario")
+    parser.add_argument("--requests", type=int, default=1200, help="requests per scenario")
     parser.add_argument(
         "--scenario", action="append", choices=sorted(SCENARIOS), help="repeatable; default all"
     )
