@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--port", type=int, default=8000)
     sim.add_argument("--chunk-delay-ms", type=float, default=0.0, help="delay between SSE chunks")
 
-    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check = sub.add_parser(
+        "check-config", help="validate a config file and every file it names, then exit"
+    )
     check.add_argument("file")
 
     usage = sub.add_parser("usage", help="print a user's token usage from the store")
@@ -65,17 +67,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from extproc import config as config_mod
+    from extproc import config_files
 
     if args.command == "check-config":
         loaded = config_mod.load(args.file, os.environ)
-        if loaded.server.tls.enabled:
-            from extproc.tls import CertificateFiles
-
-            CertificateFiles.from_config(loaded).load()  # readable, PEM, key matching the cert
+        files = config_files.check(loaded)  # every file it names, read as serve reads it
         print(
             f"{args.file}: ok (identity={loaded.identity.source}, tiers={loaded.tiers.source}, "
             f"store={config_mod.redact_url(str(loaded.store.url))})"
         )
+        for checked in files:
+            print(f"  read {checked}")
         return 0
     if args.command == "sim":
         from extproc.sim.server import SimConfig, serve_forever
@@ -90,6 +92,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         from extproc.app import run
 
         loaded = config_mod.load(args.config, os.environ)
+        # Refuse to start (exit 2) on a file the workers could not read, rather than have the
+        # supervisor restart failing workers forever; check-config runs this same check.
+        config_files.check(loaded)
         server = loaded.server
         if args.workers:
             server = replace(server, workers=args.workers)

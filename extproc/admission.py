@@ -105,6 +105,7 @@ class Admission:
         limiter: Limiter,
         *,
         spoofed_headers: Literal["strip", "reject"] = "strip",
+        unclassified: Literal["refuse", "pass"] = "refuse",
         store_failure: Literal["fail_open", "fail_closed"] = "fail_open",
         dependency_failure: Literal["fail_open", "fail_closed"] = "fail_closed",
         accounting: AccountingConfig | None = None,
@@ -117,6 +118,7 @@ class Admission:
         self._access = access
         self._limiter = limiter
         self._reject_spoofed = spoofed_headers == "reject"
+        self._refuse_unclassified = unclassified == "refuse"
         self._store_fail_open = store_failure == "fail_open"
         self._dependency_fail_open = dependency_failure == "fail_open"
         self._accounting = accounting or AccountingConfig()
@@ -153,6 +155,13 @@ class Admission:
             return Decision(Outcome.UNAVAILABLE, "identity service unavailable")
         if identity is None:
             return Decision(Outcome.UNAUTHENTICATED, "invalid or expired token")
+        if self._refuse_unclassified and (route.invalid or route.unclassified):
+            # Never passed unbilled: a model path we cannot classify may still be served upstream.
+            if route.invalid:
+                reason = "the request path has no single reading"
+                return Decision(Outcome.INVALID_PATH, reason, identity)
+            reason = f"no {request.method} route {route.path} on this gateway"
+            return Decision(Outcome.UNKNOWN_ROUTE, reason, identity)
         try:
             tier = await self._tiers.tier_for(identity)
         except Unavailable as exc:
@@ -184,7 +193,12 @@ class Admission:
         strip = tuple(h for h in spoofed if h not in OWN_HEADERS) if spoofed else ()
         if not route.charged:
             return Decision(
-                Outcome.ALLOW, identity=identity, tier=tier, model=model, strip_headers=strip
+                Outcome.ALLOW,
+                identity=identity,
+                tier=tier,
+                model=model,
+                strip_headers=strip,
+                path=route.path,
             )
         return await self._limit(route, identity, tier, model, body, strip)
 
@@ -268,6 +282,7 @@ class Admission:
             strip_headers=strip,
             inject_usage=inject,
             prompt_estimate=prompt_estimate,
+            path=route.path,
         )
 
 

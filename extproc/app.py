@@ -33,6 +33,7 @@ from extproc.kuadrant.route_map import RouteDomains
 from extproc.limits.limiter import Limiter
 from extproc.logs import configure as configure_logging
 from extproc.observability.metrics import Metrics, serve_metrics
+from extproc.observability.model_labels import ModelLabels
 from extproc.observability.usage_api import UsageApi
 from extproc.routes import RouteTable
 from extproc.store.base import CounterStore
@@ -187,7 +188,10 @@ class Sidecar:
 
     @classmethod
     def build(cls, config: Config, metrics: Metrics | None = None) -> Sidecar:
-        metrics = metrics or Metrics(per_user=config.observability.per_user_metrics)
+        metrics = metrics or Metrics(
+            per_user=config.observability.per_user_metrics,
+            models=ModelLabels.from_config(config),
+        )
         metrics.set_limits(config.limits.tiers)
         store = build_store(config, metrics)
         kube = KubeConnector.for_config(config)  # one shared client, built if needed
@@ -207,6 +211,7 @@ class Sidecar:
             access,
             limiter,
             spoofed_headers=config.routes.spoofed_headers,
+            unclassified=config.routes.unclassified,
             store_failure=config.store.failure_policy,
             dependency_failure=config.identity.unavailable,
             accounting=config.accounting,

@@ -20,7 +20,14 @@ from typing import Any, Literal
 
 import yaml
 
-LOCAL_DIR = Path(__file__).resolve().parent.parent / "deploy" / "local"
+
+def _local_dir() -> Path:
+    """deploy/local in a checkout; in an installed wheel, its copy packaged as extproc/local."""
+    checkout = Path(__file__).resolve().parent.parent / "deploy" / "local"
+    return checkout if checkout.is_dir() else Path(__file__).resolve().parent / "local"
+
+
+LOCAL_DIR = _local_dir()
 
 Topology = Literal["envoy", "authz", "full", "observability", "extproc", "split"]
 
@@ -240,7 +247,9 @@ class LocalStack:
         return self
 
     def _start(self) -> None:
-        self.log_dir = self.log_dir or Path(tempfile.mkdtemp(prefix="maas-stack-"))
+        # The creating process's pid in the name: a test run checks the logs of its own stacks.
+        prefix = f"maas-stack-{os.getpid()}-"
+        self.log_dir = self.log_dir or Path(tempfile.mkdtemp(prefix=prefix))
         self.sim_port = self.sim_port or free_port()
         self.listen_port = self.listen_port or free_port()
         self.admin_port = self.admin_port or free_port()

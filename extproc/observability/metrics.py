@@ -9,6 +9,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from extproc.domain import UNTRUSTED_REASONS, Charge, Decision, Limits
+from extproc.observability.model_labels import ModelLabels
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _STREAM_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0)
@@ -20,9 +21,15 @@ _CHILD_CACHE_SIZE = 10_000  # per-model / per-user label sets cached; beyond it 
 class Metrics:
     """Every metric the sidecar exports, documented in the README's metrics table."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, per_user: bool = False) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        per_user: bool = False,
+        models: ModelLabels | None = None,
+    ) -> None:
         self.registry = registry or CollectorRegistry()
         self.per_user = per_user
+        self.models = models or ModelLabels()  # bounds the `model` label (default: all "other")
         r = self.registry
         user = ["user"] if per_user else []  # opt-in: one series per user
         self.requests = Counter(
@@ -204,15 +211,16 @@ class Metrics:
     def charged(self, charge: Charge) -> None:
         usage = charge.usage
         user = (charge.userid,) if self.per_user else ()
-        children = self._token_children.get((charge.tier, charge.model, *user))
+        model = self.models.label(charge.model, charge.path)
+        children = self._token_children.get((charge.tier, model, *user))
         if children is None:
             if len(self._token_children) >= _CHILD_CACHE_SIZE:
                 self._token_children.clear()
             children = tuple(
-                self.tokens.labels(charge.tier, charge.model, kind, *user)
+                self.tokens.labels(charge.tier, model, kind, *user)
                 for kind in ("prompt", "completion", "total")
             )
-            self._token_children[(charge.tier, charge.model, *user)] = children
+            self._token_children[(charge.tier, model, *user)] = children
         for token_child, amount in zip(
             children, (usage.prompt_tokens, usage.completion_tokens, usage.total()), strict=True
         ):

@@ -15,7 +15,16 @@ from extproc.store.base import LedgerRow
 
 GroupBy = Literal["day", "model"]
 GROUPS: tuple[GroupBy, ...] = ("day", "model")
-AMOUNTS = ("prompt_tokens", "completion_tokens", "total_tokens", "estimated_tokens", "requests")
+AMOUNTS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "estimated_tokens",
+    "requests",
+    # Reservations of admitted requests whose charge has not come (see store/ledger.py).
+    "unsettled_tokens",
+    "unsettled_requests",
+)
 
 Row = dict[str, str | int]
 
@@ -145,12 +154,33 @@ def to_json(document: Mapping[str, object]) -> str:
     return json.dumps(document, indent=2)
 
 
+# A text cell starting with one of these is a formula to spreadsheets (OWASP, "CSV Injection":
+# https://owasp.org/www-community/attacks/CSV_Injection); model names and user ids are chosen by
+# clients, and the admin who opens the export would run them.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(cell: str | int) -> str | int:
+    """A text cell that cannot start a formula: OWASP's advice, a leading single quote."""
+    if isinstance(cell, str) and cell.startswith(_FORMULA_START):
+        return "'" + cell
+    return cell
+
+
 def to_csv(rows: Sequence[Row], key: str) -> str:
-    """A header line and one line per row; totals are left out so that columns sum cleanly."""
+    """A header line and one line per row; totals are left out so that columns sum cleanly.
+
+    The one CSV writer of the usage API and the CLI: every text cell is ``spreadsheet_safe``.
+    Lines end in CRLF (RFC 4180, Python's default), so a cell holding a bare CR is quoted too:
+    with LF endings the csv module leaves it bare, and a spreadsheet starts a new row there.
+    """
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
+    writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow((key, *AMOUNTS))
-    writer.writerows([row[key], *(row[name] for name in AMOUNTS)] for row in rows)
+    writer.writerows(
+        [spreadsheet_safe(row[key]), *(spreadsheet_safe(row[name]) for name in AMOUNTS)]
+        for row in rows
+    )
     return out.getvalue()
 
 
