@@ -1,4 +1,4 @@
-"""`make soak`: the fault scenarios of tests/e2e/test_faults.py at a chosen size, with the figures.
+"""`make soak`: the fault scenarios of tests/e2e/test_scenarios.py at a chosen size, with the figures.
 
 Each scenario runs on its own rig (redis-server with appendonly, two sidecar workers, Envoy, the
 simulator) and is checked against the simulator's record as the tests check it. Exits 1 when a
@@ -16,48 +16,50 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.e2e import faults_support as faults
+from tests.e2e import fault_scenarios as scenarios
+from tests.e2e.fault_ledger import Figures
+from tests.e2e.faults_support import Rig, running_rig
 
 _OVERSHOOT_BATCH = 50  # the issue's case: 50 requests at once against a 200-token window
-Scenario = Callable[[faults.Rig, str, int], faults.Figures]
+Scenario = Callable[[Rig, str, int], Figures]
 
 
 def _worker(signum: int) -> Scenario:
-    def scenario(rig: faults.Rig, run: str, count: int) -> faults.Figures:
-        return faults.worker_fault(rig, run, count, signum)
+    def scenario(rig: Rig, run: str, count: int) -> Figures:
+        return scenarios.worker_fault(rig, run, count, signum)
 
     return scenario
 
 
 SCENARIOS: dict[str, Scenario] = {
-    "close-after-done": faults.close_after_done,
-    "client-aborts": faults.client_aborts,
-    "redis-kill": faults.redis_killed,
-    "redis-stall": faults.redis_stalled,
+    "close-after-done": scenarios.close_after_done,
+    "client-aborts": scenarios.client_aborts,
+    "redis-kill": scenarios.redis_killed,
+    "redis-stall": scenarios.redis_stalled,
     "worker-sigterm": _worker(signal.SIGTERM),
     "worker-sigkill": _worker(signal.SIGKILL),
-    "overshoot": faults.overshoot_run,
+    "overshoot": scenarios.overshoot_run,
 }
 # Share of --requests per scenario: the slow-Redis close-after-[DONE] run takes longest.
 _SHARE = {"close-after-done": 0.25}
 _COLUMNS = ("requests", "completed", "aborted", "refused", "lost", "double", "unsettled")
 
 
-def run_scenario(name: str, requests: int, workdir: Path) -> faults.Figures:
+def run_scenario(name: str, requests: int, workdir: Path) -> Figures:
     """One scenario on a fresh rig; overshoot: a fresh rig (a new window) per batch of 50, one
     batch per 200 requests."""
     if name == "overshoot":
         batches = [_OVERSHOOT_BATCH] * max(1, requests // 200)
     else:
         batches = [max(12, round(requests * _SHARE.get(name, 1.0)))]
-    total = faults.Figures()
+    total = Figures()
     for index, size in enumerate(batches):
-        with faults.running_rig(workdir / f"{name}-{index}") as rig:
+        with running_rig(workdir / f"{name}-{index}") as rig:
             total.add(SCENARIOS[name](rig, uuid.uuid4().hex[:8], size))
     return total
 
 
-def _row(name: str, figures: faults.Figures, seconds: float | None = None) -> str:
+def _row(name: str, figures: Figures, seconds: float | None = None) -> str:
     cells = [f"{getattr(figures, column):>10}" for column in _COLUMNS]
     restart = f"{figures.restart_s:.1f}s" if figures.restart_s else "-"
     took = "" if seconds is None else f"{seconds:>8.1f}s"
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     names = args.scenario or list(SCENARIOS)
     head = "".join(f"{column:>10}" for column in (*_COLUMNS, "overshoot"))
     print(f"{'scenario':<17}{head}{'restart':>9}{'time':>9}")
-    total = faults.Figures()
+    total = Figures()
     with tempfile.TemporaryDirectory(prefix="maas-soak-") as tmp:
         for name in names:
             started = time.monotonic()
