@@ -138,8 +138,20 @@ class Limiter:
             self._plans[(userid, tier, model, route)] = plan
         return plan
 
+    def now_ms(self) -> int:
+        """The limiter's clock: admission times travel with the request to its settle."""
+        return self._clock_ms()
+
     async def admit(
-        self, userid: str, tier: str, model: str, reserve: int, route: str = ""
+        self,
+        userid: str,
+        tier: str,
+        model: str,
+        reserve: int,
+        route: str = "",
+        *,
+        request_id: str = "",
+        now_ms: int | None = None,
     ) -> Verdict:
         """Check and take the reservation; the ledger holds it as unsettled until the settle."""
         plan = self._plan(userid, tier, model, route)
@@ -147,9 +159,9 @@ class Limiter:
         counters = [WindowCounter(k, lim, w, 1, sliding) for k, lim, w in plan.requests]
         counters += [WindowCounter(k, lim, w, reserve, sliding) for k, lim, w in plan.tokens]
         kinds = ["requests"] * len(plan.requests) + ["tokens"] * len(plan.tokens)
-        now = self._clock_ms()
+        now = self._clock_ms() if now_ms is None else now_ms
         hold = ledger.hold_for(userid, model, reserve, now)
-        result = await self._store.admit(counters, now, hold)
+        result = await self._store.admit(counters, now, hold, request_id=request_id)
         if not counters:
             return Verdict(allowed=True, reserved_tokens=reserve, admitted_ms=now)
         if not result.allowed:
