@@ -52,14 +52,18 @@ _KNOWN = {"host", "port", "db", "username", "password", "connection_class", *_TL
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """Where and how to connect: parsed from a redis:// or rediss:// URL."""
+    """Where and how to connect: parsed from a redis:// or rediss:// URL.
+
+    TLS files are read when connecting, as redis-py does: a bad file is a failed connection
+    (and ``check-config`` reads them itself), not an error while the store is built.
+    """
 
     host: str
     port: int
     db: int = 0
     username: str | None = None
     password: str | None = None
-    tls: ssl.SSLContext | None = None
+    tls: tuple[tuple[str, str], ...] | None = None  # the URL's ssl_* options; None: plaintext
 
     @classmethod
     def from_url(cls, url: str) -> Target | None:
@@ -72,14 +76,7 @@ class Target:
             return None
         tls = None
         if scheme == "rediss":
-            tls = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
-            if options.get("ssl_certfile"):
-                tls.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
-            if str(options.get("ssl_cert_reqs", "required")).lower() in ("none", "optional"):
-                tls.check_hostname = False
-                tls.verify_mode = ssl.CERT_NONE
-            elif str(options.get("ssl_check_hostname", "true")).lower() in ("false", "0"):
-                tls.check_hostname = False
+            tls = tuple(sorted((k, str(v)) for k, v in options.items() if k in _TLS_OPTIONS))
         return cls(
             host=str(options.get("host", "localhost")),
             port=int(options.get("port", 6379)),
@@ -88,6 +85,21 @@ class Target:
             password=options.get("password"),
             tls=tls,
         )
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context for ``rediss://``, built from its options (raises on a bad file)."""
+        if self.tls is None:
+            return None
+        options = dict(self.tls)
+        context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
+        if options.get("ssl_certfile"):
+            context.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
+        if options.get("ssl_cert_reqs", "required").lower() in ("none", "optional"):
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        elif options.get("ssl_check_hostname", "true").lower() in ("false", "0"):
+            context.check_hostname = False
+        return context
 
 
 def pack(args: Sequence[Arg]) -> bytes:
@@ -207,12 +219,18 @@ class PipelinedConnection:
 
     async def _open(self, loop: asyncio.AbstractEventLoop) -> _Protocol:
         target = self._target
+        try:
+            context = target.ssl_context()
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise RedisConnectionError(
+                f"redis TLS settings unusable: {type(exc).__name__}"
+            ) from None
         opening = loop.create_connection(
             lambda: _Protocol(loop),
             target.host,
             target.port,
-            ssl=target.tls,
-            server_hostname=target.host if target.tls else None,
+            ssl=context,
+            server_hostname=target.host if context else None,
         )
         _, protocol = await asyncio.wait_for(opening, self._timeout_s)
         hello: list[asyncio.Future[Any]] = []
