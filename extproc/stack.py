@@ -28,6 +28,7 @@ def _local_dir() -> Path:
 
 
 LOCAL_DIR = _local_dir()
+_START_S = 60.0  # how long a process of the stack may take to listen
 
 Topology = Literal["envoy", "authz", "full", "observability", "extproc", "split"]
 
@@ -296,12 +297,14 @@ class LocalStack:
             str(self.admin_port),
         ]
         self._spawn("envoy", envoy_cmd)
-        wait_for_port(self.sim_port, 20, self.procs["sim"])
+        # Generous: a loaded 2-core machine can take many seconds to start Python processes;
+        # each wait returns as soon as the port answers, or at once if the process died.
+        wait_for_port(self.sim_port, _START_S, self.procs["sim"])
         for port in self.sidecar_ports:
-            wait_for_port(port, 20, self.procs["sidecar"])
+            wait_for_port(port, _START_S, self.procs["sidecar"])
         if self.topology != "envoy" and not self.sidecar_command:
-            wait_for_port(self.usage_port, 20, self.procs["sidecar"])
-        wait_envoy_ready(self.admin_port, 20, self.procs["envoy"])
+            wait_for_port(self.usage_port, _START_S, self.procs["sidecar"])
+        wait_envoy_ready(self.admin_port, _START_S, self.procs["envoy"])
 
     def _spawn(self, name: str, cmd: list[str], env: Mapping[str, str] | None = None) -> None:
         assert self.log_dir is not None
