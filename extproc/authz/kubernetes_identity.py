@@ -71,9 +71,14 @@ class KubernetesIdentities:
         *,
         clock: Callable[[], float] = time.time,
         max_entries: int = MAX_ENTRIES,
+        full_username: bool = False,
     ) -> None:
         self._kube = kube
         self._settings = settings
+        # The subscription era counts by the whole username (MaaS's gateway AuthPolicy sets
+        # auth.identity.userid to auth.identity.user.username for tokens); the tier era by the
+        # service-account name.
+        self._full_username = full_username
         self._audiences = list(settings.audiences)
         self._metrics = metrics
         self._clock = clock  # wall clock: compared with the tokens' exp
@@ -135,7 +140,7 @@ class KubernetesIdentities:
         username = str(status.user.username or "")
         if not username:
             return None
-        userid = userid_for(username)
+        userid = username if self._full_username else userid_for(username)
         if userid is None:
             if self._settings.non_service_account == "reject":
                 log.info("refused a non-service-account identity (identity.non_service_account)")

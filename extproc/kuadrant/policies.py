@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from extproc.authz.kube import Kube
 from extproc.config import KuadrantConfig, LimitsConfig, RoutesConfig
-from extproc.domain import Limits
+from extproc.domain import Limits, Rate
 from extproc.kuadrant.objects import Collection, ObjectWatch, Snapshot
 from extproc.observability.metrics import Metrics
 
@@ -298,6 +298,8 @@ class PolicyLimits:
         self._kinds = {kind.plural: kind.kind for kind in kinds}
         self._current = base
         self._limits: tuple[PolicyLimit, ...] = ()
+        # The subscription era: selected_subscription_key -> the rates its policy limit declares.
+        self._subscription_rates: dict[str, tuple[Rate, ...]] = {}
         self._ignored: frozenset[tuple[str, str]] = frozenset()  # (plural, reason) in force now
         self._lock = threading.Lock()
         self._closed = False
@@ -319,6 +321,10 @@ class PolicyLimits:
     @property
     def limits(self) -> tuple[PolicyLimit, ...]:
         return self._limits
+
+    def rates_for(self, key: str) -> tuple[Rate, ...] | None:
+        """The rates the watched policies declare for a ``selected_subscription_key``."""
+        return self._subscription_rates.get(key)
 
     def limit_name_for(self, tier: str) -> str:
         """The configured TokenRateLimitPolicy's limit whose predicate selects ``tier``, whatever

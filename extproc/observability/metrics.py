@@ -8,7 +8,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from extproc.domain import UNTRUSTED_REASONS, Charge, Decision, Limits
+from extproc.domain import UNTRUSTED_REASONS, Charge, Decision, Era, Limits
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _STREAM_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0)
@@ -20,21 +20,31 @@ _CHILD_CACHE_SIZE = 10_000  # per-model / per-user label sets cached; beyond it 
 class Metrics:
     """Every metric the sidecar exports, documented in the README's metrics table."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, per_user: bool = False) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        per_user: bool = False,
+        era: Era = "tiers",
+    ) -> None:
         self.registry = registry or CollectorRegistry()
         self.per_user = per_user
+        self.keys = per_user and era == "subscriptions"  # the API key's name beside the user
         r = self.registry
+        # The plan's label: "tier", or in the subscription era "subscription" (its <ns>/<name>).
+        tier = "tier" if era == "tiers" else "subscription"
         user = ["user"] if per_user else []  # opt-in: one series per user
+        if self.keys:
+            user.append("key")
         self.requests = Counter(
-            "maas_requests", "Admission decisions", ["decision", "tier", *user], registry=r
+            "maas_requests", "Admission decisions", ["decision", tier, *user], registry=r
         )
         self.limited = Counter(
             "maas_limited_requests",
             "Requests refused by a limit",
-            ["limit", "tier", *user],
+            ["limit", tier, *user],
             registry=r,
         )
-        token_labels = ["tier", "model", "kind", *user]
+        token_labels = [tier, "model", "kind", *user]
         self.tokens = Counter(
             "maas_tokens",
             "Tokens charged, by kind (prompt, completion, total)",
@@ -44,13 +54,13 @@ class Metrics:
         self.charges = Counter(
             "maas_charges",
             "Responses charged, by how usage was known",
-            ["tier", "source"],
+            [tier, "source"],
             registry=r,
         )
         self.responses = Counter(
             "maas_responses",
             "Metered responses, by upstream status class (none: no response headers)",
-            ["status_class", "tier"],
+            ["status_class", tier],
             registry=r,
         )
         self.tier_limit = Gauge(
@@ -68,7 +78,7 @@ class Metrics:
         self.disconnects = Counter(
             "maas_disconnects",
             "Streams that ended before the response completed",
-            ["tier"],
+            [tier],
             registry=r,
         )
         self.admission_seconds = Histogram(
@@ -109,7 +119,7 @@ class Metrics:
         self.reservation_exceeded = Counter(
             "maas_reservation_exceeded",
             "Charges larger than their admission's reservation (the overshoot bound can break)",
-            ["tier"],
+            [tier],
             registry=r,
         )
         self.charges_pending = Gauge(
@@ -189,9 +199,15 @@ class Metrics:
                     self.tier_limit.labels(tier, kind).set(amount)
                     self.tier_limit_window.labels(tier, kind).set(window_s)
 
+    def _user(self, userid: str, key: str) -> tuple[str, ...]:
+        if not self.per_user:
+            return ()
+        return (userid, key) if self.keys else (userid,)
+
     def decided(self, decision: Decision, seconds: float) -> None:
         tier = decision.tier.name if decision.tier else ""
-        user = (decision.identity.userid if decision.identity else "",) if self.per_user else ()
+        identity = decision.identity
+        user = self._user(identity.userid, identity.key_name) if identity else self._user("", "")
         key = (decision.outcome.value, tier, *user)
         child = self._decision_children.get(key)
         if child is None:
@@ -203,16 +219,17 @@ class Metrics:
 
     def charged(self, charge: Charge) -> None:
         usage = charge.usage
-        user = (charge.userid,) if self.per_user else ()
-        children = self._token_children.get((charge.tier, charge.model, *user))
+        user = self._user(charge.userid, charge.key_name)
+        tier = charge.plan
+        children = self._token_children.get((tier, charge.model, *user))
         if children is None:
             if len(self._token_children) >= _CHILD_CACHE_SIZE:
                 self._token_children.clear()
             children = tuple(
-                self.tokens.labels(charge.tier, charge.model, kind, *user)
+                self.tokens.labels(tier, charge.model, kind, *user)
                 for kind in ("prompt", "completion", "total")
             )
-            self._token_children[(charge.tier, charge.model, *user)] = children
+            self._token_children[(tier, charge.model, *user)] = children
         for token_child, amount in zip(
             children, (usage.prompt_tokens, usage.completion_tokens, usage.total()), strict=True
         ):
@@ -221,13 +238,11 @@ class Metrics:
         if usage.invalid:
             self.usage_invalid.labels(usage.invalid).inc()
         source = "estimated" if usage.estimated else ("reported" if usage.reported else "none")
-        by_source = self._charge_children.get((charge.tier, source))
+        by_source = self._charge_children.get((tier, source))
         if by_source is None:
-            by_source = self._charge_children[(charge.tier, source)] = self.charges.labels(
-                charge.tier, source
-            )
+            by_source = self._charge_children[(tier, source)] = self.charges.labels(tier, source)
         by_source.inc()
-        status_key = (charge.status // 100, charge.tier)
+        status_key = (charge.status // 100, tier)
         child = self._response_children.get(status_key)
         if child is None:
             status_class = f"{status_key[0]}xx" if charge.status else "none"
@@ -236,7 +251,7 @@ class Metrics:
             )
         child.inc()
         if charge.disconnected:
-            self.disconnects.labels(charge.tier).inc()
+            self.disconnects.labels(tier).inc()
 
 
 def serve_metrics(metrics: Metrics, host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
