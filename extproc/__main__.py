@@ -90,6 +90,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "check-config":
         loaded = config_mod.load(args.file, os.environ)
+        if loaded.server.tls.enabled:
+            from extproc.tls import CertificateFiles
+
+            CertificateFiles.from_config(loaded).load()  # readable, PEM, key matching the cert
         plans = (
             f"tiers={loaded.tiers.source}"
             if loaded.maas.era == "tiers"

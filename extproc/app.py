@@ -18,6 +18,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from extproc import tls
 from extproc.admission import Admission
 from extproc.authz.api_keys import ApiKeyIdentities
 from extproc.authz.base import (
@@ -335,31 +336,46 @@ class Sidecar:
 
 
 class Server:
-    """A grpc.aio server with the sidecar's services, health and reflection on one port."""
+    """A grpc.aio server with the sidecar's services and health on one port, reflection and TLS
+    as configured (``server.reflection``, ``server.tls``), and health alone on a plaintext
+    ``server.health_port`` if one is set."""
 
     def __init__(self, sidecar: Sidecar, host: str, port: int) -> None:
         self.sidecar = sidecar
+        settings = sidecar.config.server
         # so_reuseport off: a second server must fail to bind, not silently share the port.
         options: list[tuple[str, Any]] = [
             ("grpc.so_reuseport", 0),
             ("grpc.max_concurrent_streams", 10_000),
             ("grpc.http2.max_pings_without_data", 0),
         ]
-        self.grpc = grpc.aio.server(options=options)
+        self.grpc = grpc.aio.server(options=options, interceptors=tls.interceptors(settings.tls))
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(sidecar.authz, self.grpc)
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(sidecar.proc, self.grpc)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
-        )
-        bound = self.grpc.add_insecure_port(f"{host}:{port}")
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
+            )
+        bound = tls.add_port(self.grpc, f"{host}:{port}", sidecar.config)
         if bound == 0:
             raise OSError(f"cannot bind gRPC port {host}:{port}")
         self.port = bound
+        # The kubelet's gRPC probes speak neither TLS nor client certificates: health alone,
+        # plaintext, on a port of its own (the same servicer, so it reports the same status).
+        self.health_grpc: grpc.aio.Server | None = None
+        if settings.health_port:
+            self.health_grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_grpc)
+            address = f"{host}:{settings.health_port}"
+            if self.health_grpc.add_insecure_port(address) == 0:
+                raise OSError(f"cannot bind health port {address}")
 
     async def start(self) -> None:
         await self.grpc.start()
+        if self.health_grpc is not None:
+            await self.health_grpc.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -372,6 +388,8 @@ class Server:
         """Stop accepting, let in-flight streams finish within ``grace_s``, flush charges."""
         await self.not_serving()
         await self.grpc.stop(grace_s)
+        if self.health_grpc is not None:  # answered NOT_SERVING until the streams were done
+            await self.health_grpc.stop(0)
         await self.sidecar.close()
 
 
@@ -457,19 +475,19 @@ def run_worker(config: Config, index: int = 0) -> None:
 
 
 def worker_config(config: Config, index: int) -> Config:
-    """Worker ``index`` listens on base+index, and its metrics on metrics_port+index.
+    """Worker ``index`` listens on port+index, metrics_port+index and health_port+index.
 
     Only worker 0 serves the usage API: it reads the shared store, so one listener is enough.
     """
     server = config.server
     metrics_port = server.metrics_port + index if server.metrics_port else 0
+    health_port = server.health_port + index if server.health_port else 0
     observability = config.observability
     if index:
         observability = replace(observability, usage_port=0)
+    server = replace(server, port=server.port + index, metrics_port=metrics_port, workers=1)
     return replace(
-        config,
-        server=replace(server, port=server.port + index, metrics_port=metrics_port, workers=1),
-        observability=observability,
+        config, server=replace(server, health_port=health_port), observability=observability
     )
 
 

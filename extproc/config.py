@@ -52,6 +52,23 @@ def redact_url(url: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """TLS on the gRPC port (README "TLS on the gRPC port"); off while ``cert_file`` is empty."""
+
+    cert_file: str = ""
+    key_file: str = ""
+    client_ca_file: str = ""  # set: clients must present a certificate signed by this CA
+    require_client_cert: bool = False  # parsed: defaults to true when client_ca_file is set
+    # Subject alternative names (a SPIFFE URI, a DNS name) of which a client certificate must
+    # carry one; empty: any certificate client_ca_file signed.
+    client_names: tuple[str, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 9000
@@ -66,6 +83,11 @@ class ServerConfig:
     # Where admission runs: ext_authz Check (default), or inside the ext_proc stream (no
     # ext_authz filter: one gRPC stream per request instead of a unary call plus a stream).
     admission: Literal["ext_authz", "ext_proc"] = "ext_authz"
+    reflection: bool = True  # gRPC server reflection on the gRPC port (off in deploy/)
+    # A plaintext port serving grpc.health.v1 only, for probes that cannot speak (m)TLS such as
+    # the kubelet's; 0: off (health is always served on the gRPC port too).
+    health_port: int = 0
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,7 +297,7 @@ def load(path: str | Path | None, environ: Mapping[str, str], *, serving: bool =
 def parse(raw: Mapping[str, Any], base_dir: str = ".", *, serving: bool = True) -> Config:
     _no_unknown(raw, "", {f.name for f in fields(Config)} - {"base_dir"})
     config = Config(
-        server=_section(ServerConfig, raw, "server"),
+        server=_server(raw.get("server")),
         maas=_section(MaasConfig, raw, "maas"),
         identity=_section(IdentityConfig, raw, "identity"),
         tiers=_section(TiersConfig, raw, "tiers"),
@@ -308,10 +330,13 @@ def _apply_environ(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
         "kuadrant": KuadrantConfig,
         "observability": ObservabilityConfig,
     }
-    known: dict[str, tuple[str, str]] = {}
+    known: dict[str, tuple[str, ...]] = {}
     for section, cls in simple.items():
         for f in fields(cls):
-            known[f"{ENV_PREFIX}{section}_{f.name}".upper()] = (section, f.name)
+            if f.name != "tls":  # a section of its own: MAAS_EXTPROC_SERVER_TLS_<KEY>
+                known[f"{ENV_PREFIX}{section}_{f.name}".upper()] = (section, f.name)
+    for f in fields(TlsConfig):
+        known[f"{ENV_PREFIX}SERVER_TLS_{f.name}".upper()] = ("server", "tls", f.name)
     known[f"{ENV_PREFIX}LIMITS_WINDOW"] = ("limits", "window")
     known[f"{ENV_PREFIX}LIMITS_SCOPE"] = ("limits", "scope")
     known[f"{ENV_PREFIX}LIMITS_MAX_REQUEST_TOKENS"] = ("limits", "max_request_tokens")
@@ -320,10 +345,12 @@ def _apply_environ(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
             continue
         if name not in known:
             raise ConfigError(name, "a known setting, e.g. MAAS_EXTPROC_STORE_URL")
-        section, key = known[name]
-        target = raw.setdefault(section, {})
-        if not isinstance(target, dict):
-            raise ConfigError(section, "a mapping", target)
+        *sections, key = known[name]
+        target = raw
+        for depth, section in enumerate(sections, 1):
+            target = target.setdefault(section, {})
+            if not isinstance(target, dict):
+                raise ConfigError(".".join(sections[:depth]), "a mapping", target)
         target[key] = yaml.safe_load(value) if value else value
 
 
@@ -497,6 +524,52 @@ def _limits(value: object) -> LimitsConfig:
     )
 
 
+def _server(value: object) -> ServerConfig:
+    raw = dict(_mapping(value, "server"))
+    tls = _tls(_mapping(raw.pop("tls", None), "server.tls"))
+    return replace(_section(ServerConfig, {"server": raw}, "server"), tls=tls)
+
+
+def _tls(raw: Mapping[str, Any]) -> TlsConfig:
+    """``server.tls``; the files themselves are read and checked by ``extproc.tls``."""
+    values = dict(raw)
+    require = values.pop("require_client_cert", None)
+    config = _section(TlsConfig, {"server.tls": values}, "server.tls")
+    if require is None:
+        require = bool(config.client_ca_file)
+    if not isinstance(require, bool):
+        raise ConfigError("server.tls.require_client_cert", "true or false", require)
+    config = replace(config, require_client_cert=require)
+    if config.cert_file and not config.key_file:
+        raise ConfigError("server.tls.key_file", "a key file when server.tls.cert_file is set")
+    if config.key_file and not config.cert_file:
+        raise ConfigError("server.tls.cert_file", "a certificate file when key_file is set")
+    if config.client_ca_file and not config.cert_file:
+        raise ConfigError(
+            "server.tls.cert_file", "a certificate file when server.tls.client_ca_file is set"
+        )
+    if config.require_client_cert and not config.client_ca_file:
+        raise ConfigError(
+            "server.tls.require_client_cert",
+            "false unless server.tls.client_ca_file names the CA of the client certificates",
+            True,
+        )
+    if config.client_ca_file and not config.require_client_cert:
+        # grpc either requires and verifies a client certificate or never asks for one.
+        raise ConfigError(
+            "server.tls.require_client_cert",
+            "true when server.tls.client_ca_file is set (grpc cannot verify optional ones)",
+            False,
+        )
+    if config.client_names and not config.require_client_cert:
+        raise ConfigError(
+            "server.tls.client_names", "empty unless server.tls.client_ca_file is set"
+        )
+    if any(not name for name in config.client_names):
+        raise ConfigError("server.tls.client_names", "non-empty names", list(config.client_names))
+    return config
+
+
 def _access(value: object) -> AccessConfig:
     raw = dict(_mapping(value, "access"))
     body_models = _mapping(raw.pop("body_models", None), "access.body_models")
@@ -605,6 +678,10 @@ def _check(config: Config, serving: bool) -> None:
         raise ConfigError("server.port", "a port from 1 to 65535", config.server.port)
     if config.server.metrics_port > 65535:
         raise ConfigError("server.metrics_port", "a port from 0 to 65535")
+    if config.server.health_port > 65535 or config.server.health_port == config.server.port:
+        raise ConfigError(
+            "server.health_port", "0 or a port from 1 to 65535 other than server.port"
+        )
     if config.observability.usage_port > 65535:
         raise ConfigError("observability.usage_port", "a port from 0 to 65535")
     scheme = urllib.parse.urlsplit(str(config.store.url)).scheme

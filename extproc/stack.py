@@ -106,6 +106,51 @@ def envoy_binary() -> str:
     return found
 
 
+@dataclass(frozen=True)
+class SidecarTls:
+    """mTLS between Envoy and the sidecar: each side's certificate and key, and the CA each
+    trusts for the other. ``server_name`` is Envoy's SNI and the DNS name it requires of the
+    sidecar's certificate."""
+
+    server_cert: Path
+    server_key: Path
+    server_ca: Path  # Envoy trusts the sidecar's certificate from this CA
+    client_cert: Path  # Envoy's
+    client_key: Path
+    client_ca: Path  # the sidecar trusts Envoy's certificate from this CA
+    server_name: str = "localhost"
+
+    def sidecar_env(self) -> dict[str, str]:
+        return {
+            "MAAS_EXTPROC_SERVER_TLS_CERT_FILE": str(self.server_cert),
+            "MAAS_EXTPROC_SERVER_TLS_KEY_FILE": str(self.server_key),
+            "MAAS_EXTPROC_SERVER_TLS_CLIENT_CA_FILE": str(self.client_ca),
+        }
+
+    def transport_socket(self) -> dict[str, Any]:
+        """The maas-extproc cluster's UpstreamTlsContext: HTTP/2 by ALPN, the sidecar verified."""
+        context = {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": self.server_name,
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"filename": str(self.client_cert)},
+                        "private_key": {"filename": str(self.client_key)},
+                    }
+                ],
+                "validation_context": {
+                    "trusted_ca": {"filename": str(self.server_ca)},
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "DNS", "matcher": {"exact": self.server_name}}
+                    ],
+                },
+            },
+        }
+        return {"name": "envoy.transport_sockets.tls", "typed_config": context}
+
+
 def render_envoy(
     *,
     listen_port: int,
@@ -113,6 +158,7 @@ def render_envoy(
     upstream_port: int,
     sidecar_ports: Sequence[int],
     topology: Topology = "full",
+    sidecar_tls: SidecarTls | None = None,
 ) -> str:
     """The checked-in template with ports and the chosen filters filled in."""
     filters_doc: dict[str, Any] = yaml.safe_load((LOCAL_DIR / "filters.yaml").read_text())
@@ -137,6 +183,12 @@ def render_envoy(
         )
         or " " * 8 + "[]"
     )
+    transport_socket = ""
+    if sidecar_tls is not None:
+        socket_yaml = yaml.safe_dump(
+            {"transport_socket": sidecar_tls.transport_socket()}, sort_keys=False
+        )
+        transport_socket = _indent(socket_yaml, 4)
     template = string.Template((LOCAL_DIR / "envoy.yaml.tmpl").read_text())
     return template.substitute(
         admin_port=admin_port,
@@ -144,6 +196,7 @@ def render_envoy(
         upstream_port=upstream_port,
         filters=filters.rstrip("\n"),
         sidecar_endpoints=endpoints,
+        sidecar_transport_socket=transport_socket.rstrip("\n"),
     )
 
 
@@ -204,6 +257,7 @@ class LocalStack:
     # Another gRPC server in the sidecar's place (the benchmark's do-nothing floor); it gets the
     # same MAAS_EXTPROC_* environment and must listen on MAAS_EXTPROC_SERVER_PORT.
     sidecar_command: Sequence[str] = ()
+    sidecar_tls: SidecarTls | None = None  # mTLS between Envoy and the sidecar; None: plain text
 
     @property
     def url(self) -> str:
@@ -243,6 +297,7 @@ class LocalStack:
                 "MAAS_EXTPROC_SERVER_GRACE_PERIOD_S": "2",
                 **TOPOLOGY_ENV.get(self.topology, {}),
                 **era_env,
+                **(self.sidecar_tls.sidecar_env() if self.sidecar_tls else {}),
                 **self.env,
             }
             cmd = [python, "-m", "extproc", "serve", "--config", str(self.config)]
@@ -255,6 +310,7 @@ class LocalStack:
                 upstream_port=self.sim_port,
                 sidecar_ports=self.sidecar_ports,
                 topology=self.topology,
+                sidecar_tls=self.sidecar_tls,
             )
         )
         envoy_cmd = [

@@ -1,5 +1,6 @@
-"""Shared pytest fixtures: real Redis servers (standalone and Cluster) from tests.redis_fixtures."""
+"""Shared pytest fixtures: real Redis servers (standalone and Cluster), throwaway certificates."""
 
 from tests.redis_fixtures import own_redis_server, redis_cluster, redis_server
+from tests.tls_fixtures import pki
 
-__all__ = ["own_redis_server", "redis_cluster", "redis_server"]
+__all__ = ["own_redis_server", "pki", "redis_cluster", "redis_server"]

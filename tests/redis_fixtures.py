@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tls_fixtures import openssl_binary
+
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
 _START_TIMEOUT_S = 10.0
@@ -249,9 +251,7 @@ class RedisSentinel:
 
 def self_signed_cert(workdir: Path) -> tuple[Path, Path]:
     """A throwaway certificate for 127.0.0.1 and its key, made with the openssl CLI."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl not installed: cannot make a certificate for the TLS test")
+    openssl = openssl_binary()
     cert, key = workdir / "cert.pem", workdir / "key.pem"
     subprocess.run(
         [

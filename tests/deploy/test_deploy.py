@@ -20,6 +20,7 @@ import yaml
 
 from extproc import config as config_mod
 from extproc.stack import envoy_binary
+from tests.tls_fixtures import Pki
 
 Doc = dict[str, Any]
 
@@ -32,18 +33,22 @@ TARGETS = {
     "kuadrant": DEPLOY / "overlays" / "kuadrant",
     "kuadrant-mtls": DEPLOY / "overlays" / "kuadrant-mtls",
     "odh": DEPLOY / "overlays" / "odh",
+    "mtls-service-ca": DEPLOY / "overlays" / "mtls-service-ca",
+    "mtls-cert-manager": DEPLOY / "overlays" / "mtls-cert-manager",
 }
+MTLS_TARGETS = ("mtls-service-ca", "mtls-cert-manager")
 # Overlays built on production (3 replicas, the operator's Redis Secret).
-ON_PRODUCTION = {"production", "kuadrant", "kuadrant-mtls", "odh"}
+ON_PRODUCTION = {"production", "kuadrant", "kuadrant-mtls", "odh", *MTLS_TARGETS}
 # Overlays whose tiers come from maas-api rather than the tier ConfigMap.
 MAAS_API_TIERS = {"kuadrant", "kuadrant-mtls", "odh"}
 KUBERNETES_VERSION = "1.31"  # a schema set kubernetes-validate ships; OpenShift 4.18 is 1.31
 # Custom resources have no schema in kubernetes-validate; their fields are checked below instead.
-CUSTOM_KINDS = {"EnvoyFilter", "ServiceMonitor", "PeerAuthentication"}
+CUSTOM_KINDS = {"EnvoyFilter", "ServiceMonitor", "PeerAuthentication", "Certificate", "Issuer"}
 
 SIDECAR_NS = "maas-extproc"
 GATEWAY_NS = "openshift-ingress"
 GATEWAY_LABEL = {"gateway.networking.k8s.io/gateway-name": "maas-default-gateway"}
+GATEWAY_CLASS = "openshift-default"
 HCM = "envoy.filters.network.http_connection_manager"
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
 EXT_PROC = "envoy.filters.http.ext_proc"
@@ -317,10 +322,57 @@ def test_maas_api_routes_disable_both_filters(built: dict[str, list[Doc]]) -> No
         assert all(config["disabled"] is True for config in per_filter.values())
 
 
+def istio_bootstrap_clusters(cluster: Doc, pki: Pki) -> tuple[Doc, list[Doc], Doc]:
+    """What the gateway's bootstrap gives an mTLS cluster: a node, Istio's sds-grpc cluster (the
+    istio-agent socket) and ADS to istiod; a local CA stands in for the service CA file."""
+    cluster = copy.deepcopy(cluster)
+    common = cluster["transport_socket"]["typed_config"]["common_tls_context"]
+    if "trusted_ca" in common.get("validation_context", {}):
+        common["validation_context"]["trusted_ca"]["filename"] = str(pki.ca("service-ca").cert)
+
+    def pipe_cluster(name: str) -> Doc:
+        return {
+            "name": name,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3"
+                    ".HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                }
+            },
+            "load_assignment": {
+                "cluster_name": name,
+                "endpoints": [
+                    {"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": f"./{name}"}}}}]}
+                ],
+            },
+        }
+
+    bootstrap = {
+        "node": {"id": "router~10.0.0.1~gateway.openshift-ingress~", "cluster": "gateway"},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}],
+            }
+        },
+    }
+    return cluster, [pipe_cluster("sds-grpc"), pipe_cluster("xds-grpc")], bootstrap
+
+
+@pytest.mark.parametrize("target", ["base", *MTLS_TARGETS])
 def test_envoy_accepts_the_extracted_filters_cluster_and_route_config(
-    built: dict[str, list[Doc]], tmp_path: Path
+    built: dict[str, list[Doc]], target: str, tmp_path: Path, pki: Pki
 ) -> None:
-    docs = built["base"]
+    docs = built[target]
+    cluster = sidecar_cluster(docs)
+    bootstrap_clusters: list[Doc] = []
+    istio: Doc = {}
+    if target in MTLS_TARGETS:
+        cluster, bootstrap_clusters, istio = istio_bootstrap_clusters(cluster, pki)
     ext_authz = http_filter(docs, EXT_AUTHZ)
     ext_proc = http_filter(docs, EXT_PROC)
     router = {
@@ -388,8 +440,9 @@ def test_envoy_accepts_the_extracted_filters_cluster_and_route_config(
                     "filter_chains": [{"filters": [{"name": HCM, "typed_config": manager}]}],
                 }
             ],
-            "clusters": [models, sidecar_cluster(docs)],
-        }
+            "clusters": [models, cluster, *bootstrap_clusters],
+        },
+        **istio,
     }
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
@@ -402,17 +455,125 @@ def test_envoy_accepts_the_extracted_filters_cluster_and_route_config(
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+# ------------------------------------------------------------------------------------- mTLS
+
+
+def sidecar_dns_name(docs: list[Doc]) -> str:
+    meta = only(docs, "Service", "maas-extproc")["metadata"]
+    return f"{meta['name']}.{meta['namespace']}.svc"
+
+
+@pytest.mark.parametrize("target", MTLS_TARGETS)
+def test_mtls_gateway_presents_its_workload_certificate_and_checks_the_sidecars_name(
+    built: dict[str, list[Doc]], target: str
+) -> None:
+    docs = built[target]
+    socket = sidecar_cluster(docs)["transport_socket"]
+    assert socket["name"] == "envoy.transport_sockets.tls"
+    context = socket["typed_config"]
+    assert context["@type"].endswith(".tls.v3.UpstreamTlsContext")
+    name = sidecar_dns_name(docs)
+    assert context["sni"] == name
+    common = context["common_tls_context"]
+    assert common["alpn_protocols"] == ["h2"]  # the cluster speaks HTTP/2 only
+    # The gateway's Istio workload certificate, as Istio's own ISTIO_MUTUAL clusters ask for it.
+    (identity,) = common["tls_certificate_sds_secret_configs"]
+    assert identity["name"] == "default"
+    source = identity["sds_config"]["api_config_source"]
+    assert source["grpc_services"] == [{"envoy_grpc": {"cluster_name": "sds-grpc"}}]
+    if target == "mtls-service-ca":
+        validation = common["validation_context"]
+        assert validation["trusted_ca"] == {
+            "filename": "/var/run/secrets/kubernetes.io/serviceaccount/service-ca.crt"
+        }
+    else:
+        assert "validation_context" not in common
+        combined = common["combined_validation_context"]
+        validation = combined["default_validation_context"]
+        assert combined["validation_context_sds_secret_config"] == {
+            "name": "kubernetes://maas-extproc-ca-cacert",  # "-cacert": served without RBAC
+            "sds_config": {"ads": {}, "resource_api_version": "V3"},
+        }
+        assert name in only(docs, "Certificate", "maas-extproc-tls")["spec"]["dnsNames"]
+    # Any certificate of the CA is not enough: it must be the sidecar Service's name.
+    assert validation["match_typed_subject_alt_names"] == [
+        {"san_type": "DNS", "matcher": {"exact": name}}
+    ]
+
+
+@pytest.mark.parametrize("target", MTLS_TARGETS)
+def test_mtls_sidecar_serves_the_issued_secret_and_admits_only_the_gateway(
+    built: dict[str, list[Doc]], target: str
+) -> None:
+    docs = built[target]
+    container = sidecar_container(docs)
+    pod = only(docs, "Deployment", "maas-extproc")["spec"]["template"]["spec"]
+    env = literal_env(container)
+
+    def volume_of(file: str) -> tuple[Doc, str]:
+        mount = next(m for m in container["volumeMounts"] if file.startswith(m["mountPath"] + "/"))
+        assert mount["readOnly"] is True
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        return volume, file[len(mount["mountPath"]) + 1 :]
+
+    server, cert = volume_of(env["MAAS_EXTPROC_SERVER_TLS_CERT_FILE"])
+    assert (cert, volume_of(env["MAAS_EXTPROC_SERVER_TLS_KEY_FILE"])[1]) == ("tls.crt", "tls.key")
+    secret = server["secret"]["secretName"]
+    service = only(docs, "Service", "maas-extproc")
+    if target == "mtls-service-ca":
+        annotations = service["metadata"]["annotations"]
+        assert annotations["service.beta.openshift.io/serving-cert-secret-name"] == secret
+    else:
+        serving = only(docs, "Certificate", "maas-extproc-tls")
+        assert serving["spec"]["secretName"] == secret
+        issuer = only(docs, "Issuer", serving["spec"]["issuerRef"]["name"])
+        ca = only(docs, "Certificate", "maas-extproc-ca")
+        assert ca["spec"]["isCA"] is True
+        assert issuer["spec"]["ca"]["secretName"] == ca["spec"]["secretName"]
+        # The gateway keeps a copy of this CA: renewals must keep its key.
+        assert ca["spec"]["privateKey"]["rotationPolicy"] == "Never"
+        assert {
+            d["metadata"]["namespace"] for d in docs if d["kind"] in ("Certificate", "Issuer")
+        } == {SIDECAR_NS}
+    client_ca, file = volume_of(env["MAAS_EXTPROC_SERVER_TLS_CLIENT_CA_FILE"])
+    assert (client_ca["configMap"]["name"], file) == ("istio-ca-root-cert", "root-cert.pem")
+    # Istio's CA signs every workload: only the gateway's service account may call.
+    gateway = GATEWAY_LABEL["gateway.networking.k8s.io/gateway-name"]
+    assert env["MAAS_EXTPROC_SERVER_TLS_CLIENT_NAMES"] == (
+        f"spiffe://cluster.local/ns/{GATEWAY_NS}/sa/{gateway}-{GATEWAY_CLASS}"
+    )
+    # The plaintext health port is for the kubelet only: not in the Service, not opened to pods.
+    health = int(env["MAAS_EXTPROC_SERVER_HEALTH_PORT"])
+    assert health not in {p["port"] for p in service["spec"]["ports"]}
+    policy = only(docs, "NetworkPolicy", "maas-extproc")
+    assert health not in {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+
+
 # ------------------------------------------------------------------------------ sidecar config
+
+
+def with_local_tls_files(overrides: dict[str, str], pki: Pki) -> dict[str, str]:
+    """The deployed settings with the mounted certificate files replaced by local ones."""
+    if "MAAS_EXTPROC_SERVER_TLS_CERT_FILE" not in overrides:
+        return overrides
+    ca = pki.ca("ca")
+    server = pki.issue(ca, "server", ["DNS:maas-extproc.maas-extproc.svc"], "serverAuth")
+    return {
+        **overrides,
+        "MAAS_EXTPROC_SERVER_TLS_CERT_FILE": str(server.cert),
+        "MAAS_EXTPROC_SERVER_TLS_KEY_FILE": str(server.key),
+        "MAAS_EXTPROC_SERVER_TLS_CLIENT_CA_FILE": str(ca.cert),
+    }
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_deployed_config_passes_check_config(
-    built: dict[str, list[Doc]], target: str, tmp_path: Path
+    built: dict[str, list[Doc]], target: str, tmp_path: Path, pki: Pki
 ) -> None:
     docs = built[target]
     path = tmp_path / "config.yaml"
     path.write_text(sidecar_config_text(docs))
-    overrides = literal_env(sidecar_container(docs))
+    overrides = with_local_tls_files(literal_env(sidecar_container(docs)), pki)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_EXTPROC_")}
     env.update(overrides, MAAS_EXTPROC_STORE_URL=STORE_URL)
     result = subprocess.run(
@@ -443,6 +604,8 @@ def test_deployed_config_passes_check_config(
     if target == "odh":
         assert loaded.tiers.maas_api_url == "https://maas-api.opendatahub.svc:8443"
         assert loaded.tiers.maas_api_ca_file == "/etc/maas-extproc-service-ca/service-ca.crt"
+    assert loaded.server.reflection is False  # nobody on the cluster needs it
+    assert loaded.server.tls.enabled is (target in MTLS_TARGETS)
     # The store URL is never in the ConfigMap: it comes from the Secret.
     assert "url" not in (yaml.safe_load(path.read_text())["store"] or {})
 
@@ -451,7 +614,9 @@ def test_deployed_config_passes_check_config(
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_deployment_is_hardened_and_probed(built: dict[str, list[Doc]], target: str) -> None:
+def test_deployment_is_hardened_and_probed(
+    built: dict[str, list[Doc]], target: str, tmp_path: Path
+) -> None:
     docs = built[target]
     deployment = only(docs, "Deployment", "maas-extproc")
     pod = deployment["spec"]["template"]["spec"]
@@ -466,8 +631,19 @@ def test_deployment_is_hardened_and_probed(built: dict[str, list[Doc]], target: 
     assert security["readOnlyRootFilesystem"] is True
     assert security["allowPrivilegeEscalation"] is False
     assert security["capabilities"] == {"drop": ["ALL"]}
+    # The probes ask grpc.health.v1 where the kubelet can: the plaintext health port under mTLS.
+    deployed = tmp_path / "config.yaml"
+    deployed.write_text(sidecar_config_text(docs))
+    settings = config_mod.load(
+        deployed, {**literal_env(container), "MAAS_EXTPROC_STORE_URL": STORE_URL}
+    )
+    probe_port = settings.server.health_port or settings.server.port
+    assert probe_port == (9001 if target in MTLS_TARGETS else 9000)
+    assert {"containerPort": probe_port, "protocol": "TCP"}.items() <= next(
+        p for p in container["ports"] if p["containerPort"] == probe_port
+    ).items()
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"] == {"port": 9000}
+        assert container[probe]["grpc"] == {"port": probe_port}
     assert {"requests", "limits"} <= set(container["resources"])
     keys = {c["topologyKey"] for c in pod["topologySpreadConstraints"]}
     assert "kubernetes.io/hostname" in keys

@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from extproc.__main__ import main
 from extproc.config import Config, Secret, load, parse
 from extproc.errors import ConfigError
 from tests.helpers import LOCAL, local_config
+from tests.tls_fixtures import Pki
 
 
 def test_sample_config_loads_with_the_contract_defaults() -> None:
@@ -144,6 +146,26 @@ def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "server.port" in capsys.readouterr().err
 
 
+def test_check_config_reads_the_tls_files(
+    pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca = pki.ca("ca")
+    server = pki.issue(ca, "server", ["DNS:localhost"], "serverAuth")
+    stranger = pki.issue(ca, "stranger", ["DNS:localhost"], "serverAuth")
+    path = tmp_path / "config.yaml"
+    tls = {"cert_file": server.cert.name, "key_file": server.key.name, "client_ca_file": "ca.crt"}
+    path.write_text(yaml.safe_dump({**FILES, "server": {"tls": tls}}))
+    assert main(["check-config", str(path)]) == 0
+    capsys.readouterr()
+    path.write_text(
+        yaml.safe_dump({**FILES, "server": {"tls": {**tls, "key_file": stranger.key.name}}})
+    )
+    assert main(["check-config", str(path)]) == 2
+    assert (
+        "server.tls.key_file: expected the unencrypted PEM private key" in capsys.readouterr().err
+    )
+
+
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="readable"):
         load(tmp_path / "absent.yaml", {})
@@ -173,3 +195,86 @@ def test_only_worker_zero_serves_the_usage_api() -> None:
     config = local_config()
     assert worker_config(config, 0).observability.usage_port == 8081
     assert worker_config(config, 1).observability.usage_port == 0
+
+
+def test_tls_is_off_by_default_and_reflection_on() -> None:
+    server = local_config().server
+    assert server.tls.enabled is False
+    assert server.reflection is True
+    assert server.health_port == 0
+
+
+def test_tls_settings_from_the_environment() -> None:
+    config = local_config(
+        {
+            "MAAS_EXTPROC_SERVER_TLS_CERT_FILE": "tls/tls.crt",
+            "MAAS_EXTPROC_SERVER_TLS_KEY_FILE": "tls/tls.key",
+            "MAAS_EXTPROC_SERVER_TLS_CLIENT_CA_FILE": "/etc/ca/root-cert.pem",
+            "MAAS_EXTPROC_SERVER_TLS_CLIENT_NAMES": "spiffe://cluster.local/ns/a/sa/b",
+            "MAAS_EXTPROC_SERVER_REFLECTION": "false",
+            "MAAS_EXTPROC_SERVER_HEALTH_PORT": "9001",
+        }
+    )
+    tls = config.server.tls
+    assert tls.enabled is True
+    assert tls.require_client_cert is True  # follows client_ca_file
+    assert tls.client_names == ("spiffe://cluster.local/ns/a/sa/b",)
+    assert config.path(tls.cert_file) == LOCAL / "tls" / "tls.crt"  # relative to the config file
+    assert config.server.reflection is False
+    assert config.server.health_port == 9001
+    without_ca = parse({**FILES, "server": {"tls": {"cert_file": "c", "key_file": "k"}}})
+    assert without_ca.server.tls.require_client_cert is False
+
+
+FILES = {"identity": {"api_keys_file": "k"}, "tiers": {"file": "t"}}
+
+
+@pytest.mark.parametrize(
+    ("tls", "key", "expected"),
+    [
+        ({"cert_file": "c"}, "server.tls.key_file", "a key file"),
+        ({"key_file": "k"}, "server.tls.cert_file", "a certificate file"),
+        ({"client_ca_file": "ca"}, "server.tls.cert_file", "client_ca_file is set"),
+        (
+            {"cert_file": "c", "key_file": "k", "require_client_cert": True},
+            "server.tls.require_client_cert",
+            "false unless server.tls.client_ca_file",
+        ),
+        (
+            {
+                "cert_file": "c",
+                "key_file": "k",
+                "client_ca_file": "ca",
+                "require_client_cert": False,
+            },
+            "server.tls.require_client_cert",
+            "true when server.tls.client_ca_file is set",
+        ),
+        (
+            {"cert_file": "c", "key_file": "k", "client_names": ["spiffe://x"]},
+            "server.tls.client_names",
+            "empty unless",
+        ),
+        (
+            {"cert_file": "c", "key_file": "k", "require_client_cert": "yes"},
+            "server.tls.require_client_cert",
+            "true or false",
+        ),
+        ({"cert": "c"}, "server.tls.cert", "one of"),
+        ({"cert_file": 3}, "server.tls.cert_file", "a string"),
+    ],
+)
+def test_tls_errors_name_the_key(tls: dict[str, object], key: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse({**FILES, "server": {"tls": tls}})
+    assert str(caught.value).startswith(key)
+    assert expected in str(caught.value)
+
+
+def test_health_port_must_be_another_port() -> None:
+    with pytest.raises(ConfigError, match=r"^server\.health_port"):
+        parse({**FILES, "server": {"port": 9000, "health_port": 9000}})
+    from extproc.app import worker_config
+
+    config = parse({**FILES, "server": {"health_port": 9100, "workers": 2}})
+    assert worker_config(config, 1).server.health_port == 9101
