@@ -64,11 +64,20 @@ def _parser() -> argparse.ArgumentParser:
 
     usage = sub.add_parser("usage", help="print a user's token usage from the store")
     usage.add_argument("--config", help="config file naming the store (or MAAS_EXTPROC_STORE_URL)")
-    usage.add_argument("--user", required=True, help="user id (service-account name)")
+    usage.add_argument(
+        "--user",
+        required=True,
+        help="user id (tiers: service-account name; subscriptions: username)",
+    )
     usage.add_argument("--from", dest="start", help="first day, YYYY-MM-DD (default: today)")
     usage.add_argument("--to", dest="end", help="last day, YYYY-MM-DD (default: today)")
     usage.add_argument("--format", choices=("table", "json", "csv"), default="table")
-    usage.add_argument("--group-by", choices=("day", "model"), default="day", help="one row per")
+    usage.add_argument(
+        "--group-by",
+        choices=("day", "model", "subscription", "key"),
+        default="day",
+        help="one row per day, model, subscription (with its tokenMetadata) or API key",
+    )
     return parser
 
 

@@ -246,9 +246,7 @@ class Metrics:
         child = self._response_children.get(status_key)
         if child is None:
             status_class = f"{status_key[0]}xx" if charge.status else "none"
-            child = self._response_children[status_key] = self.responses.labels(
-                status_class, charge.tier
-            )
+            child = self._response_children[status_key] = self.responses.labels(status_class, tier)
         child.inc()
         if charge.disconnected:
             self.disconnects.labels(tier).inc()
