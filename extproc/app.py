@@ -188,11 +188,25 @@ def build_access(config: Config, metrics: Metrics, kube: KubeConnector) -> Acces
 
 
 def build_policies(config: Config, metrics: Metrics, kube: KubeConnector) -> PolicyLimits | None:
-    """Watched Kuadrant policies overlaying the configured limits (``kuadrant.policies: watch``)."""
+    """Watched Kuadrant policies overlaying the configured limits (``kuadrant.policies: watch``).
+
+    The subscription era's are the per-model TokenRateLimitPolicies MaaS's controller writes in
+    each model route's namespace: watched in every namespace.
+    """
     if config.kuadrant.policies != "watch":
         return None
-    from extproc.kuadrant.policies import PolicyLimits
+    from extproc.kuadrant.policies import TOKEN_POLICIES, PolicyLimits
 
+    if config.maas.era == "subscriptions":
+        return PolicyLimits(
+            kube(),
+            config.kuadrant,
+            config.limits,
+            metrics,
+            charged_suffixes=config.routes.charged_suffixes,
+            kinds=(TOKEN_POLICIES,),
+            namespace="",
+        )
     return PolicyLimits(
         kube(),
         config.kuadrant,
@@ -231,7 +245,8 @@ def build_reporter(
     limits = LimitadorLimits(
         settings.limitador_http, refresh_s=settings.refresh_s, timeout_s=settings.timeout_s
     )
-    return Reporter(settings, metrics, limits, limit_names(settings, policies))
+    declared = policies.subscription_limit if policies is not None else lambda _key: None
+    return Reporter(settings, metrics, limits, limit_names(settings, policies), declared=declared)
 
 
 @dataclass
