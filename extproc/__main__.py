@@ -59,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     maas_api.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
     maas_api.add_argument("--tls-key", help="and this key (PEM)")
 
-    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check = sub.add_parser(
+        "check-config", help="validate a config file and every file it names, then exit"
+    )
     check.add_argument("file")
 
     usage = sub.add_parser("usage", help="print a user's token usage from the store")
@@ -96,13 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from extproc import config as config_mod
+    from extproc import config_files
 
     if args.command == "check-config":
         loaded = config_mod.load(args.file, os.environ)
-        if loaded.server.tls.enabled:
-            from extproc.tls import CertificateFiles
-
-            CertificateFiles.from_config(loaded).load()  # readable, PEM, key matching the cert
+        files = config_files.check(loaded)  # every file it names, read as serve reads it
         plans = (
             f"tiers={loaded.tiers.source}"
             if loaded.maas.era == "tiers"
@@ -112,6 +112,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             f"{args.file}: ok (identity={loaded.identity.source}, {plans}, "
             f"store={config_mod.redact_url(str(loaded.store.url))})"
         )
+        for checked in files:
+            print(f"  read {checked}")
         return 0
     if args.command == "maas-api":
         import ssl
@@ -140,6 +142,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         from extproc.app import run
 
         loaded = config_mod.load(args.config, os.environ)
+        # Refuse to start (exit 2) on a file the workers could not read, rather than have the
+        # supervisor restart failing workers forever; check-config runs this same check.
+        config_files.check(loaded)
         server = loaded.server
         if args.workers:
             server = replace(server, workers=args.workers)

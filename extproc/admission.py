@@ -143,6 +143,7 @@ class Admission:
         plans: PlanSource | None = None,
         era: Era = "tiers",
         spoofed_headers: Literal["strip", "reject"] = "strip",
+        unclassified: Literal["refuse", "pass"] = "refuse",
         store_failure: Literal["fail_open", "fail_closed"] = "fail_open",
         dependency_failure: Literal["fail_open", "fail_closed"] = "fail_closed",
         accounting: AccountingConfig | None = None,
@@ -162,6 +163,7 @@ class Admission:
         self._headers = ERA_HEADERS[era]
         self._unresolved = UNRESOLVED_TIER if era == "tiers" else UNRESOLVED_SUBSCRIPTION
         self._reject_spoofed = spoofed_headers == "reject"
+        self._refuse_unclassified = unclassified == "refuse"
         self._store_fail_open = store_failure == "fail_open"
         self._dependency_fail_open = dependency_failure == "fail_open"
         self._accounting = accounting or AccountingConfig()
@@ -205,6 +207,13 @@ class Admission:
             # Subscription era: as MaaS's gateway policy, which sets them itself after auth.
             reason = f"the {forged[0]} request header is set by the gateway, not the client"
             return Decision(Outcome.SPOOFED, reason, identity, reason_code="unauthorized")
+        if self._refuse_unclassified and (route.invalid or route.unclassified):
+            # Never passed unbilled: a model path we cannot classify may still be served upstream.
+            if route.invalid:
+                reason = "the request path has no single reading"
+                return Decision(Outcome.INVALID_PATH, reason, identity)
+            reason = f"no {request.method} route {route.path} on this gateway"
+            return Decision(Outcome.UNKNOWN_ROUTE, reason, identity)
         body = (
             RequestBody.parse(request.body, self._max_request_tokens)
             if route.charged
@@ -243,7 +252,12 @@ class Admission:
         strip = tuple(h for h in spoofed if h not in own) if spoofed else ()
         if not route.charged:
             return Decision(
-                Outcome.ALLOW, identity=identity, tier=plan, model=model, strip_headers=strip
+                Outcome.ALLOW,
+                identity=identity,
+                tier=plan,
+                model=model,
+                strip_headers=strip,
+                path=route.path,
             )
         assert plan is not None  # a charged route always has a plan (a tier, or default deny)
         return await self._limit(route, identity, plan, model, body, strip)
@@ -340,6 +354,7 @@ class Admission:
             strip_headers=strip,
             inject_usage=inject,
             prompt_estimate=prompt_estimate,
+            path=route.path,
         )
 
 

@@ -41,7 +41,9 @@ from extproc.kuadrant.route_map import RouteDomains
 from extproc.limits.limiter import Limiter
 from extproc.logs import configure as configure_logging
 from extproc.observability.metrics import Metrics, serve_metrics
+from extproc.observability.model_labels import ModelLabels
 from extproc.observability.usage_api import UsageApi
+from extproc.observability.usage_query import GROUPS, SUBSCRIPTION_GROUPS
 from extproc.routes import RouteTable
 from extproc.store.base import CounterStore
 from extproc.store.memory import MemoryStore
@@ -270,7 +272,11 @@ class Sidecar:
     @classmethod
     def build(cls, config: Config, metrics: Metrics | None = None) -> Sidecar:
         era = config.maas.era
-        metrics = metrics or Metrics(per_user=config.observability.per_user_metrics, era=era)
+        metrics = metrics or Metrics(
+            per_user=config.observability.per_user_metrics,
+            era=era,
+            models=ModelLabels.from_config(config),
+        )
         if era == "tiers":
             metrics.set_limits(config.limits.tiers)
         store = build_store(config, metrics)
@@ -294,6 +300,7 @@ class Sidecar:
             plans=plans,
             era=era,
             spoofed_headers=config.routes.spoofed_headers,
+            unclassified=config.routes.unclassified,
             store_failure=config.store.failure_policy,
             dependency_failure=config.identity.unavailable,
             accounting=config.accounting,
@@ -425,6 +432,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
             sidecar.identities,
             retention_days=config.store.retention_days,
             admin_group=config.observability.admin_group,
+            groups=SUBSCRIPTION_GROUPS if config.maas.era == "subscriptions" else GROUPS,
         )
         await usage_api.start(config.server.host, config.observability.usage_port)
     await server.start()

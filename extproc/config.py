@@ -208,6 +208,9 @@ class RoutesConfig:
     )
     exempt_suffixes: tuple[str, ...] = ("/v1/models",)
     spoofed_headers: Literal["strip", "reject"] = "strip"
+    # A path under a model prefix that is neither charged nor exempt (or has no single reading):
+    # refused (404 / 400), or passed authenticated but unbilled.
+    unclassified: Literal["refuse", "pass"] = "refuse"
 
 
 @dataclass(frozen=True, slots=True)

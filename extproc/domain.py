@@ -162,6 +162,8 @@ class Outcome(enum.Enum):
     TOKEN_LIMITED = "token_limited"  # 429: token limit
     BAD_REQUEST = "bad_request"  # 400: a token bound the client sent is not a count we accept
     UNAVAILABLE = "unavailable"  # 503: a dependency failed and policy is fail-closed
+    INVALID_PATH = "invalid_path"  # 400: the path has no single reading (extproc.paths)
+    UNKNOWN_ROUTE = "unknown_route"  # 404: under a model prefix but neither charged nor exempt
     INTERNAL_ERROR = "internal_error"  # 500: a bug of ours; logged in one line, counted
 
 
@@ -191,6 +193,7 @@ class Decision:
     request_id: str = ""  # set when the request is admitted to a charged route
     admitted_ms: int = 0  # the admission clock (its day holds the reservation until settled)
     reason_code: str = ""  # MaaS's error code for a subscription refusal (x-ext-auth-reason)
+    path: str = ""  # the normalized request path (extproc.paths) that names the model route
 
     @property
     def allowed(self) -> bool:

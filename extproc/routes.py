@@ -4,35 +4,43 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from extproc import paths
 from extproc.config import RoutesConfig
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    path: str  # without the query string
+    path: str  # normalized (extproc.paths), without the query string; "" when it has no reading
     charged: bool  # a completions-like POST: limited and billed
     exempt: bool  # e.g. /v1/models: authenticated, never limited or billed
     namespace: str = ""  # path-based routes: /<namespace>/<name>/v1/...
     name: str = ""
+    invalid: bool = False  # no single reading (encoded slash, `..;x`, bad escape, ...)
+    unclassified: bool = False  # under a model prefix, but neither charged nor exempt
 
     @property
     def model(self) -> str:
         return f"{self.namespace}/{self.name}" if self.name else ""
 
 
+_INVALID = Route("", charged=False, exempt=False, invalid=True)
+
+
 class RouteTable:
     def __init__(self, config: RoutesConfig) -> None:
         self._charged = config.charged_suffixes
         self._exempt = config.exempt_suffixes
+        self._exempt_prefixes = tuple(suffix + "/" for suffix in config.exempt_suffixes)
 
     def classify(self, method: str, raw_path: str) -> Route:
-        path = raw_path.split("?", 1)[0]
-        namespace = name = ""
-        index = path.find("/v1/")
-        if index > 0:
-            segments = path[1:index].split("/")
-            if len(segments) == 2 and all(segments):
-                namespace, name = segments
-        exempt = path.endswith(self._exempt)
-        charged = not exempt and method == "POST" and path.endswith(self._charged)
-        return Route(path, charged, exempt, namespace, name)
+        path = paths.normalize(raw_path)
+        if path is None:
+            return _INVALID
+        namespace, name = paths.model_route(path)
+        charged = method == "POST" and path.endswith(self._charged)
+        # /v1/models and /v1/models/<id> (model ids may hold slashes); a charged path never is.
+        exempt = not charged and (
+            path.endswith(self._exempt) or any(p in path for p in self._exempt_prefixes)
+        )
+        unclassified = not charged and not exempt and paths.under_model_prefix(path)
+        return Route(path, charged, exempt, namespace, name, unclassified=unclassified)

@@ -276,7 +276,9 @@ class LocalStack:
         return self
 
     def _start(self) -> None:
-        self.log_dir = self.log_dir or Path(tempfile.mkdtemp(prefix="maas-stack-"))
+        # The creating process's pid in the name: a test run checks the logs of its own stacks.
+        prefix = f"maas-stack-{os.getpid()}-"
+        self.log_dir = self.log_dir or Path(tempfile.mkdtemp(prefix=prefix))
         self.sim_port = self.sim_port or free_port()
         self.listen_port = self.listen_port or free_port()
         self.admin_port = self.admin_port or free_port()

@@ -57,6 +57,7 @@ def build_admission(
         AllowAll(),
         limiter,
         spoofed_headers=config.routes.spoofed_headers,
+        unclassified=config.routes.unclassified,
         store_failure=config.store.failure_policy,
         route_of=RouteDomains(config.kuadrant, config.access.body_models).domain,
         max_request_tokens=config.limits.max_request_tokens,

@@ -30,7 +30,7 @@ class ApiKeyIdentities:
     def from_file(cls, path: Path) -> ApiKeyIdentities:
         try:
             raw: Any = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise ConfigError(str(path), f"a readable YAML api-keys file ({exc})") from exc
         entries = raw.get("keys") if isinstance(raw, dict) else None
         if not isinstance(entries, list):

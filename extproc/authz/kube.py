@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import urllib3
+import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
@@ -43,7 +44,7 @@ def load_configuration(kubeconfig: str) -> Any:
             )
         else:
             config.load_incluster_config(client_configuration=configuration)
-    except (ConfigException, OSError, ValueError) as exc:
+    except (ConfigException, OSError, ValueError, yaml.YAMLError) as exc:
         if kubeconfig:
             raise ConfigError("identity.kubeconfig", f"a readable kubeconfig ({exc})") from exc
         expected = f"a kubeconfig path outside a pod (in-cluster config failed: {exc})"

@@ -82,8 +82,9 @@ class FileTiers:
     def from_file(cls, path: Path, instance: str) -> FileTiers:
         try:
             text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(str(path), "a readable tier mapping file", exc.strerror) from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+            raise ConfigError(str(path), "a readable tier mapping file", reason) from exc
         return cls(TierMapping(parse_mapping_text(text, str(path)), instance))
 
     async def tier_for(self, identity: Identity) -> Tier | None:

@@ -57,7 +57,7 @@ class AuthorizationService(authz_grpc.AuthorizationServicer):  # type: ignore[mi
                 path,
             )
         try:
-            return self._replies.reply(decision, path)
+            return self._replies.reply(decision, decision.path)  # normalized: names the model route
         except Exception as exc:
             return replies.check_response(self._internal_error(exc), "")
 

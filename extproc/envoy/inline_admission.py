@@ -114,7 +114,7 @@ class InlineAdmissionProcessor(BillingProcessor):
             return replies.immediate_response(decision)
         session = self.session
         session.decision = decision
-        session.billing = Billing.from_decision(decision, request.path.split("?", 1)[0])
+        session.billing = Billing.from_decision(decision, decision.path)
         rewritten = with_include_usage(body) if decision.inject_usage and body else None
         session.injected = rewritten is not None
         common = ep.CommonResponse(

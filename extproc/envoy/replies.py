@@ -30,6 +30,8 @@ _TABLE: dict[Outcome, tuple[int, int, str]] = {
     Outcome.TOKEN_LIMITED: (429, code_pb2.RESOURCE_EXHAUSTED, "rate_limit_exceeded"),
     Outcome.BAD_REQUEST: (400, code_pb2.INVALID_ARGUMENT, "invalid_request_error"),
     Outcome.UNAVAILABLE: (503, code_pb2.UNAVAILABLE, "service_unavailable"),
+    Outcome.INVALID_PATH: (400, code_pb2.INVALID_ARGUMENT, "invalid_request_error"),
+    Outcome.UNKNOWN_ROUTE: (404, code_pb2.NOT_FOUND, "invalid_request_error"),
     Outcome.INTERNAL_ERROR: (500, code_pb2.INTERNAL, "server_error"),
 }
 

@@ -9,6 +9,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from extproc.domain import UNTRUSTED_REASONS, Charge, Decision, Era, Limits
+from extproc.observability.model_labels import ModelLabels
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _STREAM_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0)
@@ -25,10 +26,12 @@ class Metrics:
         registry: CollectorRegistry | None = None,
         per_user: bool = False,
         era: Era = "tiers",
+        models: ModelLabels | None = None,
     ) -> None:
         self.registry = registry or CollectorRegistry()
         self.per_user = per_user
         self.keys = per_user and era == "subscriptions"  # the API key's name beside the user
+        self.models = models or ModelLabels()  # bounds the `model` label (default: all "other")
         r = self.registry
         # The plan's label: "tier", or in the subscription era "subscription" (its <ns>/<name>).
         tier = "tier" if era == "tiers" else "subscription"
@@ -221,15 +224,16 @@ class Metrics:
         usage = charge.usage
         user = self._user(charge.userid, charge.key_name)
         tier = charge.plan
-        children = self._token_children.get((tier, charge.model, *user))
+        model = self.models.label(charge.model, charge.path, subscribed=bool(charge.subscription))
+        children = self._token_children.get((tier, model, *user))
         if children is None:
             if len(self._token_children) >= _CHILD_CACHE_SIZE:
                 self._token_children.clear()
             children = tuple(
-                self.tokens.labels(tier, charge.model, kind, *user)
+                self.tokens.labels(tier, model, kind, *user)
                 for kind in ("prompt", "completion", "total")
             )
-            self._token_children[(tier, charge.model, *user)] = children
+            self._token_children[(tier, model, *user)] = children
         for token_child, amount in zip(
             children, (usage.prompt_tokens, usage.completion_tokens, usage.total()), strict=True
         ):

@@ -14,8 +14,19 @@ from extproc.errors import ConfigError
 from extproc.store.base import LedgerRow
 
 GroupBy = Literal["day", "model", "subscription", "key"]
-GROUPS: tuple[GroupBy, ...] = ("day", "model", "subscription", "key")
-AMOUNTS = ("prompt_tokens", "completion_tokens", "total_tokens", "estimated_tokens", "requests")
+GROUPS: tuple[GroupBy, ...] = ("day", "model")  # the tier era's
+# The subscription era books usage to subscriptions and API keys as well.
+SUBSCRIPTION_GROUPS: tuple[GroupBy, ...] = (*GROUPS, "subscription", "key")
+AMOUNTS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "estimated_tokens",
+    "requests",
+    # Reservations of admitted requests whose charge has not come (see store/ledger.py).
+    "unsettled_tokens",
+    "unsettled_requests",
+)
 # The columns that name a row, per grouping: the subscription era's rows carry the subscription
 # with its tokenMetadata (organization id, cost center), or the API key with its subscription.
 COLUMNS: dict[str, tuple[str, ...]] = {
@@ -100,11 +111,13 @@ def check_retention(
         )
 
 
-def parse_group_by(value: str | None, key: str = "group_by") -> GroupBy:
-    for choice in GROUPS:
+def parse_group_by(
+    value: str | None, key: str = "group_by", groups: tuple[GroupBy, ...] = GROUPS
+) -> GroupBy:
+    for choice in groups:
         if value is None or value == choice:
             return choice
-    raise ConfigError(key, "one of " + ", ".join(GROUPS), value)
+    raise ConfigError(key, "one of " + ", ".join(groups), value)
 
 
 def iso_day(day: str) -> str:
@@ -167,18 +180,36 @@ def to_json(document: Mapping[str, object]) -> str:
     return json.dumps(document, indent=2)
 
 
+# A text cell starting with one of these is a formula to spreadsheets (OWASP, "CSV Injection":
+# https://owasp.org/www-community/attacks/CSV_Injection); model names and user ids are chosen by
+# clients, and the admin who opens the export would run them.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(cell: str | int) -> str | int:
+    """A text cell that cannot start a formula: OWASP's advice, a leading single quote."""
+    if isinstance(cell, str) and cell.startswith(_FORMULA_START):
+        return "'" + cell
+    return cell
+
+
 def columns_of(key: str) -> tuple[str, ...]:
     """The naming columns of a grouping (``COLUMNS``), or the one column ``key`` (``user``)."""
     return COLUMNS.get(key, (key,))
 
 
 def to_csv(rows: Sequence[Row], key: str) -> str:
-    """A header line and one line per row; totals are left out so that columns sum cleanly."""
+    """A header line and one line per row; totals are left out so that columns sum cleanly.
+
+    The one CSV writer of the usage API and the CLI: every text cell is ``spreadsheet_safe``.
+    Lines end in CRLF (RFC 4180, Python's default), so a cell holding a bare CR is quoted too:
+    with LF endings the csv module leaves it bare, and a spreadsheet starts a new row there.
+    """
     names = columns_of(key)
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
+    writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow((*names, *AMOUNTS))
-    writer.writerows([*(row[n] for n in names), *(row[name] for name in AMOUNTS)] for row in rows)
+    writer.writerows([spreadsheet_safe(row[n]) for n in (*names, *AMOUNTS)] for row in rows)
     return out.getvalue()
 
 

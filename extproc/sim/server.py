@@ -175,6 +175,20 @@ def _error(status: int, message: str) -> web.Response:
     return _json({"error": err}, status)
 
 
+def _lenient_path(path: str) -> str:
+    """The path as the most forgiving servers read it (written for the sim, not shared with the
+    sidecar): ``;params`` dropped per segment (servlet containers), ``.`` and ``..`` resolved,
+    empty segments (doubled or trailing slashes) ignored."""
+    kept: list[str] = []
+    for segment in path.split("/"):
+        name = segment.split(";", 1)[0]
+        if name == "..":
+            del kept[-1:]
+        elif name not in ("", "."):
+            kept.append(name)
+    return "/" + "/".join(kept)
+
+
 def _openai_usage(g: _Gen) -> Json:
     return {
         "prompt_tokens": g.prompt,
@@ -422,9 +436,11 @@ class SimServer:
             self._runner = None
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        path = request.path
+        path = request.path  # aiohttp has percent-decoded it already
         if path == _RECORDS_PATH:
             return self._records_endpoint(request)
+        if request.headers.get("x-sim-lenient-path", "").lower() in _TRUE:
+            path = _lenient_path(path)
         idx = path.rfind("/v1/")
         route = _ROUTES.get(path[idx:]) if idx >= 0 else None
         if route is None:

@@ -1,25 +1,45 @@
-"""Builds every counter-store key; each is hash-tagged ``{userid}`` so one user's keys share a slot."""
+"""Builds every counter-store key; each is hash-tagged ``{userid}`` so one user's keys share a slot.
+
+Every variable part is escaped injectively, so no two users (tiers, models) ever share a key:
+``{``, ``}``, ``%``, ``:`` and non-printable characters become ``%XX`` (their UTF-8 bytes),
+everything else stays as it is. Without braces in it, the user's part is the whole hash tag, and
+Redis Cluster puts all of one user's keys in one slot: the slot hashes the text between the
+first ``{`` and the next ``}``, unless it is empty (redis/docs,
+content/operate/oss_and_stack/reference/cluster-spec.md, "Hash tags", commit
+025c5387ea8d65308631b2fbcca8b05f588fe0b9). So an empty value is escaped as ``%``: every other
+``%`` of an escaped value is followed by two hex digits, nothing else escapes to it.
+"""
 
 from __future__ import annotations
 
 import re
 
 PREFIX = "maas"
+_ESCAPED = re.compile(r"[{}%:\x00-\x20\x7f-\x9f\u2028\u2029]")
+
+
+def _percent(match: re.Match[str]) -> str:
+    return "".join(f"%{byte:02X}" for byte in match.group().encode())
+
+
+def escape(value: str) -> str:
+    """``value`` with ``{ } % :`` and non-printables as ``%XX``; injective, and a no-op for
+    ordinary names (``bob``, ``premium``, ``facebook/opt-125m``)."""
+    return _ESCAPED.sub(_percent, value) if value else "%"
 
 
 def _tag(userid: str) -> str:
-    # Braces would end the hash tag early; Kubernetes names never contain them, API-key users might.
-    return "{" + userid.replace("{", "(").replace("}", ")") + "}"
+    return "{" + escape(userid) + "}"
 
 
 def requests_key(userid: str, tier: str, model: str = "", *, route: str = "") -> str:
-    suffix = f":m:{model}" if model else ""
-    return f"{PREFIX}:{_tag(userid)}:req:{tier}{suffix}{_route(route)}"
+    suffix = f":m:{escape(model)}" if model else ""
+    return f"{PREFIX}:{_tag(userid)}:req:{escape(tier)}{suffix}{_route(route)}"
 
 
 def tokens_key(userid: str, tier: str, model: str = "", *, route: str = "") -> str:
-    suffix = f":m:{model}" if model else ""
-    return f"{PREFIX}:{_tag(userid)}:tok:{tier}{suffix}{_route(route)}"
+    suffix = f":m:{escape(model)}" if model else ""
+    return f"{PREFIX}:{_tag(userid)}:tok:{escape(tier)}{suffix}{_route(route)}"
 
 
 def subscription_tokens_key(
@@ -27,12 +47,14 @@ def subscription_tokens_key(
 ) -> str:
     """Subscription era: one counter per token rate of (subscription, model), as Kuadrant keeps
     one per limit of the model's policy; the rate's place and window keep two rates apart."""
-    return f"{PREFIX}:{_tag(userid)}:stok:{subscription}:m:{model}:{index}:{window_s}"
+    return (
+        f"{PREFIX}:{_tag(userid)}:stok:{escape(subscription)}:m:{escape(model)}:{index}:{window_s}"
+    )
 
 
 def _route(route: str) -> str:
     """``limits.scope: route``: the HTTPRoute (``<namespace>/<name>``) the counter belongs to."""
-    return f":r:{route}" if route else ""
+    return f":r:{escape(route)}" if route else ""
 
 
 def sliding_bucket_key(key: str, bucket: int) -> str:

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from extproc import config as config_mod
-from extproc.stack import envoy_binary
+from extproc.stack import envoy_binary, render_envoy
 from tests.tls_fixtures import Pki
 
 Doc = dict[str, Any]
@@ -209,8 +209,10 @@ def test_envoyfilter_selects_the_gateway_and_applies_after_kuadrant(
         ("HTTP_FILTER", "GATEWAY", "INSERT_FIRST"),
         ("HTTP_FILTER", "GATEWAY", "INSERT_AFTER"),
         ("CLUSTER", "GATEWAY", "ADD"),
+        ("HTTP_ROUTE", "GATEWAY", "MERGE"),  # overlays/odh patches these two by index
         ("HTTP_ROUTE", "GATEWAY", "MERGE"),
-        ("HTTP_ROUTE", "GATEWAY", "MERGE"),
+        ("VIRTUAL_HOST", "GATEWAY", "MERGE"),
+        ("NETWORK_FILTER", "GATEWAY", "MERGE"),
     ]
     authz, proc = patches(built["base"], "HTTP_FILTER")
     assert authz["match"]["listener"]["filterChain"]["filter"] == {"name": HCM}
@@ -280,6 +282,51 @@ def test_envoyfilter_filters_equal_local_filters_yaml(
         f"deploy/base/envoyfilter.yaml {name} differs from deploy/local/filters.yaml: "
         "change both together"
     )
+    assert actual.get("disabled", False) == expected.get("disabled", False)
+
+
+def local_gateway() -> Doc:
+    """The local stack's HTTP connection manager, rendered as `maas-extproc demo` runs it."""
+    rendered = yaml.safe_load(
+        render_envoy(listen_port=1, admin_port=2, upstream_port=3, sidecar_ports=[4])
+    )
+    manager: Doc = rendered["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    return manager
+
+
+def hcm_settings(docs: list[Doc]) -> Doc:
+    (patch,) = patches(docs, "NETWORK_FILTER")
+    assert patch["match"]["listener"]["filterChain"]["filter"] == {"name": HCM}
+    value: Doc = patch["patch"]["value"]["typed_config"]
+    return value
+
+
+def test_gateway_reads_paths_once_and_drops_underscored_headers(
+    built: dict[str, list[Doc]],
+) -> None:
+    """normalize_path, merge_slashes, escaped slashes refused, X_MaaS_* dropped: here and locally."""
+    settings = hcm_settings(built["base"])
+    assert settings["@type"].endswith("HttpConnectionManager")
+    assert settings["normalize_path"] is True
+    assert settings["merge_slashes"] is True
+    assert settings["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
+    underscores = settings["common_http_protocol_options"]["headers_with_underscores_action"]
+    assert underscores == "DROP_HEADER"
+    local = local_gateway()["typed_config"]
+    for key, value in settings.items():
+        if key != "@type":
+            assert local[key] == value, f"envoy.yaml.tmpl {key} differs from the EnvoyFilter"
+
+
+def test_ext_proc_is_enabled_per_virtual_host_only(built: dict[str, list[Doc]]) -> None:
+    """Off in the chain, on for routed requests: Envoy's replies to malformed requests get out."""
+    assert http_filter(built["base"], EXT_PROC)["disabled"] is True
+    (patch,) = patches(built["base"], "VIRTUAL_HOST")
+    assert "routeConfiguration" not in patch["match"]  # every virtual host of the gateway
+    enabling = patch["patch"]["value"]["typed_per_filter_config"]
+    assert set(enabling) == {EXT_PROC}
+    (virtual_host,) = local_gateway()["typed_config"]["route_config"]["virtual_hosts"]
+    assert virtual_host["typed_per_filter_config"] == enabling
 
 
 def test_sidecar_cluster_reaches_the_service_over_http2(built: dict[str, list[Doc]]) -> None:
@@ -391,9 +438,9 @@ def test_envoy_accepts_the_extracted_filters_cluster_and_route_config(
         }
         for patch in patches(docs, "HTTP_ROUTE")
     ]
+    (virtual_host_patch,) = patches(docs, "VIRTUAL_HOST")
     manager = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network"
-        ".http_connection_manager.v3.HttpConnectionManager",
+        **hcm_settings(docs),  # the NETWORK_FILTER merge, as Istio applies it
         "stat_prefix": "gateway",
         "route_config": {
             "name": "models",
@@ -401,6 +448,7 @@ def test_envoy_accepts_the_extracted_filters_cluster_and_route_config(
                 {
                     "name": "models",
                     "domains": ["*"],
+                    **virtual_host_patch["patch"]["value"],
                     "routes": [
                         *maas_api_routes,
                         {"match": {"prefix": "/"}, "route": {"cluster": "models", "timeout": "0s"}},
@@ -576,6 +624,9 @@ def test_deployed_config_passes_check_config(
     overrides = with_local_tls_files(literal_env(sidecar_container(docs)), pki)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_EXTPROC_")}
     env.update(overrides, MAAS_EXTPROC_STORE_URL=STORE_URL)
+    if "MAAS_EXTPROC_TIERS_MAAS_API_CA_FILE" in overrides:
+        # check-config reads the CA bundle as serve does; the odh pod mounts the service CA.
+        env["MAAS_EXTPROC_TIERS_MAAS_API_CA_FILE"] = str(pki.ca("maas-api-ca").cert)
     result = subprocess.run(
         [sys.executable, "-m", "extproc", "check-config", str(path)],
         capture_output=True,

@@ -3,6 +3,7 @@ that no process of any stack a test ran ever wrote a traceback."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from extproc.stack import LocalStack
 
 TRACEBACK = b"Traceback (most recent call last)"
 _LOGS = ("sidecar.log", "sim.log", "envoy.log")
+_OURS = f"maas-stack-{os.getpid()}-*"
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +26,15 @@ def stack() -> Iterator[LocalStack]:
 
 @dataclass
 class _LogWatch:
-    """Every LocalStack logs to a fresh maas-stack-* folder; those of earlier runs are not ours."""
+    """Every LocalStack logs to a fresh maas-stack-<pid>-* folder, named after the process that
+    started it: this run's own, minus those of an earlier run that had the same pid."""
 
     stale: set[Path]
     checked: dict[Path, int] = field(default_factory=dict)  # how far each log has been read
 
     def new_tracebacks(self) -> list[str]:
         found = []
-        for folder in Path(tempfile.gettempdir()).glob("maas-stack-*"):
+        for folder in Path(tempfile.gettempdir()).glob(_OURS):
             if folder in self.stale:
                 continue
             for name in _LOGS:
@@ -47,7 +50,7 @@ class _LogWatch:
 
 @pytest.fixture(scope="session")
 def _log_watch() -> _LogWatch:
-    return _LogWatch(stale=set(Path(tempfile.gettempdir()).glob("maas-stack-*")))
+    return _LogWatch(stale=set(Path(tempfile.gettempdir()).glob(_OURS)))
 
 
 @pytest.fixture(autouse=True)

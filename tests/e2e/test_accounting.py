@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from extproc.stack import LocalStack
-from tests.e2e.support import sample, sim_records
+from tests.e2e.support import ledger_tokens, sample, sim_records
 from tests.helpers import KEYS
 
 PREFIX = "/llm/facebook-opt-125m-simulated/v1"
@@ -44,10 +44,10 @@ def charged(stack: LocalStack, model: str, kind: str = "total") -> float:
     """Tokens charged for ``model``. In observability mode (send and go) the charge lands just
     after the client has the response, so a 0 is read again for a moment before it counts."""
     deadline = time.monotonic() + 5
-    value = sample(stack, "maas_tokens_total", model=model, kind=kind)
+    value = ledger_tokens(stack, model, kind)
     while value == 0 and time.monotonic() < deadline:
         time.sleep(0.02)
-        value = sample(stack, "maas_tokens_total", model=model, kind=kind)
+        value = ledger_tokens(stack, model, kind)
     return value
 
 

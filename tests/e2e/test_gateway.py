@@ -8,7 +8,7 @@ import uuid
 import httpx
 
 from extproc.stack import LocalStack
-from tests.e2e.support import sample, sim_records
+from tests.e2e.support import ledger_tokens, sample, sim_records
 from tests.helpers import CHAT, KEYS
 
 
@@ -38,9 +38,9 @@ def test_non_streamed_charge_equals_the_simulator_record(stack: LocalStack) -> N
     usage = response.json()["usage"]
     served = record_for(stack, model)
     assert served["total_tokens"] == usage["total_tokens"] == 12
-    assert sample(stack, "maas_tokens_total", model=model, kind="total") == 12
-    assert sample(stack, "maas_tokens_total", model=model, kind="prompt") == 5
-    assert sample(stack, "maas_tokens_total", model=model, kind="completion") == 7
+    assert ledger_tokens(stack, model, "total") == 12
+    assert ledger_tokens(stack, model, "prompt") == 5
+    assert ledger_tokens(stack, model, "completion") == 7
     assert response.headers["x-ratelimit-limit"]
 
 
@@ -68,7 +68,7 @@ def test_streamed_with_include_usage_charges_the_simulator_record(stack: LocalSt
     served = record_for(stack, model)
     assert served["usage_sent"] is True
     assert served["total_tokens"] == usage["total_tokens"] == 12
-    assert sample(stack, "maas_tokens_total", model=model, kind="total") == 12
+    assert ledger_tokens(stack, model) == 12
 
 
 def test_no_token_gets_401_with_a_bearer_challenge(stack: LocalStack) -> None:

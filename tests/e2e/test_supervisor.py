@@ -69,8 +69,12 @@ def sidecar(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], list[int]
         yield proc, ports, log
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            proc.terminate()  # the supervisor stops its workers; a SIGKILL would orphan them
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])

@@ -27,8 +27,9 @@ from tests.redis_fixtures import free_port
 # (userid, tier) of every demo key that has a tier: the counters a request may touch.
 USERS = (("alice", "free"), ("admin", "free"), ("bob", "premium"), ("carol", "enterprise"))
 # Status codes a client may get from admission here: the store is up, no dependency is down,
-# so neither 503 nor 500 is ever a defined answer.
-CHECK_STATUSES = frozenset({200, 400, 401, 403, 429})
+# so neither 503 nor 500 is ever a defined answer. 404: a model path that is no route of ours
+# (routes.unclassified: refuse).
+CHECK_STATUSES = frozenset({200, 400, 401, 403, 404, 429})
 
 
 def fuzz_config() -> Config:

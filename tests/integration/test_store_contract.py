@@ -347,3 +347,57 @@ async def _replay_random_history(rng: random.Random, memory: MemoryStore, other:
                     [adjustment], ledger, now, request_id=request_id, release=hold
                 ), f"settle step {step}"
     assert await other.ledger("alice", [DAY]) == await memory.ledger("alice", [DAY])
+
+
+# User ids an API-keys file or a token may carry: brace look-alikes, escape look-alikes, the
+# separator, empty-ish and unicode. Each must get keys of its own, all in one Cluster slot.
+HOSTILE_USERS = [
+    "a{b", "a(b", "a}b", "a)b", "a%7Bb", "a%7bb", "{", "}", "{}", "{a}", "%", "%25",
+    ":", "a:b", "a", "", " ", "\t", "\x00", "a\nb", "é", "e\u0301", "\u2028", "ユーザー",
+]  # fmt: skip
+
+
+def user_keys(user: str) -> list[str]:
+    return [
+        keys.requests_key(user, "free"),
+        keys.tokens_key(user, "free"),
+        keys.tokens_key(user, "free", "granite"),
+        keys.sliding_bucket_key(keys.tokens_key(user, "free"), 7),
+        keys.ledger_key(user, DAY),
+    ]
+
+
+def test_hostile_user_ids_never_share_a_key() -> None:
+    every = [key for user in HOSTILE_USERS for key in user_keys(user)]
+    assert len(set(every)) == len(every)
+    for user in HOSTILE_USERS:  # the hash tag is the user's part, whole: never empty, no braces
+        tag = keys.tokens_key(user, "free").split("{", 1)[1].split("}", 1)[0]
+        assert tag
+        assert "{" not in tag
+
+
+async def test_hostile_user_ids_get_counters_and_ledgers_of_their_own(subject: Subject) -> None:
+    store = subject.store
+    for hits, user in enumerate(HOSTILE_USERS, start=1):
+        counters = [WindowCounter(key, 10**6, 60_000, hits) for key in user_keys(user)[:3]]
+        assert (await store.admit(counters, T0)).allowed
+        await store.settle([], entry(user, "granite", hits), T0)
+    for hits, user in enumerate(HOSTILE_USERS, start=1):
+        probe = WindowCounter(keys.tokens_key(user, "free"), 10**6, 60_000, 0)
+        assert (await store.admit([probe], T0 + 1)).states[0].value == hits, repr(user)
+        (row,) = await store.ledger(user, [DAY])
+        assert row.total_tokens == hits, repr(user)
+    assert sorted(await store.ledger_users([DAY])) == sorted(HOSTILE_USERS)
+    if subject.kind == "cluster":
+        for user in HOSTILE_USERS:
+            slots = {await subject.raw.cluster_keyslot(key) for key in user_keys(user)}
+            assert len(slots) == 1, (user, slots)
+
+
+async def test_a_model_name_with_the_field_separator_round_trips(subject: Subject) -> None:
+    store = subject.store
+    await store.settle([], entry("alice", "a|prompt", 10), T0)
+    await store.settle([], entry("alice", "a", 20), T0)
+    await store.settle([], entry("alice", "|", 30), T0)
+    rows = {row.model: row.total_tokens for row in await store.ledger("alice", [DAY])}
+    assert rows == {"a|prompt": 10, "a": 20, "|": 30}

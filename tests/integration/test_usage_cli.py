@@ -15,9 +15,12 @@ from extproc.store.redis import RedisStore
 from tests.helpers import LOCAL
 from tests.integration.test_usage_api import (
     ALICE,
+    HOSTILE,
     REDIS_DB,
     TODAY,
     YESTERDAY,
+    entry,
+    first_column,
     redis_store,
     seed,
     serving,
@@ -27,7 +30,7 @@ from tests.redis_fixtures import RedisServer
 pytestmark = pytest.mark.redis
 
 
-def usage_cli(server: RedisServer, *args: str) -> subprocess.CompletedProcess[str]:
+def usage_cli_bytes(server: RedisServer, *args: str) -> subprocess.CompletedProcess[bytes]:
     env = {
         **os.environ,
         "MAAS_EXTPROC_STORE_URL": f"redis://127.0.0.1:{server.port}/{REDIS_DB}",
@@ -36,10 +39,16 @@ def usage_cli(server: RedisServer, *args: str) -> subprocess.CompletedProcess[st
     return subprocess.run(
         [sys.executable, "-m", "extproc", "usage", "--config", str(LOCAL / "config.yaml"), *args],
         capture_output=True,
-        text=True,
         env=env,
         timeout=30,
         check=False,
+    )
+
+
+def usage_cli(server: RedisServer, *args: str) -> subprocess.CompletedProcess[str]:
+    done = usage_cli_bytes(server, *args)
+    return subprocess.CompletedProcess(
+        done.args, done.returncode, done.stdout.decode(), done.stderr.decode()
     )
 
 
@@ -78,12 +87,24 @@ async def test_table_and_csv(redis_server: RedisServer, seeded: RedisStore) -> N
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert lines[0].split()[0] == "day"
-    assert lines[-1].split() == ["total", "14", "10", "24", "0", "3"]
+    assert lines[-1].split() == ["total", "14", "10", "24", "0", "3", "40", "1"]
     as_csv = usage_cli(redis_server, "--user", "alice", *period, "--format", "csv")
     assert as_csv.stdout.splitlines()[1:] == [
-        f"{YESTERDAY.isoformat()},10,5,15,0,1",
-        f"{TODAY.isoformat()},4,5,9,0,2",
+        f"{YESTERDAY.isoformat()},10,5,15,0,1,0,0",
+        f"{TODAY.isoformat()},4,5,9,0,2,40,1",
     ]
+
+
+async def test_csv_model_cells_never_start_a_formula(
+    redis_server: RedisServer, seeded: RedisStore
+) -> None:
+    for name in HOSTILE:
+        await seeded.settle([], entry("alice", TODAY, name, 1, 1), 1)
+    done = usage_cli(redis_server, "--user", "alice", "--group-by", "model", "--format", "csv")
+    assert done.returncode == 0, done.stderr
+    assert sorted(first_column(done.stdout)) == sorted(
+        ["llama", "opt", *("'" + name for name in HOSTILE)]
+    )
 
 
 @pytest.mark.parametrize(

@@ -294,3 +294,60 @@ async def test_cors_preflight_passes_anonymous_and_unbilled() -> None:
     assert decision.strip_headers == ("x-maas-tier",)
     plain_options = AdmissionRequest("OPTIONS", CHAT, {})
     assert (await admission.decide(plain_options)).outcome is Outcome.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        CHAT + "/",
+        CHAT + ";x",
+        CHAT.replace("/v1/", "//v1/"),
+        CHAT.replace("completions", "c%6fmpletions"),
+    ],
+)
+async def test_every_spelling_of_a_charged_route_is_charged_under_its_one_reading(
+    path: str,
+) -> None:
+    admission, _, _ = build_admission()
+    decision = await admission.decide(request("premium", path=path))
+    assert decision.outcome is Outcome.ALLOW
+    assert decision.charged
+    assert decision.path == CHAT  # what the Kuadrant domain and the extractor choice read
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "outcome"),
+    [
+        ("POST", CHAT + "z", Outcome.UNKNOWN_ROUTE),
+        ("GET", CHAT, Outcome.UNKNOWN_ROUTE),  # a charged path is charged only as a POST
+        ("POST", "/v1/invocations", Outcome.UNKNOWN_ROUTE),
+        ("POST", "/llm/facebook-opt-125m-simulated/pooling", Outcome.UNKNOWN_ROUTE),
+        ("POST", CHAT.replace("chat/", "chat%2F"), Outcome.INVALID_PATH),
+        ("POST", CHAT + "/..;x/completions", Outcome.INVALID_PATH),
+    ],
+)
+async def test_unclassifiable_model_paths_are_refused_not_passed_unbilled(
+    method: str, path: str, outcome: Outcome
+) -> None:
+    admission, _, _ = build_admission()
+    decision = await admission.decide(request("premium", path=path, method=method))
+    assert decision.outcome is outcome
+    anonymous = await admission.decide(AdmissionRequest(method, path, {}))
+    assert anonymous.outcome is Outcome.UNAUTHENTICATED  # nothing is said before the token
+
+
+async def test_unclassified_paths_pass_unbilled_when_configured() -> None:
+    config = local_config({"MAAS_EXTPROC_ROUTES_UNCLASSIFIED": "pass"})
+    admission, _, _ = build_admission(config)
+    for path in (CHAT + "z", CHAT.replace("chat/", "chat%2F")):
+        decision = await admission.decide(request("premium", path=path))
+        assert decision.outcome is Outcome.ALLOW
+        assert not decision.charged
+
+
+async def test_paths_outside_a_model_prefix_pass_unbilled() -> None:
+    admission, _, _ = build_admission()
+    for path in ("/", "/health", "/llm/facebook-opt-125m-simulated"):
+        decision = await admission.decide(request("premium", path=path, method="GET"))
+        assert decision.outcome is Outcome.ALLOW, path
+        assert not decision.charged

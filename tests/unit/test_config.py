@@ -154,11 +154,15 @@ def test_check_config_reads_the_tls_files(
     stranger = pki.issue(ca, "stranger", ["DNS:localhost"], "serverAuth")
     path = tmp_path / "config.yaml"
     tls = {"cert_file": server.cert.name, "key_file": server.key.name, "client_ca_file": "ca.crt"}
-    path.write_text(yaml.safe_dump({**FILES, "server": {"tls": tls}}))
+    files = {  # check-config reads these too
+        "identity": {"api_keys_file": str(LOCAL / "api-keys.yaml")},
+        "tiers": {"file": str(LOCAL / "tiers.yaml")},
+    }
+    path.write_text(yaml.safe_dump({**files, "server": {"tls": tls}}))
     assert main(["check-config", str(path)]) == 0
     capsys.readouterr()
     path.write_text(
-        yaml.safe_dump({**FILES, "server": {"tls": {**tls, "key_file": stranger.key.name}}})
+        yaml.safe_dump({**files, "server": {"tls": {**tls, "key_file": stranger.key.name}}})
     )
     assert main(["check-config", str(path)]) == 2
     assert (

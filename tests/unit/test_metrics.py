@@ -1,10 +1,11 @@
-"""The metrics the sidecar records: response status classes, tier limits, the opt-in user label."""
+"""The metrics the sidecar records: status classes, tier limits, the opt-in user label, bounded models."""
 
 from __future__ import annotations
 
-from extproc.config import DEFAULT_LIMITS
+from extproc.config import DEFAULT_LIMITS, parse
 from extproc.domain import Charge, Decision, Identity, Limits, Outcome, Tier, Usage
 from extproc.observability.metrics import Metrics
+from extproc.observability.model_labels import OTHER, ModelLabels
 
 FREE = Tier("free", 0, frozenset())
 ALICE = Identity("alice", "alice")
@@ -39,7 +40,8 @@ def test_tier_limits_are_exported_per_window_and_unlimited_ones_left_out() -> No
 
 
 def test_the_user_label_is_opt_in() -> None:
-    plain, per_user = Metrics(), Metrics(per_user=True)
+    known = ModelLabels(["m"])
+    plain, per_user = Metrics(models=known), Metrics(per_user=True, models=known)
     limited = Decision(Outcome.RATE_LIMITED, identity=ALICE, tier=FREE, limit_kind="requests")
     for metrics in (plain, per_user):
         metrics.decided(Decision(Outcome.ALLOW, identity=ALICE, tier=FREE), 0.001)
@@ -64,6 +66,42 @@ def test_known_dependencies_start_at_zero() -> None:
             )
             == 0
         )
+
+
+def model_series(metrics: Metrics) -> set[str]:
+    return {
+        sample.labels["model"]
+        for family in metrics.registry.collect()
+        for sample in family.samples
+        if sample.name == "maas_tokens_total"
+    }
+
+
+def test_a_thousand_client_chosen_models_make_no_new_series() -> None:
+    config = parse(
+        {
+            "limits": {"models": {"free": {"granite-8b": {"tokens": 10}}}},
+            "access": {"body_models": {"facebook/opt-125m": "llm/opt"}},
+        },
+        serving=False,
+    )
+    metrics = Metrics(models=ModelLabels.from_config(config))
+    for i in range(1000):
+        metrics.charged(Charge("alice", "free", f"random-{i}", USAGE, path="/v1/chat/completions"))
+    for model in ("granite-8b", "facebook/opt-125m", "llm/opt"):
+        metrics.charged(Charge("alice", "free", model, USAGE, path="/v1/chat/completions"))
+    assert model_series(metrics) == {OTHER, "granite-8b", "facebook/opt-125m", "llm/opt"}
+    assert value(metrics, "maas_tokens_total", tier="free", model=OTHER, kind="total") == 5000
+
+
+def test_access_checked_path_routes_name_the_model_up_to_a_bound() -> None:
+    checked = ModelLabels(routes_checked=True, max_routes=3)
+    unchecked = ModelLabels()
+    assert checked.label("whatever", "/llm/opt/v1/chat/completions") == "llm/opt"
+    assert unchecked.label("whatever", "/llm/opt/v1/chat/completions") == OTHER
+    labels = {checked.label("x", f"/ns/m{i}/v1/chat/completions") for i in range(1000)}
+    assert labels == {"ns/m0", "ns/m1", OTHER}  # three routes in all (llm/opt first), then other
+    assert checked.label("x", "/v1/chat/completions") == OTHER  # a body-model route: no route
 
 
 SUB = "models-as-a-service/premium-subscription"

@@ -31,6 +31,8 @@ def headers_of(options: object) -> dict[str, str]:
         (Outcome.RATE_LIMITED, 429, code_pb2.RESOURCE_EXHAUSTED),
         (Outcome.TOKEN_LIMITED, 429, code_pb2.RESOURCE_EXHAUSTED),
         (Outcome.UNAVAILABLE, 503, code_pb2.UNAVAILABLE),
+        (Outcome.INVALID_PATH, 400, code_pb2.INVALID_ARGUMENT),
+        (Outcome.UNKNOWN_ROUTE, 404, code_pb2.NOT_FOUND),
         (Outcome.BAD_REQUEST, 400, code_pb2.INVALID_ARGUMENT),
         (Outcome.INTERNAL_ERROR, 500, code_pb2.INTERNAL),
     ],

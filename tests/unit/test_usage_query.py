@@ -85,6 +85,8 @@ def test_rows_group_by_day_and_by_model_with_the_same_totals() -> None:
             "total_tokens": 24,
             "estimated_tokens": 7,
             "requests": 4,
+            "unsettled_tokens": 0,
+            "unsettled_requests": 0,
         }
     )
 
@@ -93,16 +95,26 @@ def test_an_empty_period_has_no_rows_and_zero_totals() -> None:
     document = usage_document("alice", parse_period(None, None, TODAY), "day", [])
     assert document["rows"] == []
     assert document["totals"] == dict.fromkeys(
-        ("prompt_tokens", "completion_tokens", "total_tokens", "estimated_tokens", "requests"), 0
+        (
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "estimated_tokens",
+            "requests",
+            "unsettled_tokens",
+            "unsettled_requests",
+        ),
+        0,
     )
 
 
 def test_csv_and_table_render_the_grouped_rows() -> None:
     grouped, totals = summarize(ROWS, "model")
     assert to_csv(grouped, "model").splitlines() == [
-        "model,prompt_tokens,completion_tokens,total_tokens,estimated_tokens,requests",
-        "llama,10,5,15,0,1",
-        "opt,4,5,9,7,3",
+        "model,prompt_tokens,completion_tokens,total_tokens,estimated_tokens,requests,"
+        "unsettled_tokens,unsettled_requests",
+        "llama,10,5,15,0,1,0,0",
+        "opt,4,5,9,7,3,0,0",
     ]
     table = to_table(grouped, totals, "model").splitlines()
     assert table[0].split() == [
@@ -112,5 +124,7 @@ def test_csv_and_table_render_the_grouped_rows() -> None:
         "total_tokens",
         "estimated_tokens",
         "requests",
+        "unsettled_tokens",
+        "unsettled_requests",
     ]
-    assert table[-1].split() == ["total", "14", "10", "24", "7", "4"]
+    assert table[-1].split() == ["total", "14", "10", "24", "7", "4", "0", "0"]
