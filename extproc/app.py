@@ -197,24 +197,18 @@ def build_policies(config: Config, metrics: Metrics, kube: KubeConnector) -> Pol
     """
     if config.kuadrant.policies != "watch":
         return None
-    from extproc.kuadrant.policies import TOKEN_POLICIES, PolicyLimits
+    from extproc.kuadrant.policies import REQUEST_POLICIES, TOKEN_POLICIES, PolicyLimits
 
-    if config.maas.era == "subscriptions":
-        return PolicyLimits(
-            kube(),
-            config.kuadrant,
-            config.limits,
-            metrics,
-            charged_suffixes=config.routes.charged_suffixes,
-            kinds=(TOKEN_POLICIES,),
-            namespace="",
-        )
+    # The subscription era: MaaS's per-model policies, in every model route's namespace.
+    per_model = config.maas.era == "subscriptions"
     return PolicyLimits(
         kube(),
         config.kuadrant,
         config.limits,
         metrics,
         charged_suffixes=config.routes.charged_suffixes,
+        kinds=(TOKEN_POLICIES,) if per_model else (TOKEN_POLICIES, REQUEST_POLICIES),
+        namespace="" if per_model else None,
     )
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from extproc.authz.api_keys import token_hash
 from extproc.authz.base import IdentitySource
-from extproc.authz.cache import ExpiringCache, SingleFlight
+from extproc.authz.cache import CachedChecks
 from extproc.config import SubscriptionsConfig
 from extproc.domain import Identity
 from extproc.errors import IdentityUnavailable
@@ -76,29 +76,20 @@ class MaasApiKeys:
         self._tokens = tokens
         self._settings = settings
         self._metrics = metrics
-        self._valid: ExpiringCache[str, Identity] = ExpiringCache(max_entries, clock)
-        self._invalid: ExpiringCache[str, None] = ExpiringCache(
-            min(max_entries, MAX_NEGATIVE_ENTRIES), clock
-        )
-        self._flights: SingleFlight[str, Identity | None] = SingleFlight()
-        self._lookups = {
+        lookups = {
             result: metrics.cache_lookups.labels(CACHE, result)
             for result in ("hit", "negative_hit", "miss", "shared")
         }
+        self._checks: CachedChecks[str, Identity] = CachedChecks(
+            lookups, clock, max_entries, MAX_NEGATIVE_ENTRIES
+        )
 
     async def authenticate(self, token: str) -> Identity | None:
         if not token.startswith(KEY_PREFIX):
             return await self._tokens.authenticate(token)
         key = token_hash(token)
-        if (valid := self._valid.get(key)) is not None:
-            self._lookups["hit"].inc()
-            return valid.value
-        if self._invalid.get(key) is not None:
-            self._lookups["negative_hit"].inc()
-            return None
-        self._lookups["shared" if self._flights.joining(key) else "miss"].inc()
         try:
-            return await self._flights.run(key, lambda: self._validate(token, key))
+            return await self._checks.get(key, lambda: self._validate(token, key))
         except IdentityUnavailable:
             self._metrics.unavailable.labels("identity").inc()
             raise
@@ -109,14 +100,12 @@ class MaasApiKeys:
         if identity is None:
             reason = answer.get("reason")
             log.info("api key refused by maas-api: %s", reason if isinstance(reason, str) else "")
-            self._invalid.put(key, None, self._settings.api_key_negative_cache_ttl_s)
+            self._checks.refuse(key, self._settings.api_key_negative_cache_ttl_s)
             return None
-        self._valid.put(key, identity, self._settings.api_key_cache_ttl_s)
+        self._checks.keep(key, identity, self._settings.api_key_cache_ttl_s)
         return identity
 
     async def close(self) -> None:
-        await self._flights.close()
-        self._valid.clear()
-        self._invalid.clear()
+        await self._checks.close()
         await self._tokens.close()
         await self._api.close()

@@ -685,14 +685,7 @@ def test_deployed_config_passes_check_config(
     if "MAAS_EXTPROC_TIERS_MAAS_API_CA_FILE" in overrides:
         # check-config reads the CA bundle as serve does; the odh pod mounts the service CA.
         env["MAAS_EXTPROC_TIERS_MAAS_API_CA_FILE"] = str(pki.ca("maas-api-ca").cert)
-    result = subprocess.run(
-        [sys.executable, "-m", "extproc", "check-config", str(path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=60,
-    )
+    result = check_config(path, env)
     assert result.returncode == 0, result.stderr
     assert "identity=kubernetes" in result.stdout
 
@@ -717,6 +710,18 @@ def test_deployed_config_passes_check_config(
     assert loaded.server.tls.enabled is (target in MTLS_TARGETS)
     # The store URL is never in the ConfigMap: it comes from the Secret.
     assert "url" not in (yaml.safe_load(path.read_text())["store"] or {})
+
+
+def check_config(path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``maas-extproc check-config PATH`` as a process, with exactly ``env``."""
+    return subprocess.run(
+        [sys.executable, "-m", "extproc", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
+    )
 
 
 # ---------------------------------------------------------------------------------- Deployment

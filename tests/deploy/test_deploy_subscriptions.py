@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import kubernetes_validate  # type: ignore[import-untyped]
@@ -29,6 +27,7 @@ from tests.deploy.test_deploy import (
     STORE_URL,
     SUBJECT,
     Doc,
+    check_config,
     kustomize,
     literal_env,
     only,
@@ -37,8 +36,7 @@ from tests.deploy.test_deploy import (
     sidecar_container,
     walk,
 )
-from tests.deploy.test_rbac_use import PATH, grants
-from tests.helpers import eventually
+from tests.deploy.test_rbac_use import PATH, assert_rules_fit, watching
 from tests.k8s_emulator import KubeEmulator
 from tests.tls_fixtures import Pki
 
@@ -91,15 +89,7 @@ def test_the_deployed_config_is_the_subscription_era(
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_EXTPROC_")}
     env.update(literal_env(sidecar_container(docs)), MAAS_EXTPROC_STORE_URL=STORE_URL)
     env["MAAS_EXTPROC_SUBSCRIPTIONS_MAAS_API_CA_FILE"] = str(pki.ca("maas-api-ca").cert)
-    path = tmp_path / "config.yaml"
-    result = subprocess.run(
-        [sys.executable, "-m", "extproc", "check-config", str(path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=60,
-    )
+    result = check_config(tmp_path / "config.yaml", env)
     assert result.returncode == 0, result.stderr
     assert "era=subscriptions, selection=watch" in result.stdout
 
@@ -202,24 +192,16 @@ async def test_every_rbac_rule_is_needed_and_enough(docs: list[Doc], tmp_path: P
                     break
                 await asyncio.sleep(0.02)
             assert decision.outcome is Outcome.ALLOW, decision.reason
-            for resource in (
-                "maassubscriptions",
-                "maasauthpolicies",
-                "maasmodelrefs",
-                "tokenratelimitpolicies",
-            ):
-                await eventually(
-                    lambda r=resource: any(  # type: ignore[misc]
-                        a.verb == "watch" and a.resource == r for a in emulator.audit
-                    ),
-                    f"a watch of {resource}",
-                )
+            await watching(
+                emulator,
+                [
+                    "maassubscriptions",
+                    "maasauthpolicies",
+                    "maasmodelrefs",
+                    "tokenratelimitpolicies",
+                ],
+            )
         finally:
             await sidecar.close()
             await stand_in.stop()
-        used = set(emulator.audit)
-    granted = grants(docs)
-    refused = {request for request in used if not any(g.allows(request) for g in granted)}
-    assert refused == set(), "requests no rule allows"
-    unused = {grant for grant in granted if not any(grant.allows(r) for r in used)}
-    assert unused == set(), "rules no request needs"
+        assert_rules_fit(docs, emulator.audit, "maas-subscriptions")

@@ -17,15 +17,18 @@ from pathlib import Path
 import httpx
 import pytest
 
-from extproc.authz.api_keys import ApiKeyIdentities
-from extproc.observability.usage_api import UsageApi
 from extproc.observability.usage_query import SUBSCRIPTION_GROUPS
 from extproc.store.base import NO_ATTRIBUTION, Attribution, CounterStore, LedgerEntry
-from extproc.store.memory import MemoryStore
 from extproc.store.redis import RedisStore
 from tests.helpers import KEYS, LOCAL
-from tests.integration.test_usage_api import REDIS_DB, RETENTION_DAYS, TODAY, redis_store
-from tests.redis_fixtures import RedisServer, free_port
+from tests.integration.test_usage_api import (
+    REDIS_DB,
+    TODAY,
+    empty_store,
+    redis_store,
+    serving,
+)
+from tests.redis_fixtures import RedisServer
 
 PREMIUM = "models-as-a-service/premium-subscription"
 FREE = "models-as-a-service/simulator-subscription"
@@ -54,24 +57,9 @@ async def seed(store: CounterStore) -> None:
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
 async def client(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncClient]:
-    backend: CounterStore
-    if request.param == "memory":
-        backend = MemoryStore(retention_days=RETENTION_DAYS)
-    else:
-        server: RedisServer = request.getfixturevalue("redis_server")
-        server.cli_command("-n", str(REDIS_DB), "flushdb")
-        backend = redis_store(server.port)
+    backend = empty_store(request)
     await seed(backend)
-    api = UsageApi(
-        backend,
-        ApiKeyIdentities.from_file(LOCAL / "api-keys.yaml"),
-        retention_days=RETENTION_DAYS,
-        admin_group="maas-admins",
-        groups=SUBSCRIPTION_GROUPS,
-    )
-    port = free_port()
-    await api.start("127.0.0.1", port)
-    url = f"http://127.0.0.1:{port}"
+    api, url = await serving(backend, SUBSCRIPTION_GROUPS)
     try:
         async with httpx.AsyncClient(base_url=url, timeout=5) as http:
             yield http
