@@ -20,7 +20,14 @@ from typing import Any, Literal
 
 import yaml
 
-LOCAL_DIR = Path(__file__).resolve().parent.parent / "deploy" / "local"
+
+def _local_dir() -> Path:
+    """deploy/local in a checkout; in an installed wheel, its copy packaged as extproc/local."""
+    checkout = Path(__file__).resolve().parent.parent / "deploy" / "local"
+    return checkout if checkout.is_dir() else Path(__file__).resolve().parent / "local"
+
+
+LOCAL_DIR = _local_dir()
 SUBSCRIPTIONS_DIR = LOCAL_DIR / "subscriptions"  # the subscription era's config and MaaS objects
 
 Topology = Literal["envoy", "authz", "full", "observability", "extproc", "split"]

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +98,49 @@ def ctrl_c_stops_every_child(proc: subprocess.Popen[str], lines: list[str]) -> N
     for port in ports:
         with socket.socket() as sock:
             assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still open"
+
+
+def test_the_demo_runs_from_an_installed_wheel(tmp_path: Path) -> None:
+    """The local stack's files travel in the wheel: no checkout needed for `maas-extproc demo`."""
+    source, wheels = tmp_path / "source", tmp_path / "wheels"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        source.mkdir(exist_ok=True)
+        shutil.copy(ROOT / name, source / name)
+    for folder in ("extproc", "deploy/local"):  # a fresh copy: no build/ left from earlier
+        shutil.copytree(ROOT / folder, source / folder, ignore=ignore)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+         "--wheel-dir", str(wheels), str(source)],
+        check=True, timeout=300, capture_output=True,
+    )  # fmt: skip
+    site = tmp_path / "site"
+    (wheel,) = wheels.glob("maas_extproc-*.whl")
+    zipfile.ZipFile(wheel).extractall(site)
+    assert (site / "extproc" / "local" / "config.yaml").is_file()
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env["PYTHONPATH"] = str(site)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "extproc", "demo", "--port", "0"],
+        cwd=tmp_path,  # nowhere near a checkout
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    try:
+        lines: list[str] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (lines and lines[-1].startswith("Ctrl-C")):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line.rstrip("\n"))
+        assert any(line.startswith("Ctrl-C") for line in lines[-1:]), "\n".join(lines)
+        answer = run(commands(lines)[0])
+        assert '"usage"' in answer or '"choices"' in answer, answer
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
