@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from google.protobuf import json_format
@@ -50,8 +50,10 @@ async def stand_in() -> AsyncIterator[MaasApiStandIn]:
     await server.stop()
 
 
-@pytest.fixture
-async def admission(stand_in: MaasApiStandIn) -> AsyncIterator[Admission]:
+def subscription_admission(
+    stand_in: MaasApiStandIn,
+    dependency_failure: Literal["fail_open", "fail_closed"] = "fail_closed",
+) -> tuple[Admission, MaasApiKeys, SubscriptionPlans]:
     metrics = Metrics(era="subscriptions")
     settings = SubscriptionsConfig(maas_api_url=stand_in.url)
     tokens = ApiKeyIdentities.from_file(LOCAL / "api-keys.yaml")
@@ -65,7 +67,14 @@ async def admission(stand_in: MaasApiStandIn) -> AsyncIterator[Admission]:
         Limiter(MemoryStore(), LimitsConfig(), Clock()),
         plans=plans,
         era="subscriptions",
+        dependency_failure=dependency_failure,
     )
+    return made, identities, plans
+
+
+@pytest.fixture
+async def admission(stand_in: MaasApiStandIn) -> AsyncIterator[Admission]:
+    made, identities, plans = subscription_admission(stand_in)
     yield made
     await identities.close()
     await plans.close()
@@ -198,3 +207,22 @@ async def test_a_body_routed_request_resolves_its_model_through_the_model_ref(
         )
     )
     assert (no_model.outcome, no_model.limit) == (Outcome.TOKEN_LIMITED, 0)  # the default deny
+
+
+@pytest.mark.parametrize("policy", ["fail_closed", "fail_open"])
+async def test_selection_unavailable_follows_the_dependency_policy(
+    stand_in: MaasApiStandIn, policy: Literal["fail_open", "fail_closed"]
+) -> None:
+    made, identities, plans = subscription_admission(stand_in, policy)
+    stand_in.fail_status = 500
+    try:
+        decision = await decide(made, "demo-free-key")
+    finally:
+        await identities.close()
+        await plans.close()
+    if policy == "fail_closed":
+        assert decision.outcome is Outcome.UNAVAILABLE
+    else:  # admitted, unlimited, under the subscription "unknown"
+        assert (decision.outcome, decision.limit) == (Outcome.ALLOW, 0)
+        assert decision.tier is not None
+        assert (decision.tier.name, decision.tier.rates) == ("unknown", ())

@@ -179,3 +179,24 @@ async def test_nothing_is_selected_before_the_first_list(
         assert isinstance(await source.plan_for(PlanQuery(ALICE, model=OPT)), Plan)
     finally:
         await source.close()
+
+
+async def test_a_rate_maas_refuses_leaves_the_default_deny(
+    plans: tuple[SubscriptionPlans, WatchedSubscriptions], emulator: KubeEmulator
+) -> None:
+    source, watched = plans
+    broken = fixture("MaaSSubscription", "simulator-subscription")
+    broken["spec"]["modelRefs"][0]["tokenRateLimits"] = [{"limit": 100, "window": "1d"}]
+    emulator.put_objects([broken])
+    await eventually(
+        lambda: any(
+            m.rates and m.rates[0].window == "1d"
+            for s in (watched.view().subscriptions if watched.view() else ())
+            for m in s.models
+        ),
+        "the edit",
+    )
+    chosen = await source.plan_for(PlanQuery(ALICE, model=OPT, charged=True))
+    assert isinstance(chosen, Plan)
+    # The controller leaves it out of the model's policy: gateway-default-deny's limit 0 applies.
+    assert chosen.rates == DEFAULT_DENY
