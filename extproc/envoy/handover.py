@@ -11,7 +11,7 @@ every integer (2**53 + 1 comes back as 2**53, and ``10**30`` comes back larger t
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -55,10 +55,10 @@ class Billing:
         identity, plan = decision.identity, decision.tier
         if identity is None or plan is None:
             return None
-        return cls(
+        billing = cls(
             request_id=decision.request_id,
             userid=identity.userid,
-            tier=plan.tier,
+            tier=plan.name,
             model=decision.model,
             path=path,
             reserved=decision.reserved_tokens,
@@ -67,7 +67,13 @@ class Billing:
             inject=decision.inject_usage,
             prompt_estimate=decision.prompt_estimate,
             route=decision.route,
-            subscription=plan.subscription,
+        )
+        if plan.era == "tiers":
+            return billing
+        return replace(
+            billing,
+            tier="",
+            subscription=plan.name,
             key=identity.key_name,
             organization_id=plan.organization_id,
             cost_center=plan.cost_center,

@@ -205,7 +205,8 @@ class CheckReplies:
     def reply(self, decision: Decision, path: str) -> authz.CheckResponse:
         if not decision.allowed or decision.identity is None or decision.tier is None:
             return check_response(decision, path, self._policy)
-        key = (decision.identity, decision.tier, decision.strip_headers)
+        plan = decision.tier  # what the fixed part shows of it: its name (and model, for Kuadrant)
+        key = (decision.identity, plan.name, plan.model, decision.strip_headers)
         base = self._bases.get(key)
         if base is None:
             if len(self._bases) >= self._max_entries:
