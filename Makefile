@@ -6,8 +6,9 @@ STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 # make run ERA=subscriptions: the subscription-era MaaS, with a maas-api stand-in
 ERA ?= tiers
+SOAK_REQUESTS ?= 1200
 
-.PHONY: install protos run test lint format unit e2e fuzz bench clean
+.PHONY: install protos run test lint format unit e2e fuzz bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +52,9 @@ format: install
 
 bench: install  ## load the local stack; writes docs/benchmarks.md
 	$(PY) -m bench
+
+soak: install  ## issue 12's fault scenarios at size (SOAK_REQUESTS=1200): lost, double-charged, overshoot
+	$(PY) -m bench.soak --requests $(SOAK_REQUESTS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.tls_fixtures import openssl_binary
+from tests.tools import missing_tool
 
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
@@ -21,7 +22,7 @@ _START_TIMEOUT_S = 10.0
 
 def require_redis() -> tuple[str, str]:
     if REDIS_SERVER is None or REDIS_CLI is None:
-        pytest.skip(
+        missing_tool(
             "redis-server / redis-cli not installed: the Redis store tests need a real server"
         )
     return REDIS_SERVER, REDIS_CLI

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,16 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.tools import require_tool
+
 
 def openssl_binary() -> str:
     """openssl from PATH; missing, the test is skipped, or fails under CI (``.ci/run`` installs it)."""
-    found = shutil.which("openssl")
-    if found is None:
-        message = "openssl not installed: cannot make certificates for the TLS tests"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    return require_tool(
+        "openssl", "openssl not installed: cannot make certificates for the TLS tests"
+    )
 
 
 @dataclass(frozen=True)

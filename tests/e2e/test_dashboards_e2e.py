@@ -8,7 +8,6 @@ its ``user`` label).
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 import urllib.parse
@@ -24,6 +23,7 @@ import yaml
 from extproc.stack import LocalStack, free_port, wait_for_port
 from tests.helpers import CHAT
 from tests.k8s_emulator import KubeEmulator
+from tests.tools import require_tool
 from tests.unit.test_dashboards import dashboard_exprs
 
 pytestmark = pytest.mark.e2e
@@ -41,10 +41,9 @@ class Prometheus:
     """A prometheus server on a free loopback port, scraping ``targets`` every second."""
 
     def __init__(self, workdir: Path, targets: list[int]) -> None:
-        binary = shutil.which("prometheus")
-        if binary is None:
-            pytest.skip("prometheus not installed (apt-get install prometheus)")
-        self.binary = binary
+        self.binary = require_tool(
+            "prometheus", "prometheus not installed (apt-get install prometheus)"
+        )
         self.workdir = workdir
         self.port = free_port()
         self.targets = targets

@@ -295,9 +295,16 @@ async def test_a_hold_stays_unsettled_until_its_settle_releases_it(subject: Subj
 # ----------------------------------------------------------- the same random history, both stores
 
 
-async def test_redis_matches_the_memory_store_on_random_histories(subject: Subject) -> None:
-    if subject.raw is None:
-        pytest.skip("compares a Redis store with the memory store")
+@pytest.fixture(params=["redis", "cluster"])
+async def redis_subject(request: pytest.FixtureRequest) -> AsyncIterator[Subject]:
+    made = await _redis_subject(request.param, request)
+    yield made
+    await made.store.close()
+    await made.raw.aclose()
+
+
+async def test_redis_matches_the_memory_store_on_random_histories(redis_subject: Subject) -> None:
+    subject = redis_subject
     for seed in range(3):
         await subject.raw.flushall()
         reference = MemoryStore(retention_days=RETENTION_DAYS)
