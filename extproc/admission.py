@@ -299,10 +299,17 @@ class Admission:
         if inject and INJECT_HEADER in strip:
             strip = tuple(h for h in strip if h != INJECT_HEADER)  # ours overwrites it
         http_route = plan.route or self.route_of(route, body.model)
+        request_id, now = self._next_request_id(), self._limiter.now_ms()
         try:
             if plan.era == "tiers":
                 verdict = await self._limiter.admit(
-                    identity.userid, plan.name, model, reserve, http_route
+                    identity.userid,
+                    plan.name,
+                    model,
+                    reserve,
+                    http_route,
+                    request_id=request_id,
+                    now_ms=now,
                 )
             else:
                 verdict = await self._limiter.admit(
@@ -314,12 +321,16 @@ class Admission:
                     attribution=Attribution(
                         plan.name, identity.key_name, plan.organization_id, plan.cost_center
                     ),
+                    request_id=request_id,
+                    now_ms=now,
                 )
         except StoreUnavailable:
             if not self._store_fail_open:
                 return Decision(Outcome.UNAVAILABLE, "rate-limit store unavailable", identity, plan)
             log.warning("counter store unavailable: admitting without a reservation")
-            verdict = Verdict(allowed=True)
+            # The admission may still run late (a timeout, not a refusal): the settle releases
+            # its hold if it did, and a late one after the settle is void (store/lua/admit.lua).
+            verdict = Verdict(allowed=True, reserved_tokens=reserve, admitted_ms=now)
         if not verdict.allowed:
             outcome = Outcome.TOKEN_LIMITED if verdict.kind == "tokens" else Outcome.RATE_LIMITED
             return Decision(
@@ -345,7 +356,7 @@ class Admission:
             charged=True,
             reserved_tokens=verdict.reserved_tokens,
             token_windows=verdict.token_windows,
-            request_id=self._next_request_id(),
+            request_id=request_id,
             admitted_ms=verdict.admitted_ms,
             limit_kind=verdict.kind,
             limit=verdict.limit,

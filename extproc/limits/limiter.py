@@ -174,6 +174,10 @@ class Limiter:
             self._plans[(userid, tier, model, route)] = plan
         return plan
 
+    def now_ms(self) -> int:
+        """The limiter's clock: admission times travel with the request to its settle."""
+        return self._clock_ms()
+
     async def admit(
         self,
         userid: str,
@@ -184,6 +188,8 @@ class Limiter:
         *,
         rates: tuple[Rate, ...] | None = None,
         attribution: Attribution = NO_ATTRIBUTION,
+        request_id: str = "",
+        now_ms: int | None = None,
     ) -> Verdict:
         """Check and take the reservation; the ledger holds it as unsettled until the settle.
 
@@ -198,9 +204,9 @@ class Limiter:
         counters = [WindowCounter(k, lim, w, 1, sliding) for k, lim, w in plan.requests]
         counters += [WindowCounter(k, lim, w, reserve, sliding) for k, lim, w in plan.tokens]
         kinds = ["requests"] * len(plan.requests) + ["tokens"] * len(plan.tokens)
-        now = self._clock_ms()
+        now = self._clock_ms() if now_ms is None else now_ms
         hold = ledger.hold_for(userid, model, reserve, now, attribution)
-        result = await self._store.admit(counters, now, hold)
+        result = await self._store.admit(counters, now, hold, request_id=request_id)
         if not counters:
             return Verdict(allowed=True, reserved_tokens=reserve, admitted_ms=now)
         if not result.allowed:

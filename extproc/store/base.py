@@ -129,9 +129,18 @@ class CounterStore(Protocol):
     """
 
     async def admit(
-        self, counters: Sequence[WindowCounter], now_ms: int, hold: Hold | None = None
+        self,
+        counters: Sequence[WindowCounter],
+        now_ms: int,
+        hold: Hold | None = None,
+        *,
+        request_id: str = "",
     ) -> AdmitResult:
-        """Check every counter; only if all pass, add each one's hits and the hold (all or nothing)."""
+        """Check every counter; only if all pass, add each one's hits and the hold (all or nothing).
+
+        With a ``request_id`` (and a hold) the request's state becomes ``held``; an admission
+        whose request was settled already (it ran late, after its caller gave up on it) is void.
+        """
         ...
 
     async def settle(
@@ -146,7 +155,9 @@ class CounterStore(Protocol):
         """Apply the adjustments, add the entry and release the hold, atomically per user.
 
         With a ``request_id`` the settle is applied at most once: a second settle with the same
-        id (a replay whose first attempt did land) changes nothing and returns False.
+        id (a replay whose first attempt did land) changes nothing and returns False; and the
+        release applies only if the admission's hold did (an admission that timed out at the
+        caller may or may not have run).
         """
         ...
 

@@ -66,9 +66,13 @@ def ledger_key(userid: str, day: str) -> str:
     return f"{PREFIX}:{_tag(userid)}:usage:{day}"
 
 
-def settled_key(userid: str, request_id: str) -> str:
-    """Marks one admission's settle as applied, so a replay of it is ignored (user-tagged)."""
-    return f"{PREFIX}:{_tag(userid)}:settled:{request_id}"
+def request_key(userid: str, request_id: str) -> str:
+    """One admitted request's state, ``held`` then ``settled`` (user-tagged; see the Lua scripts).
+
+    A settle whose id is already ``settled`` is a replay and is ignored; an admission that runs
+    after its own settle is void.
+    """
+    return f"{PREFIX}:{_tag(userid)}:rq:{escape(request_id)}"
 
 
 def ledger_users_key(day: str) -> str:

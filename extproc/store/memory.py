@@ -31,13 +31,21 @@ class MemoryStore:
         self._windows: dict[str, _Window] = {}
         self._ledger: dict[str, dict[str, int]] = {}
         self._users: dict[str, set[str]] = {}
-        self._settled: dict[str, int] = {}  # settled_key -> expiry (ms)
+        self._requests: dict[str, tuple[str, int]] = {}  # request_key -> (state, expiry ms)
         self._retention_days = retention_days
         self._dedupe_ttl_ms = dedupe_ttl_ms
 
     async def admit(
-        self, counters: Sequence[WindowCounter], now_ms: int, hold: Hold | None = None
+        self,
+        counters: Sequence[WindowCounter],
+        now_ms: int,
+        hold: Hold | None = None,
+        *,
+        request_id: str = "",
     ) -> AdmitResult:
+        state_key = keys.request_key(hold.userid, request_id) if request_id and hold else ""
+        if state_key and self._state(state_key, now_ms) == "settled":
+            return AdmitResult(True, tuple(CounterState(0, now_ms, 0) for _ in counters))
         states: list[CounterState] = []
         for index, counter in enumerate(counters):
             value, start, reset = self._read(
@@ -51,6 +59,8 @@ class MemoryStore:
             self._add(counter.key, counter.window_ms, counter.sliding, counter.hits, now_ms)
         if hold is not None:
             self._hold(hold, 1, now_ms)
+        if state_key:
+            self._set_state(state_key, "held", now_ms)
         return AdmitResult(True, tuple(states))
 
     async def settle(
@@ -62,9 +72,15 @@ class MemoryStore:
         request_id: str = "",
         release: Hold | None = None,
     ) -> bool:
-        marker = keys.settled_key(entry.userid, request_id) if request_id and entry else ""
-        if marker and not self._first_settle(marker, now_ms):
-            return False
+        owner = entry or release
+        state_key = keys.request_key(owner.userid, request_id) if request_id and owner else ""
+        held = True
+        if state_key:
+            state = self._state(state_key, now_ms)
+            if state == "settled":
+                return False
+            held = state == "held"
+            self._set_state(state_key, "settled", now_ms)
         for adj in adjustments:
             if adj.sliding:
                 bucket_key = keys.sliding_bucket_key(adj.key, adj.window_start_ms // adj.window_ms)
@@ -87,7 +103,7 @@ class MemoryStore:
                 self._add(adj.key, adj.window_ms, False, adj.actual, now_ms)
         if entry is not None:
             self._record(entry, now_ms)
-        if release is not None:
+        if release is not None and held:
             self._hold(release, -1, now_ms)
         return True
 
@@ -142,15 +158,15 @@ class MemoryStore:
         else:
             window.value += hits
 
-    def _first_settle(self, key: str, now_ms: int) -> bool:
-        """Mark ``key`` settled; False when it already was (within the dedupe TTL)."""
-        expires = self._settled.get(key)
-        if expires is not None and expires > now_ms:
-            return False
-        if len(self._settled) >= 100_000:
-            self._settled = {k: t for k, t in self._settled.items() if t > now_ms}
-        self._settled[key] = now_ms + self._dedupe_ttl_ms
-        return True
+    def _state(self, key: str, now_ms: int) -> str:
+        """A request's state (``held``, ``settled``), or "" when none is kept (any more)."""
+        state, expires = self._requests.get(key, ("", 0))
+        return state if expires > now_ms else ""
+
+    def _set_state(self, key: str, state: str, now_ms: int) -> None:
+        if len(self._requests) >= 100_000:
+            self._requests = {k: v for k, v in self._requests.items() if v[1] > now_ms}
+        self._requests[key] = (state, now_ms + self._dedupe_ttl_ms)
 
     def _record(self, entry: LedgerEntry, now_ms: int) -> None:
         self._add_fields(entry.userid, entry.day, ledger.entry_fields(entry), now_ms)

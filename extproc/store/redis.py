@@ -103,7 +103,12 @@ class RedisStore:
             await self._call("start", self._client.script_load(script.source))
 
     async def admit(
-        self, counters: Sequence[WindowCounter], now_ms: int, hold: Hold | None = None
+        self,
+        counters: Sequence[WindowCounter],
+        now_ms: int,
+        hold: Hold | None = None,
+        *,
+        request_id: str = "",
     ) -> AdmitResult:
         if not counters and hold is None:
             return AdmitResult(True, ())
@@ -127,6 +132,11 @@ class RedisStore:
             await self._remember_user(hold.userid, hold.day, ttl_ms, "admit")
             script_keys.append(keys.ledger_key(hold.userid, hold.day))
             args += _ledger_part(ttl_ms, ledger.hold_fields(hold, 1))
+        if request_id and hold is not None:
+            script_keys.append(keys.request_key(hold.userid, request_id))
+            args.append(self._dedupe_ttl_ms)
+        else:
+            args.append(0)
         reply = await self._eval("admit", self._admit, script_keys, args)
         states = tuple(
             CounterState(int(reply[i]), int(reply[i + 1]), int(reply[i + 2]))
@@ -176,8 +186,8 @@ class RedisStore:
             script_keys.append(keys.ledger_key(release.userid, release.day))
             ttl_ms = self._ledger_ttl_ms(release.day, now_ms)
             args += _ledger_part(ttl_ms, ledger.hold_fields(release, -1))
-        # KEYS[1] is the settled marker; without an id, any key of the user holds its place.
-        marker = keys.settled_key(owner.userid, request_id) if marker_ttl and owner else ""
+        # KEYS[1] is the request's state; without an id, any key of the user holds its place.
+        marker = keys.request_key(owner.userid, request_id) if marker_ttl and owner else ""
         script_keys.insert(0, marker or script_keys[0])
         reply = await self._eval("settle", self._settle, script_keys, args)
         return int(cast(int, reply)) >= 0

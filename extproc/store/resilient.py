@@ -108,9 +108,15 @@ class ResilientStore:
             self._ensure_replayer()
 
     async def admit(
-        self, counters: Sequence[WindowCounter], now_ms: int, hold: Hold | None = None
+        self,
+        counters: Sequence[WindowCounter],
+        now_ms: int,
+        hold: Hold | None = None,
+        *,
+        request_id: str = "",
     ) -> AdmitResult:
-        return await self._timed("admit", self._inner.admit(counters, now_ms, hold))
+        call = self._inner.admit(counters, now_ms, hold, request_id=request_id)
+        return await self._timed("admit", call)
 
     async def settle(
         self,

@@ -55,7 +55,9 @@ async def _redis_subject(kind: str, request: pytest.FixtureRequest) -> Subject:
 @pytest.fixture(params=["memory", "redis", "cluster"])
 async def subject(request: pytest.FixtureRequest) -> AsyncIterator[Subject]:
     if request.param == "memory":
-        made = Subject("memory", MemoryStore(retention_days=RETENTION_DAYS))
+        # Its request states expire on the caller's clock, which these tests move by days.
+        store = MemoryStore(retention_days=RETENTION_DAYS, dedupe_ttl_ms=2 * 86_400_000)
+        made = Subject("memory", store)
     else:
         made = await _redis_subject(request.param, request)
     yield made
@@ -262,14 +264,14 @@ async def test_a_settle_lands_once_per_request_id(subject: Subject) -> None:
     assert await store.settle([], entry("alice", "granite", 3), T0 + 9)
     assert [r.requests for r in await store.ledger("alice", [DAY])] == [3]
     if subject.raw is not None:
-        marker_ttl = await subject.raw.pttl(keys.settled_key("alice", "r1"))
+        marker_ttl = await subject.raw.pttl(keys.request_key("alice", "r1"))
         assert 3_500_000 < marker_ttl <= 3_600_000  # the default store.dedupe_ttl_s
 
 
 async def test_a_hold_stays_unsettled_until_its_settle_releases_it(subject: Subject) -> None:
     store = subject.store
     hold = Hold("alice", DAY, "granite", 40)
-    assert (await store.admit([counter(1000, 40)], T0, hold)).allowed
+    assert (await store.admit([counter(1000, 40)], T0, hold, request_id="a")).allowed
     assert (await store.admit([], T0 + 1, Hold("alice", DAY, "granite", 7))).allowed
     # A refused admission holds nothing.
     assert (await store.admit([counter(1, 1, name="full")], T0 + 2)).allowed
@@ -290,6 +292,25 @@ async def test_a_hold_stays_unsettled_until_its_settle_releases_it(subject: Subj
         [], entry("alice", "granite", 9, day="20231115"), next_day, request_id="a", release=hold
     )
     assert (await store.ledger("alice", [DAY]))[0].unsettled_tokens == 7
+
+
+async def test_an_admission_that_ran_late_is_released_or_void(subject: Subject) -> None:
+    """The caller gave up on an admission (a timeout) and let the request through: whether Redis
+    ran it before or after the settle, nothing stays held."""
+    store = subject.store
+    hold = Hold("alice", DAY, "granite", 30)
+    # It ran, just too late for the caller: the settle finds it held and releases it.
+    assert (await store.admit([counter(1000, 30)], T0, hold, request_id="late")).allowed
+    await store.settle([], entry("alice", "granite", 5), T0 + 1, request_id="late", release=hold)
+    # It runs only after the settle: void, nothing counted, nothing held.
+    await store.settle([], entry("alice", "granite", 6), T0 + 2, request_id="later", release=hold)
+    late = await store.admit([counter(1000, 30)], T0 + 3, hold, request_id="later")
+    assert late.allowed
+    assert (await value_of(store, "tok", T0 + 4)).value == 30  # only the first admission's hits
+    assert await store.ledger("alice", [DAY]) == [LedgerRow(DAY, "granite", 9, 2, 11, 0, 2)]
+    # Never admitted at all (the store was down): its settle releases nothing.
+    await store.settle([], entry("alice", "granite", 1), T0 + 5, request_id="never", release=hold)
+    assert (await store.ledger("alice", [DAY]))[0].unsettled_tokens == 0
 
 
 # ----------------------------------------------------------- the same random history, both stores
@@ -332,20 +353,22 @@ async def _replay_random_history(rng: random.Random, memory: MemoryStore, other:
                 for n in picked
             ]
             hold = Hold("alice", DAY, rng.choice(["m1", "m2"]), rng.randint(0, 60))
-            expected = await memory.admit(counters, now, hold)
-            assert await other.admit(counters, now, hold) == expected, f"admit step {step}"
+            rid = f"a{step}"
+            expected = await memory.admit(counters, now, hold, request_id=rid)
+            got = await other.admit(counters, now, hold, request_id=rid)
+            assert got == expected, f"admit step {step}"
             if expected.allowed:
                 for c, state in zip(counters, expected.states, strict=True):
                     open_reservations.append(
-                        (c.key, c.window_ms, state.window_start_ms, c.hits, c.sliding, hold)
+                        (c.key, c.window_ms, state.window_start_ms, c.hits, c.sliding, hold, rid)
                     )
         else:
-            k, window_ms, start, reserved, was_sliding, hold = open_reservations.pop(
+            k, window_ms, start, reserved, was_sliding, hold, rid = open_reservations.pop(
                 rng.randrange(len(open_reservations))
             )
             adjustment = Adjustment(k, window_ms, start, reserved, rng.randint(0, 80), was_sliding)
             ledger = entry("alice", rng.choice(["m1", "m2"]), rng.randint(0, 9))
-            request_id = f"r{step}"
+            request_id = rid if rng.random() < 0.5 else f"r{step}"
             for _ in range(rng.choice([1, 1, 2])):  # now and then a replay of the same settle
                 applied = await memory.settle(
                     [adjustment], ledger, now, request_id=request_id, release=hold

@@ -220,7 +220,9 @@ async def test_settles_during_an_outage_are_replayed_exactly(
         tiers={"free": Limits(tokens=1000, tokens_window_s=60)}, default_reservation_tokens=50
     )
     limiter = Limiter(store, limits, lambda: NOW)
-    verdicts = [await limiter.admit("alice", "free", "granite", 50) for _ in range(10)]
+    verdicts = [
+        await limiter.admit("alice", "free", "granite", 50, request_id=f"r{i}") for i in range(10)
+    ]
     assert all(v.allowed for v in verdicts)
 
     def charge(index: int) -> Charge:

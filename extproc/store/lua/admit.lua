@@ -6,9 +6,13 @@
 -- ARGV[1] now_ms (the caller's clock, so every replica and the memory store agree)
 -- ARGV[2] number of counters, then 5 values per counter:
 --   limit, window_ms, hits, sliding (0 or 1), bucket_start_ms (sliding: current bucket; else 0)
--- then the hold: ttl_ms (0: none), number of pairs, then field, amount pairs added to the last
--- key, the ledger hash of (user, day), only when every counter admits (the request's unsettled
--- reservation, released by settle.lua).
+-- then the hold: ttl_ms (0: none), number of pairs, then field, amount pairs added to the
+-- ledger hash of (user, day), the key after the counters', only when every counter admits (the
+-- request's unsettled reservation, released by settle.lua);
+-- then the request state's TTL in ms (0: no request id); the state key is the last key.
+-- The state key holds 'held' once this admission applied, 'settled' once settle.lua ran. An
+-- admission that arrives after its own settle (it timed out at the caller, who let the request
+-- through, and Redis ran it late) changes nothing: its request is over.
 -- Returns {allowed (1/0), denied index (0-based, -1 when allowed),
 --          then value, window_start_ms, reset_ms for every counter checked}.
 -- A counter denies when its value has reached its limit (value + 1 > limit, as Limitador checks);
@@ -16,7 +20,22 @@
 
 -- now, count, open_window, add_fixed and add_bucket come from windows.lua, prepended at load.
 
+local h = 2 + count * 5 + 1
+local hold_ttl = tonumber(ARGV[h])
+local hold_pairs = tonumber(ARGV[h + 1])
+local state_ttl = tonumber(ARGV[h + 2 + 2 * hold_pairs])
+local state_key = KEYS[#KEYS]
+
 local reply = {1, -1}
+if state_ttl > 0 and redis.call('GET', state_key) == 'settled' then
+  for _ = 1, count do
+    table.insert(reply, 0)
+    table.insert(reply, now)
+    table.insert(reply, 0)
+  end
+  return reply
+end
+
 local k = 1
 for i = 1, count do
   local base = 2 + (i - 1) * 5
@@ -66,12 +85,13 @@ for i = 1, count do
   end
 end
 
-local h = 2 + count * 5 + 1
-local hold_ttl = tonumber(ARGV[h])
 if hold_ttl > 0 then
-  for j = h + 2, h + 1 + 2 * tonumber(ARGV[h + 1]), 2 do
+  for j = h + 2, h + 1 + 2 * hold_pairs, 2 do
     redis.call('HINCRBY', KEYS[k], ARGV[j], ARGV[j + 1])
   end
   redis.call('PEXPIRE', KEYS[k], hold_ttl)
+end
+if state_ttl > 0 then
+  redis.call('SET', state_key, 'held', 'PX', state_ttl)
 end
 return reply

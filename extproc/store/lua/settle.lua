@@ -1,28 +1,38 @@
 -- settle.lua: apply one response's charge once: swap reservations for actual usage, add the usage
 -- to the ledger and release the admission's hold on it.
 --
--- KEYS[1] the request's settled marker (user-tagged); then, per adjustment in order:
+-- KEYS[1] the request's state (user-tagged; see admit.lua); then, per adjustment in order:
 --   fixed   -> 1 key: the window hash {v, t0} the reservation went into
 --   sliding -> 2 keys: the bucket the reservation went into, then the current bucket
 -- then the ledger hash of (user, settle day) when there is an entry, then the ledger hash of
 -- (user, admission day) when there is a hold to release.
 -- Every key carries the same {userid} hash tag, so the script runs on one Redis Cluster slot.
--- ARGV[1] now_ms; ARGV[2] number of adjustments; ARGV[3] settled marker TTL in ms (0: the settle
--- has no id, apply it without the at-most-once check); then 6 values per adjustment:
+-- ARGV[1] now_ms; ARGV[2] number of adjustments; ARGV[3] the request state's TTL in ms (0: the
+-- settle has no id: apply it, release included, without the at-most-once check); then 6 values
+-- per adjustment:
 --   sliding (0 or 1), window_ms, window_start_ms (fixed: the reserved window's start;
 --   sliding: the reserved bucket's start), current_bucket_start_ms (sliding only; else 0),
 --   reserved, actual
 -- then two ledger parts, each: ttl_ms (0: none), number of pairs, then field, amount pairs:
---   the entry (added to the settle day), then the release (added to the admission day).
+--   the entry (added to the settle day), then the release (added to the admission day). With an
+--   id, the release applies only if the admission's hold did (state 'held'): an admission that
+--   timed out at the caller may or may not have run.
 -- While the reserved window is still open it moves by actual - reserved (never below 0); once it
 -- has ended, actual is charged to the current window, which starts now if none is open.
--- Returns the number of adjustments applied, or -1 when this id was settled already.
+-- Returns the number of adjustments applied, or -1 when this id was settled already; the state
+-- is then 'settled', so a late admission of the same request is void.
 
 -- now, count, open_window, add_fixed and add_bucket come from windows.lua, prepended at load.
 
-local marker_ttl = tonumber(ARGV[3])
-if marker_ttl > 0 and not redis.call('SET', KEYS[1], '1', 'NX', 'PX', marker_ttl) then
-  return -1
+local state_ttl = tonumber(ARGV[3])
+local held = true
+if state_ttl > 0 then
+  local state = redis.call('GET', KEYS[1])
+  if state == 'settled' then
+    return -1
+  end
+  held = state == 'held'
+  redis.call('SET', KEYS[1], 'settled', 'PX', state_ttl)
 end
 
 local k = 2
@@ -52,14 +62,16 @@ for i = 1, count do
 end
 
 local a = 3 + count * 6 + 1
-for _ = 1, 2 do
+for part = 1, 2 do
   local ttl = tonumber(ARGV[a])
   local npairs = tonumber(ARGV[a + 1])
   if ttl > 0 then
-    for j = a + 2, a + 1 + 2 * npairs, 2 do
-      redis.call('HINCRBY', KEYS[k], ARGV[j], ARGV[j + 1])
+    if part == 1 or held then
+      for j = a + 2, a + 1 + 2 * npairs, 2 do
+        redis.call('HINCRBY', KEYS[k], ARGV[j], ARGV[j + 1])
+      end
+      redis.call('PEXPIRE', KEYS[k], ttl)
     end
-    redis.call('PEXPIRE', KEYS[k], ttl)
     k = k + 1
   end
   a = a + 2 + 2 * npairs
