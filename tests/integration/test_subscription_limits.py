@@ -153,7 +153,9 @@ async def test_the_ledger_books_each_charge_to_its_subscription_and_key(
 ) -> None:
     clock = Clock()
     limiter = Limiter(store, LimitsConfig(), clock)
-    verdict = await limiter.admit("bob", SUB, MODEL, 200, rates=RATES, attribution=WHO)
+    verdict = await limiter.admit(
+        "bob", SUB, MODEL, 200, rates=RATES, attribution=WHO, request_id="x1"
+    )
     (held,) = await store.ledger("bob", [day_of(clock())])
     assert (held.unsettled_tokens, held.attribution) == (200, WHO)
     assert await limiter.settle(charge(verdict, 200, 42, "x1"))
