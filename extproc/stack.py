@@ -29,6 +29,7 @@ def _local_dir() -> Path:
 
 LOCAL_DIR = _local_dir()
 SUBSCRIPTIONS_DIR = LOCAL_DIR / "subscriptions"  # the subscription era's config and MaaS objects
+_START_S = 60.0  # how long a process of the stack may take to listen
 
 Topology = Literal["envoy", "authz", "full", "observability", "extproc", "split"]
 Era = Literal["tiers", "subscriptions"]
@@ -334,14 +335,16 @@ class LocalStack:
             str(self.admin_port),
         ]
         self._spawn("envoy", envoy_cmd)
-        wait_for_port(self.sim_port, 20, self.procs["sim"])
+        # Generous: a loaded 2-core machine can take many seconds to start Python processes;
+        # each wait returns as soon as the port answers, or at once if the process died.
+        wait_for_port(self.sim_port, _START_S, self.procs["sim"])
         if self.maas_api_port:
-            wait_for_port(self.maas_api_port, 20, self.procs["maas-api"])
+            wait_for_port(self.maas_api_port, _START_S, self.procs["maas-api"])
         for port in self.sidecar_ports:
-            wait_for_port(port, 20, self.procs["sidecar"])
+            wait_for_port(port, _START_S, self.procs["sidecar"])
         if self.topology != "envoy" and not self.sidecar_command:
-            wait_for_port(self.usage_port, 20, self.procs["sidecar"])
-        wait_envoy_ready(self.admin_port, 20, self.procs["envoy"])
+            wait_for_port(self.usage_port, _START_S, self.procs["sidecar"])
+        wait_envoy_ready(self.admin_port, _START_S, self.procs["envoy"])
 
     @property
     def config(self) -> Path:
