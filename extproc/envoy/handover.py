@@ -11,7 +11,7 @@ every integer (2**53 + 1 comes back as 2**53, and ``10**30`` comes back larger t
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -38,18 +38,27 @@ class Billing:
     inject: bool = False  # the request body is rewritten to ask the stream for usage
     prompt_estimate: int = 0
     route: str = ""  # the HTTPRoute admission counted the request in (Kuadrant's domain)
+    # The subscription era (all "" in the tier era, where ``tier`` is set instead): the
+    # subscription "<namespace>/<name>", the API key's name, the subscription's tokenMetadata,
+    # and the window (seconds) of each token rate the reservation went into.
+    subscription: str = ""
+    key: str = ""
+    organization_id: str = ""
+    cost_center: str = ""
+    rate_windows: tuple[int, ...] = ()
 
     @classmethod
     def from_decision(cls, decision: Decision, path: str) -> Billing | None:
         """The record of an allowed, charged decision; None for everything else."""
         if not decision.allowed or not decision.charged:
             return None
-        if decision.identity is None or decision.tier is None:
+        identity, plan = decision.identity, decision.tier
+        if identity is None or plan is None:
             return None
-        return cls(
+        billing = cls(
             request_id=decision.request_id,
-            userid=decision.identity.userid,
-            tier=decision.tier.name,
+            userid=identity.userid,
+            tier=plan.name,
             model=decision.model,
             path=path,
             reserved=decision.reserved_tokens,
@@ -58,6 +67,17 @@ class Billing:
             inject=decision.inject_usage,
             prompt_estimate=decision.prompt_estimate,
             route=decision.route,
+        )
+        if plan.era == "tiers":
+            return billing
+        return replace(
+            billing,
+            tier="",
+            subscription=plan.name,
+            key=identity.key_name,
+            organization_id=plan.organization_id,
+            cost_center=plan.cost_center,
+            rate_windows=tuple(rate.window_s for rate in plan.rates),
         )
 
 
@@ -74,6 +94,12 @@ def write(fields: Any, billing: Billing) -> None:
     fields["inject"].bool_value = billing.inject
     fields["prompt_est"].string_value = str(billing.prompt_estimate)
     fields["route"].string_value = billing.route
+    if billing.subscription:  # the tier era's record stays as it was
+        fields["sub"].string_value = billing.subscription
+        fields["key"].string_value = billing.key
+        fields["org"].string_value = billing.organization_id
+        fields["cc"].string_value = billing.cost_center
+        fields["rate_windows"].string_value = ",".join(map(str, billing.rate_windows))
 
 
 def to_struct(billing: Billing) -> struct_pb2.Struct:
@@ -97,6 +123,7 @@ def read(filter_metadata: Mapping[str, struct_pb2.Struct]) -> Billing | None:
     fields = record.struct_value.fields
     try:
         windows_text = _text(fields, "windows")
+        rate_windows = _text(fields, "rate_windows") if "rate_windows" in fields else ""
         return Billing(
             request_id=_text(fields, "id"),
             userid=_text(fields, "user"),
@@ -109,6 +136,11 @@ def read(filter_metadata: Mapping[str, struct_pb2.Struct]) -> Billing | None:
             inject=fields["inject"].bool_value if "inject" in fields else False,
             prompt_estimate=_count(_text(fields, "prompt_est")),
             route=_text(fields, "route"),
+            subscription=_optional(fields, "sub"),
+            key=_optional(fields, "key"),
+            organization_id=_optional(fields, "org"),
+            cost_center=_optional(fields, "cc"),
+            rate_windows=tuple(_count(v) for v in rate_windows.split(",")) if rate_windows else (),
         )
     except (KeyError, ValueError):
         return None
@@ -120,6 +152,11 @@ def _text(fields: Any, key: str) -> str:
         raise ValueError(key)
     text: str = value.string_value
     return text
+
+
+def _optional(fields: Any, key: str) -> str:
+    """A text field only the subscription era writes: "" when absent."""
+    return _text(fields, key) if key in fields else ""
 
 
 def _count(text: str) -> int:

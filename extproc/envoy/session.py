@@ -149,6 +149,11 @@ class Session:
             request_id=billing.request_id,
             admitted_ms=billing.admitted_ms,
             route=billing.route,
+            subscription=billing.subscription,
+            key_name=billing.key,
+            organization_id=billing.organization_id,
+            cost_center=billing.cost_center,
+            rate_windows=billing.rate_windows,
         )
 
     def _usage(self, billing: Billing) -> Usage:
