@@ -296,8 +296,10 @@ class LocalStack:
         )
         era_env = self._start_maas_api() if self.era == "subscriptions" else {}
         if self.topology != "envoy":
-            self.sidecar_ports = free_ports(self.workers)
-            self.metrics_ports = free_ports(self.workers)
+            # One run of ports for both: two separate runs could overlap (worker 0's metrics on
+            # worker 1's gRPC port), and the supervisor would restart that worker forever.
+            ports = free_ports(2 * self.workers)
+            self.sidecar_ports, self.metrics_ports = ports[: self.workers], ports[self.workers :]
             self.usage_port = self.usage_port or free_port()
             env = {
                 "MAAS_EXTPROC_SERVER_PORT": str(self.sidecar_ports[0]),
@@ -341,7 +343,11 @@ class LocalStack:
         if self.maas_api_port:
             wait_for_port(self.maas_api_port, _START_S, self.procs["maas-api"])
         for port in self.sidecar_ports:
-            wait_for_port(port, _START_S, self.procs["sidecar"])
+            try:
+                wait_for_port(port, _START_S, self.procs["sidecar"])
+            except (TimeoutError, RuntimeError) as exc:
+                tail = self.log("sidecar")[-4000:]
+                raise type(exc)(f"{exc}; sidecar.log ends:\n{tail}") from None
         if self.topology != "envoy" and not self.sidecar_command:
             wait_for_port(self.usage_port, _START_S, self.procs["sidecar"])
         wait_envoy_ready(self.admin_port, _START_S, self.procs["envoy"])
