@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# make run ERA=subscriptions: the subscription-era MaaS, with a maas-api stand-in
+ERA ?= tiers
 SOAK_REQUESTS ?= 1200
 
 .PHONY: install protos run test lint format unit e2e fuzz bench soak clean
@@ -25,7 +27,7 @@ protos: $(GEN)  ## generate extproc/_gen/ from protos/ (Kuadrant's rate-limit se
 install: $(STAMP) $(GEN)  ## create .venv, install the project with its dev tools, generate code
 
 run: install  ## Envoy + sidecar + model simulator on loopback (REDIS_URL=redis://... for Redis)
-	$(PY) -m extproc demo
+	$(PY) -m extproc demo --era $(ERA)
 
 lint: install  ## ruff and mypy --strict
 	$(VENV)/bin/ruff check extproc tests bench

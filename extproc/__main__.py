@@ -31,11 +31,33 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", help="sidecar config (default: deploy/local/config.yaml)")
     demo.add_argument("--port", type=int, default=8080, help="Envoy listener port (0: any free)")
     demo.add_argument("--workers", type=int, default=1, help="sidecar worker processes")
+    demo.add_argument(
+        "--era",
+        choices=("tiers", "subscriptions"),
+        default="tiers",
+        help="the MaaS to play: tiers, or subscriptions (API keys, MaaSSubscriptions, a maas-api stand-in)",
+    )
 
     sim = sub.add_parser("sim", help="run the OpenAI-compatible model simulator")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8000)
     sim.add_argument("--chunk-delay-ms", type=float, default=0.0, help="delay between SSE chunks")
+
+    maas_api = sub.add_parser(
+        "maas-api", help="run the maas-api stand-in (API-key validation, subscription selection)"
+    )
+    maas_api.add_argument("--host", default="127.0.0.1")
+    maas_api.add_argument("--port", type=int, default=8443)
+    maas_api.add_argument(
+        "--objects", required=True, help="YAML: MaaSSubscription, MaaSAuthPolicy, MaaSModelRef"
+    )
+    maas_api.add_argument(
+        "--keys",
+        required=True,
+        help="YAML: keys: [{key, id, name, username, groups, subscription}]",
+    )
+    maas_api.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
+    maas_api.add_argument("--tls-key", help="and this key (PEM)")
 
     check = sub.add_parser(
         "check-config", help="validate a config file and every file it names, then exit"
@@ -44,11 +66,20 @@ def _parser() -> argparse.ArgumentParser:
 
     usage = sub.add_parser("usage", help="print a user's token usage from the store")
     usage.add_argument("--config", help="config file naming the store (or MAAS_EXTPROC_STORE_URL)")
-    usage.add_argument("--user", required=True, help="user id (service-account name)")
+    usage.add_argument(
+        "--user",
+        required=True,
+        help="user id (tiers: service-account name; subscriptions: username)",
+    )
     usage.add_argument("--from", dest="start", help="first day, YYYY-MM-DD (default: today)")
     usage.add_argument("--to", dest="end", help="last day, YYYY-MM-DD (default: today)")
     usage.add_argument("--format", choices=("table", "json", "csv"), default="table")
-    usage.add_argument("--group-by", choices=("day", "model"), default="day", help="one row per")
+    usage.add_argument(
+        "--group-by",
+        choices=("day", "model", "subscription", "key"),
+        default="day",
+        help="one row per day, model, subscription (with its tokenMetadata) or API key",
+    )
     return parser
 
 
@@ -72,12 +103,31 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "check-config":
         loaded = config_mod.load(args.file, os.environ)
         files = config_files.check(loaded)  # every file it names, read as serve reads it
+        plans = (
+            f"tiers={loaded.tiers.source}"
+            if loaded.maas.era == "tiers"
+            else f"era=subscriptions, selection={loaded.subscriptions.selection}"
+        )
         print(
-            f"{args.file}: ok (identity={loaded.identity.source}, tiers={loaded.tiers.source}, "
+            f"{args.file}: ok (identity={loaded.identity.source}, {plans}, "
             f"store={config_mod.redact_url(str(loaded.store.url))})"
         )
         for checked in files:
             print(f"  read {checked}")
+        return 0
+    if args.command == "maas-api":
+        import ssl
+        from pathlib import Path
+
+        from extproc.sim.maas_api import MaasApiStandIn, serve_stand_in
+
+        tls = None
+        if args.tls_cert:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(args.tls_cert, args.tls_key)
+        stand_in = MaasApiStandIn.from_files(Path(args.objects), Path(args.keys))
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve_stand_in(args.host, args.port, stand_in, tls))
         return 0
     if args.command == "sim":
         from extproc.sim.server import SimConfig, serve_forever
@@ -105,7 +155,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from extproc.demo import run_demo
 
-        return run_demo(args.config, args.port, args.workers)
+        return run_demo(args.config, args.port, args.workers, args.era)
     if args.command == "usage":
         from extproc.observability.usage_cli import run_usage
 

@@ -1,4 +1,4 @@
-"""Admission: the ordered steps from request headers to a Decision (identity, tier, access, limits)."""
+"""Admission: the ordered steps from request headers to a Decision (identity, plan, access, limits)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,50 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from extproc.accounting import counts, estimate
-from extproc.authz.base import AccessChecker, IdentitySource, TierSource
+from extproc.authz.base import (
+    AccessChecker,
+    IdentitySource,
+    PlanQuery,
+    PlanRefusal,
+    PlanSource,
+    TierPlans,
+    TierSource,
+)
 from extproc.config import DEFAULT_MAX_REQUEST_TOKENS, AccountingConfig
-from extproc.domain import Decision, Identity, Outcome, Tier
+from extproc.domain import Decision, Era, Identity, Outcome, Plan, Tier
 from extproc.errors import StoreUnavailable, Unavailable
 from extproc.limits.limiter import Limiter, Verdict
 from extproc.routes import Route, RouteTable
+from extproc.store.base import Attribution
 
 log = logging.getLogger("extproc.admission")
 
 OWN_HEADERS = ("x-maas-username", "x-maas-tier")
+SUBSCRIPTION_HEADER = "x-maas-subscription"
+
+
+@dataclass(frozen=True, slots=True)
+class EraHeaders:
+    """The client's X-MaaS-* headers in one era: which are ours to overwrite (not stripped),
+    which are a legitimate input, which get a 403."""
+
+    own: tuple[str, ...]  # set by our allow reply
+    own_without_plan: tuple[str, ...]  # set when no plan applies (subscriptions: no model)
+    inputs: tuple[str, ...] = ()  # read by admission, never a spoof
+    refused: tuple[str, ...] = ()  # 403 whatever routes.spoofed_headers says
+
+
+ERA_HEADERS: dict[str, EraHeaders] = {
+    "tiers": EraHeaders(OWN_HEADERS, OWN_HEADERS),
+    # maas-controller maasauthpolicy_controller.go at c0639b1b: deny-client-identity-headers
+    # refuses x-maas-username and x-maas-group; X-MaaS-Subscription selects the subscription.
+    "subscriptions": EraHeaders(
+        own=("x-maas-username", "x-maas-group", SUBSCRIPTION_HEADER),
+        own_without_plan=("x-maas-username", "x-maas-group"),
+        inputs=(SUBSCRIPTION_HEADER,),
+        refused=("x-maas-username", "x-maas-group"),
+    ),
+}
 # Set by ext_authz on requests whose body ext_proc must rewrite (include_usage); the injector
 # filter of the split layout runs only when it is there, and removes it.
 INJECT_HEADER = "x-maas-inject"
@@ -29,6 +63,8 @@ USAGE_OPT_IN_SUFFIXES = ("/chat/completions", "/v1/completions")
 # With dependency_failure fail_open, a caller whose tier cannot be resolved is admitted as this
 # tier: limited by ``limits.tiers.unknown`` if configured, else not limited.
 UNRESOLVED_TIER = Tier("unknown", -1, frozenset())
+# The same for a subscription that cannot be selected: admitted unlimited (no rates).
+UNRESOLVED_SUBSCRIPTION = Plan("unknown", era="subscriptions")
 # The request's completion bound, by the names the OpenAI, Anthropic and Responses APIs use;
 # the first one set (and above 0) is the bound, every one set must be a valid count.
 BOUND_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
@@ -100,10 +136,12 @@ class Admission:
         self,
         routes: RouteTable,
         identities: IdentitySource,
-        tiers: TierSource,
+        tiers: TierSource | None,
         access: AccessChecker,
         limiter: Limiter,
         *,
+        plans: PlanSource | None = None,
+        era: Era = "tiers",
         spoofed_headers: Literal["strip", "reject"] = "strip",
         unclassified: Literal["refuse", "pass"] = "refuse",
         store_failure: Literal["fail_open", "fail_closed"] = "fail_open",
@@ -114,9 +152,16 @@ class Admission:
     ) -> None:
         self._routes = routes
         self._identities = identities
-        self._tiers = tiers
+        if plans is None:
+            if tiers is None:
+                raise ValueError("admission needs a tier source or a plan source")
+            plans = TierPlans(tiers)
+        self._plans = plans
         self._access = access
         self._limiter = limiter
+        self._era = era
+        self._headers = ERA_HEADERS[era]
+        self._unresolved = UNRESOLVED_TIER if era == "tiers" else UNRESOLVED_SUBSCRIPTION
         self._reject_spoofed = spoofed_headers == "reject"
         self._refuse_unclassified = unclassified == "refuse"
         self._store_fail_open = store_failure == "fail_open"
@@ -134,8 +179,11 @@ class Admission:
         return f"{self._id_prefix}{next(self._ids):x}"
 
     async def decide(self, request: AdmissionRequest) -> Decision:
+        headers = self._headers
         route = self._routes.classify(request.method, request.path)
-        spoofed = tuple(h for h in request.headers if h.startswith(SPOOF_PREFIX))
+        spoofed = tuple(
+            h for h in request.headers if h.startswith(SPOOF_PREFIX) and h not in headers.inputs
+        )
         if spoofed and self._reject_spoofed:
             return Decision(
                 Outcome.SPOOFED, "X-MaaS-* request headers are reserved for the gateway"
@@ -155,6 +203,10 @@ class Admission:
             return Decision(Outcome.UNAVAILABLE, "identity service unavailable")
         if identity is None:
             return Decision(Outcome.UNAUTHENTICATED, "invalid or expired token")
+        if forged := [h for h in spoofed if h in headers.refused]:
+            # Subscription era: as MaaS's gateway policy, which sets them itself after auth.
+            reason = f"the {forged[0]} request header is set by the gateway, not the client"
+            return Decision(Outcome.SPOOFED, reason, identity, reason_code="unauthorized")
         if self._refuse_unclassified and (route.invalid or route.unclassified):
             # Never passed unbilled: a model path we cannot classify may still be served upstream.
             if route.invalid:
@@ -162,45 +214,53 @@ class Admission:
                 return Decision(Outcome.INVALID_PATH, reason, identity)
             reason = f"no {request.method} route {route.path} on this gateway"
             return Decision(Outcome.UNKNOWN_ROUTE, reason, identity)
-        try:
-            tier = await self._tiers.tier_for(identity)
-        except Unavailable as exc:
-            if not self._dependency_fail_open:
-                log.warning("admission dependency unavailable: %s", type(exc).__name__)
-                return Decision(Outcome.UNAVAILABLE, "tier service unavailable", identity)
-            log.warning("tier unavailable: admitting as tier %s (fail_open)", UNRESOLVED_TIER.name)
-            tier = UNRESOLVED_TIER
-        if tier is None:
-            return Decision(Outcome.NO_TIER, "no tier matches the caller's groups", identity)
         body = (
             RequestBody.parse(request.body, self._max_request_tokens)
             if route.charged
             else RequestBody()
         )
+        query = PlanQuery(
+            identity,
+            model=route.model or body.model,
+            requested=request.headers.get(SUBSCRIPTION_HEADER, "") if headers.inputs else "",
+            charged=route.charged,
+        )
+        try:
+            plan = await self._plans.plan_for(query)
+        except Unavailable as exc:
+            if not self._dependency_fail_open:
+                log.warning("admission dependency unavailable: %s", type(exc).__name__)
+                return Decision(Outcome.UNAVAILABLE, "plan source unavailable", identity)
+            log.warning("plan unavailable: admitting as %s (fail_open)", self._unresolved.name)
+            plan = self._unresolved
+        if isinstance(plan, PlanRefusal):
+            return Decision(plan.outcome, plan.reason, identity, reason_code=plan.code)
         if body.problem:
-            return Decision(Outcome.BAD_REQUEST, body.problem, identity, tier)
+            return Decision(Outcome.BAD_REQUEST, body.problem, identity, plan)
         try:
             access = await self._access_ok(identity, route, body.model)
         except Unavailable as exc:
             if not self._dependency_fail_open:
                 log.warning("admission dependency unavailable: %s", type(exc).__name__)
-                return Decision(Outcome.UNAVAILABLE, "access check unavailable", identity, tier)
+                return Decision(Outcome.UNAVAILABLE, "access check unavailable", identity, plan)
             log.warning("access check unavailable: admitting (fail_open)")
             access = True
         if not access:
-            return Decision(Outcome.FORBIDDEN, "no access to this model", identity, tier)
-        model = body.model or route.model
-        strip = tuple(h for h in spoofed if h not in OWN_HEADERS) if spoofed else ()
+            return Decision(Outcome.FORBIDDEN, "no access to this model", identity, plan)
+        model = (plan.model if plan is not None else "") or body.model or route.model
+        own = headers.own if plan is not None else headers.own_without_plan
+        strip = tuple(h for h in spoofed if h not in own) if spoofed else ()
         if not route.charged:
             return Decision(
                 Outcome.ALLOW,
                 identity=identity,
-                tier=tier,
+                tier=plan,
                 model=model,
                 strip_headers=strip,
                 path=route.path,
             )
-        return await self._limit(route, identity, tier, model, body, strip)
+        assert plan is not None  # a charged route always has a plan (a tier, or default deny)
+        return await self._limit(route, identity, plan, model, body, strip)
 
     def route_of(self, route: Route, body_model: str) -> str:
         """The HTTPRoute of a path route, else of the body's model ("" when unknown)."""
@@ -219,7 +279,7 @@ class Admission:
         self,
         route: Route,
         identity: Identity,
-        tier: Tier,
+        plan: Plan,
         model: str,
         body: RequestBody,
         strip: tuple[str, ...],
@@ -229,7 +289,7 @@ class Admission:
             estimate.tokens_from_chars(body.prompt_chars, self._accounting.chars_per_token),
             self._max_request_tokens,
         )
-        reserve = self._limiter.reservation_for(tier.name, body.max_tokens, prompt_estimate)
+        reserve = self._limiter.reservation_for(plan.tier, body.max_tokens, prompt_estimate)
         inject = (
             self._accounting.inject_include_usage
             and body.stream
@@ -238,21 +298,35 @@ class Admission:
         )
         if inject and INJECT_HEADER in strip:
             strip = tuple(h for h in strip if h != INJECT_HEADER)  # ours overwrites it
-        http_route = self.route_of(route, body.model)
+        http_route = plan.route or self.route_of(route, body.model)
         request_id, now = self._next_request_id(), self._limiter.now_ms()
         try:
-            verdict = await self._limiter.admit(
-                identity.userid,
-                tier.name,
-                model,
-                reserve,
-                http_route,
-                request_id=request_id,
-                now_ms=now,
-            )
+            if plan.era == "tiers":
+                verdict = await self._limiter.admit(
+                    identity.userid,
+                    plan.name,
+                    model,
+                    reserve,
+                    http_route,
+                    request_id=request_id,
+                    now_ms=now,
+                )
+            else:
+                verdict = await self._limiter.admit(
+                    identity.userid,
+                    plan.name,
+                    model,
+                    reserve,
+                    rates=plan.rates,
+                    attribution=Attribution(
+                        plan.name, identity.key_name, plan.organization_id, plan.cost_center
+                    ),
+                    request_id=request_id,
+                    now_ms=now,
+                )
         except StoreUnavailable:
             if not self._store_fail_open:
-                return Decision(Outcome.UNAVAILABLE, "rate-limit store unavailable", identity, tier)
+                return Decision(Outcome.UNAVAILABLE, "rate-limit store unavailable", identity, plan)
             log.warning("counter store unavailable: admitting without a reservation")
             # The admission may still run late (a timeout, not a refusal): the settle releases
             # its hold if it did, and a late one after the settle is void (store/lua/admit.lua).
@@ -263,7 +337,7 @@ class Admission:
                 outcome,
                 f"{verdict.kind} limit of {verdict.limit} exceeded",
                 identity,
-                tier,
+                plan,
                 model,
                 route=http_route,
                 charged=True,
@@ -276,7 +350,7 @@ class Admission:
         return Decision(
             Outcome.ALLOW,
             identity=identity,
-            tier=tier,
+            tier=plan,
             model=model,
             route=http_route,
             charged=True,

@@ -22,7 +22,14 @@ from grpc_reflection.v1alpha import reflection
 from extproc import tls
 from extproc.admission import Admission
 from extproc.authz.api_keys import ApiKeyIdentities
-from extproc.authz.base import AccessChecker, AllowAll, IdentitySource, TierSource
+from extproc.authz.base import (
+    AccessChecker,
+    AllowAll,
+    IdentitySource,
+    PlanSource,
+    TierPlans,
+    TierSource,
+)
 from extproc.authz.kube import KubeConnector
 from extproc.authz.tiers import FileTiers
 from extproc.charger import Charger
@@ -32,12 +39,14 @@ from extproc.envoy.authz_service import AuthorizationService
 from extproc.envoy.http_authz import HttpAuthorization
 from extproc.envoy.inline_admission import InlineAdmission
 from extproc.envoy.proc_service import ExternalProcessorService
+from extproc.envoy.replies import HeaderPolicy
 from extproc.kuadrant.route_map import RouteDomains
 from extproc.limits.limiter import Limiter
 from extproc.logs import configure as configure_logging
 from extproc.observability.metrics import Metrics, serve_metrics
 from extproc.observability.model_labels import ModelLabels
 from extproc.observability.usage_api import UsageApi
+from extproc.observability.usage_query import GROUPS, SUBSCRIPTION_GROUPS
 from extproc.routes import RouteTable
 from extproc.store.base import CounterStore
 from extproc.store.memory import MemoryStore
@@ -48,6 +57,7 @@ if TYPE_CHECKING:
     from extproc.kuadrant.httproutes import WatchedRoutes
     from extproc.kuadrant.policies import PolicyLimits
     from extproc.kuadrant.reporter import Reporter
+    from extproc.subscriptions.maas_api import MaasApi
 
 log = logging.getLogger("extproc.app")
 
@@ -97,11 +107,69 @@ def build_store(config: Config, metrics: Metrics) -> ResilientStore:
 
 
 def build_identities(config: Config, metrics: Metrics, kube: KubeConnector) -> IdentitySource:
-    if config.identity.source == "api_keys":
+    source = config.identity.source
+    if source == "maas_api_keys":
+        from extproc.subscriptions.identity import MaasApiKeys
+
+        tokens = _token_identities(config, config.identity.tokens, metrics, kube)
+        return MaasApiKeys(build_maas_api(config), tokens, config.subscriptions, metrics)
+    return _token_identities(config, source, metrics, kube)
+
+
+def _token_identities(
+    config: Config, source: str, metrics: Metrics, kube: KubeConnector
+) -> IdentitySource:
+    if source == "api_keys":
         return ApiKeyIdentities.from_file(config.path(config.identity.api_keys_file))
     from extproc.authz.kubernetes_identity import KubernetesIdentities
 
-    return KubernetesIdentities(kube(), config.identity, metrics)
+    # The subscription era counts users by their whole username, as MaaS's gateway policy.
+    subscriptions = config.maas.era == "subscriptions"
+    return KubernetesIdentities(kube(), config.identity, metrics, full_username=subscriptions)
+
+
+def build_maas_api(config: Config) -> MaasApi:
+    """A client of maas-api's internal endpoints (subscription era)."""
+    from extproc.subscriptions.maas_api import MaasApi
+
+    settings = config.subscriptions
+    ca_file = config.path(settings.maas_api_ca_file) if settings.maas_api_ca_file else None
+    return MaasApi(settings.maas_api_url, ca_file=ca_file, timeout_s=settings.timeout_s)
+
+
+def build_plans(
+    config: Config,
+    metrics: Metrics,
+    kube: KubeConnector,
+    domains: RouteDomains,
+    policies: PolicyLimits | None,
+) -> PlanSource:
+    """Tiers (the tier era), or MaaSSubscriptions selected per request (the subscription era)."""
+    if config.maas.era == "tiers":
+        return TierPlans(build_tiers(config, metrics, kube))
+    from extproc.subscriptions.plans import (
+        MaasApiSelector,
+        Selector,
+        SubscriptionPlans,
+        WatchSelector,
+    )
+
+    settings = config.subscriptions
+    selector: Selector
+    if settings.selection == "maas_api":
+        selector = MaasApiSelector(
+            build_maas_api(config), metrics, ttl_s=settings.select_cache_ttl_s
+        )
+    else:
+        from extproc.subscriptions.watch import WatchedSubscriptions
+
+        selector = WatchSelector(WatchedSubscriptions(kube(), settings.namespace))
+    return SubscriptionPlans(
+        selector,
+        metrics,
+        route_of=lambda namespace, name: domains.domain(namespace, name, ""),
+        declared=policies.rates_for if policies is not None else lambda _key: None,
+    )
 
 
 def build_tiers(config: Config, metrics: Metrics, kube: KubeConnector) -> TierSource:
@@ -126,17 +194,25 @@ def build_access(config: Config, metrics: Metrics, kube: KubeConnector) -> Acces
 
 
 def build_policies(config: Config, metrics: Metrics, kube: KubeConnector) -> PolicyLimits | None:
-    """Watched Kuadrant policies overlaying the configured limits (``kuadrant.policies: watch``)."""
+    """Watched Kuadrant policies overlaying the configured limits (``kuadrant.policies: watch``).
+
+    The subscription era's are the per-model TokenRateLimitPolicies MaaS's controller writes in
+    each model route's namespace: watched in every namespace.
+    """
     if config.kuadrant.policies != "watch":
         return None
-    from extproc.kuadrant.policies import PolicyLimits
+    from extproc.kuadrant.policies import REQUEST_POLICIES, TOKEN_POLICIES, PolicyLimits
 
+    # The subscription era: MaaS's per-model policies, in every model route's namespace.
+    per_model = config.maas.era == "subscriptions"
     return PolicyLimits(
         kube(),
         config.kuadrant,
         config.limits,
         metrics,
         charged_suffixes=config.routes.charged_suffixes,
+        kinds=(TOKEN_POLICIES,) if per_model else (TOKEN_POLICIES, REQUEST_POLICIES),
+        namespace="" if per_model else None,
     )
 
 
@@ -169,7 +245,8 @@ def build_reporter(
     limits = LimitadorLimits(
         settings.limitador_http, refresh_s=settings.refresh_s, timeout_s=settings.timeout_s
     )
-    return Reporter(settings, metrics, limits, limit_names(settings, policies))
+    declared = policies.subscription_limit if policies is not None else lambda _key: None
+    return Reporter(settings, metrics, limits, limit_names(settings, policies), declared=declared)
 
 
 @dataclass
@@ -180,7 +257,7 @@ class Sidecar:
     metrics: Metrics
     store: ResilientStore
     identities: IdentitySource
-    tiers: TierSource
+    plans: PlanSource
     access: AccessChecker
     admission: Admission
     authz: AuthorizationService
@@ -193,28 +270,34 @@ class Sidecar:
 
     @classmethod
     def build(cls, config: Config, metrics: Metrics | None = None) -> Sidecar:
+        era = config.maas.era
         metrics = metrics or Metrics(
             per_user=config.observability.per_user_metrics,
+            era=era,
             models=ModelLabels.from_config(config),
         )
-        metrics.set_limits(config.limits.tiers)
+        if era == "tiers":
+            metrics.set_limits(config.limits.tiers)
         store = build_store(config, metrics)
         kube = KubeConnector.for_config(config)  # one shared client, built if needed
-        identities, tiers, access = (
+        identities, access = (
             build_identities(config, metrics, kube),
-            build_tiers(config, metrics, kube),
             build_access(config, metrics, kube),
         )
         policies = build_policies(config, metrics, kube)
         domains, watched_routes = build_routes(config, metrics, kube)
+        plans = build_plans(config, metrics, kube, domains, policies)
         limiter = Limiter(store, policies or config.limits, now_ms)
         routes = RouteTable(config.routes)
+        policy = HeaderPolicy(era, config.subscriptions.identity_headers)
         admission = Admission(
             routes,
             identities,
-            tiers,
+            None,
             access,
             limiter,
+            plans=plans,
+            era=era,
             spoofed_headers=config.routes.spoofed_headers,
             unclassified=config.routes.unclassified,
             store_failure=config.store.failure_policy,
@@ -230,15 +313,15 @@ class Sidecar:
             metrics,
             store,
             identities,
-            tiers,
+            plans,
             access,
             admission,
-            AuthorizationService(admission, metrics),
+            AuthorizationService(admission, metrics, policy),
             ExternalProcessorService(
                 charger,
                 metrics,
                 config.accounting,
-                InlineAdmission(admission, routes, metrics)
+                InlineAdmission(admission, routes, metrics, policy)
                 if config.server.admission == "ext_proc"
                 else None,
                 max_count=config.limits.max_request_tokens,
@@ -270,7 +353,7 @@ class Sidecar:
             await self.policies.close()
         if self.routes is not None:
             await self.routes.close()
-        for part in (self.identities, self.tiers, self.access):
+        for part in (self.identities, self.plans, self.access):
             await part.close()
         log.info("closing the store: %d spooled charges to replay", self.store.spooled)
         await self.store.close()
@@ -360,6 +443,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
             sidecar.identities,
             retention_days=config.store.retention_days,
             admin_group=config.observability.admin_group,
+            groups=SUBSCRIPTION_GROUPS if config.maas.era == "subscriptions" else GROUPS,
         )
         await usage_api.start(config.server.host, config.observability.usage_port)
     await server.start()

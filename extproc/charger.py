@@ -84,6 +84,6 @@ class Charger:
             return  # the store had this request's charge already: count it once
         self._metrics.charged(charge)
         if charge.reserved_tokens and charge.usage.total() > charge.reserved_tokens:
-            self._metrics.reservation_exceeded.labels(charge.tier).inc()
+            self._metrics.reservation_exceeded.labels(charge.plan).inc()
         if self._reports is not None:
             self._reports.submit(charge)  # only enqueues: reports leave the hot path

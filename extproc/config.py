@@ -94,8 +94,18 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MaasConfig:
+    """Which MaaS the sidecar serves: the tier era (the seed guide) or subscriptions (RHOAI 3.4+)."""
+
+    era: Literal["tiers", "subscriptions"] = "tiers"
+
+
+@dataclass(frozen=True, slots=True)
 class IdentityConfig:
-    source: Literal["api_keys", "kubernetes"] = "api_keys"
+    # maas_api_keys (subscription era): sk-oai-* keys validated by maas-api, other bearer tokens
+    # by ``tokens``.
+    source: Literal["api_keys", "kubernetes", "maas_api_keys"] = "api_keys"
+    tokens: Literal["kubernetes", "api_keys"] = "kubernetes"  # maas_api_keys: other bearers
     api_keys_file: str = ""
     audiences: tuple[str, ...] = ("maas-default-gateway-sa",)
     cache_ttl_s: float = 600.0
@@ -117,6 +127,27 @@ class TiersConfig:
     # service CA on Open Data Hub; "" trusts the system's CAs.
     maas_api_ca_file: str = ""
     cache_ttl_s: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionsConfig:
+    """The subscription era (``maas.era: subscriptions``): API keys, selection, headers."""
+
+    # watch: MaaSSubscription, MaaSAuthPolicy and MaaSModelRef watched, selection done here as
+    # maas-api does it; maas_api: POST /internal/v1/subscriptions/select.
+    selection: Literal["watch", "maas_api"] = "watch"
+    # Where MaaSSubscriptions and MaaSAuthPolicies live (maas-api's MAAS_SUBSCRIPTION_NAMESPACE);
+    # MaaSModelRefs are watched in every namespace, as maas-api does.
+    namespace: str = "models-as-a-service"
+    maas_api_url: str = "https://maas-api.opendatahub.svc.cluster.local:8443"
+    maas_api_ca_file: str = ""  # the CA bundle (PEM) that signed maas-api's certificate
+    api_key_cache_ttl_s: float = 60.0  # a validated key is trusted this long (Authorino: 60 s)
+    api_key_negative_cache_ttl_s: float = 10.0
+    select_cache_ttl_s: float = 60.0  # selection: maas_api answers are kept this long
+    timeout_s: float = 2.0  # per maas-api call
+    # Inject X-MaaS-Username and X-MaaS-Group. Off behind MaaS's own gateway AuthPolicy, which
+    # refuses any request that carries them before it injects its own (our filters run first).
+    identity_headers: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,8 +254,10 @@ class KuadrantConfig:
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
+    maas: MaasConfig = field(default_factory=MaasConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     tiers: TiersConfig = field(default_factory=TiersConfig)
+    subscriptions: SubscriptionsConfig = field(default_factory=SubscriptionsConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -271,8 +304,10 @@ def parse(raw: Mapping[str, Any], base_dir: str = ".", *, serving: bool = True) 
     _no_unknown(raw, "", {f.name for f in fields(Config)} - {"base_dir"})
     config = Config(
         server=_server(raw.get("server")),
+        maas=_section(MaasConfig, raw, "maas"),
         identity=_section(IdentityConfig, raw, "identity"),
         tiers=_section(TiersConfig, raw, "tiers"),
+        subscriptions=_section(SubscriptionsConfig, raw, "subscriptions"),
         access=_access(raw.get("access")),
         limits=_limits(raw.get("limits")),
         store=_section(StoreConfig, raw, "store"),
@@ -290,8 +325,10 @@ def _apply_environ(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
     """``MAAS_EXTPROC_<SECTION>_<KEY>`` sets a scalar setting; unknown names are an error."""
     simple = {
         "server": ServerConfig,
+        "maas": MaasConfig,
         "identity": IdentityConfig,
         "tiers": TiersConfig,
+        "subscriptions": SubscriptionsConfig,
         "access": AccessConfig,
         "store": StoreConfig,
         "routes": RoutesConfig,
@@ -597,6 +634,29 @@ def _kuadrant(value: object) -> KuadrantConfig:
     return config
 
 
+def _check_subscriptions(config: Config) -> None:
+    """What the subscription era replaces must not be configured as if it still applied."""
+    settings = config.subscriptions
+    if config.access.check != "none":
+        raise ConfigError(
+            "access.check", "none when maas.era is subscriptions (MaaSAuthPolicy decides access)"
+        )
+    if config.access.body_models:
+        raise ConfigError(
+            "access.body_models",
+            "empty when maas.era is subscriptions (body models resolve through MaaSModelRef)",
+        )
+    needs_api = config.identity.source == "maas_api_keys" or settings.selection == "maas_api"
+    if needs_api and not settings.maas_api_url.startswith(("https://", "http://")):
+        raise ConfigError("subscriptions.maas_api_url", "an http:// or https:// URL")
+    if settings.maas_api_ca_file and not settings.maas_api_url.startswith("https://"):
+        raise ConfigError(
+            "subscriptions.maas_api_ca_file", "empty unless subscriptions.maas_api_url is https://"
+        )
+    if settings.selection == "watch" and not settings.namespace:
+        raise ConfigError("subscriptions.namespace", "the namespace of the MaaSSubscriptions")
+
+
 def _namespaced_name(value: object) -> bool:
     """Whether ``value`` is ``<namespace>/<name>`` with both parts non-empty."""
     return isinstance(value, str) and value.count("/") == 1 and all(value.split("/"))
@@ -604,9 +664,19 @@ def _namespaced_name(value: object) -> bool:
 
 def _check(config: Config, serving: bool) -> None:
     """Cross-field rules that no single key can check."""
-    if serving and config.identity.source == "api_keys" and not config.identity.api_keys_file:
-        raise ConfigError("identity.api_keys_file", "a file path when identity.source is api_keys")
-    if serving and config.tiers.source == "file" and not config.tiers.file:
+    identity = config.identity
+    static_keys = identity.source == "api_keys" or (
+        identity.source == "maas_api_keys" and identity.tokens == "api_keys"
+    )
+    if serving and static_keys and not identity.api_keys_file:
+        raise ConfigError(
+            "identity.api_keys_file", "a file path when identity.source (or .tokens) is api_keys"
+        )
+    if config.maas.era == "subscriptions":
+        _check_subscriptions(config)
+    elif identity.source == "maas_api_keys":
+        raise ConfigError("identity.source", "maas_api_keys only when maas.era is subscriptions")
+    elif serving and config.tiers.source == "file" and not config.tiers.file:
         raise ConfigError("tiers.file", "a file path when tiers.source is file")
     if config.server.workers < 1:
         raise ConfigError("server.workers", "a whole number >= 1", config.server.workers)

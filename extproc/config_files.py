@@ -50,22 +50,32 @@ def check(config: Config) -> list[str]:
         ):
             if value:
                 checked.append(f"{key}={config.path(value)}")
-    if config.identity.source == "api_keys":
+    identity = config.identity
+    subscriptions = config.maas.era == "subscriptions"
+    if identity.source == "api_keys" or (
+        identity.source == "maas_api_keys" and identity.tokens == "api_keys"
+    ):
         load(
             "identity.api_keys_file",
             config.path(config.identity.api_keys_file),
             ApiKeyIdentities.from_file,
         )
-    if config.tiers.source == "file":
+    if not subscriptions and config.tiers.source == "file":
         load(
             "tiers.file",
             config.path(config.tiers.file),
             lambda path: FileTiers.from_file(path, config.tiers.instance),
         )
-    if config.tiers.source == "maas_api" and config.tiers.maas_api_ca_file:
+    if not subscriptions and config.tiers.source == "maas_api" and config.tiers.maas_api_ca_file:
         load(
             "tiers.maas_api_ca_file",
             config.path(config.tiers.maas_api_ca_file),
+            client_tls,
+        )
+    if subscriptions and config.subscriptions.maas_api_ca_file:
+        load(
+            "subscriptions.maas_api_ca_file",
+            config.path(config.subscriptions.maas_api_ca_file),
             client_tls,
         )
     if config.identity.kubeconfig and _uses_kubernetes(config):
@@ -80,9 +90,12 @@ def check(config: Config) -> list[str]:
 
 def _uses_kubernetes(config: Config) -> bool:
     """The sources that make `serve` build a Kubernetes client (KubeConnector)."""
+    subscriptions = config.maas.era == "subscriptions"
     return (
         config.identity.source == "kubernetes"
-        or config.tiers.source == "configmap"
+        or (config.identity.source == "maas_api_keys" and config.identity.tokens == "kubernetes")
+        or (subscriptions and config.subscriptions.selection == "watch")
+        or (not subscriptions and config.tiers.source == "configmap")
         or config.access.check == "subject_access_review"
         or config.kuadrant.policies == "watch"
     )

@@ -7,7 +7,7 @@ import signal
 import threading
 from pathlib import Path
 
-from extproc.stack import LOCAL_DIR, LocalStack
+from extproc.stack import Era, LocalStack
 
 DEMO_KEYS = {
     "free": "demo-free-key",
@@ -15,6 +15,12 @@ DEMO_KEYS = {
     "enterprise": "demo-enterprise-key",
 }
 MODEL_PATH = "/llm/facebook-opt-125m-simulated/v1"
+# deploy/local/subscriptions/maas-api-keys.yaml: bound to simulator-subscription (alice) and
+# premium-subscription (bob).
+SUBSCRIPTION_KEYS = {
+    "alice": "sk-oai-demoAlice01_aliceSecretForTheLocalDemo",
+    "bob": "sk-oai-demoBob01_bobSecretForTheLocalDemo",
+}
 
 
 def instructions(stack: LocalStack) -> str:
@@ -65,20 +71,64 @@ def instructions(stack: LocalStack) -> str:
     return "\n".join(lines)
 
 
-def run_demo(config: str | None, port: int, workers: int) -> int:
+def subscription_instructions(stack: LocalStack) -> str:
+    url = stack.url
+    chat = f"{url}{MODEL_PATH}/chat/completions"
+    body = (
+        '-H \'Content-Type: application/json\' -d \'{"model": "facebook/opt-125m", '
+        '"max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]}\''
+    )
+    lines = [
+        "",
+        "maas-extproc local stack is up (subscription era):",
+        f"  gateway (Envoy)  {url}",
+        f"  sidecar gRPC     127.0.0.1:{','.join(map(str, stack.sidecar_ports))}",
+        f"  maas-api         {stack.maas_api_url}   (stand-in: deploy/local/subscriptions/)",
+        f"  metrics          http://127.0.0.1:{stack.metrics_ports[0]}/metrics",
+        f"  usage API        http://127.0.0.1:{stack.usage_port}/v1/usage",
+        f"  logs             {stack.log_dir}",
+        "",
+        "API keys: " + ", ".join(f"{user}={key}" for user, key in SUBSCRIPTION_KEYS.items()),
+        "Tokens (no subscription bound): demo-free-key (alice), demo-premium-key (bob, premium-group)",
+        "",
+        "# An API key runs under the subscription it is bound to (simulator-subscription: 100/min):",
+        f"curl -si {chat} -H 'Authorization: Bearer {SUBSCRIPTION_KEYS['alice']}' {body}",
+        "",
+        "# bob's token owns two subscriptions for this model: without a choice, 403 multiple_subscriptions;",
+        f"curl -si {chat} -H 'Authorization: Bearer demo-premium-key' {body} | head -1",
+        "# with X-MaaS-Subscription it runs under the one named (5000/min and 100000/day):",
+        f"curl -si {chat} -H 'Authorization: Bearer demo-premium-key' "
+        f"-H 'X-MaaS-Subscription: premium-subscription' {body}",
+        "",
+        "# A client X-MaaS-Username is refused (403), as MaaS refuses it:",
+        f"curl -si {chat} -H 'Authorization: Bearer demo-free-key' -H 'X-MaaS-Username: root' "
+        f"{body} | head -1",
+        "",
+        "# Usage by subscription and key:",
+        f"curl -s 'http://127.0.0.1:{stack.usage_port}/v1/usage?group_by=subscription' "
+        f"-H 'Authorization: Bearer {SUBSCRIPTION_KEYS['bob']}'",
+        "",
+        "Ctrl-C stops everything.",
+    ]
+    return "\n".join(lines)
+
+
+def run_demo(config: str | None, port: int, workers: int, era: Era = "tiers") -> int:
     env = {}
     if redis_url := os.environ.get("REDIS_URL"):
         env["MAAS_EXTPROC_STORE_URL"] = redis_url
     stack = LocalStack(
-        config_path=Path(config) if config else LOCAL_DIR / "config.yaml",
+        config_path=Path(config) if config else None,
         workers=workers,
         env=env,
         listen_port=port,
+        era=era,
     )
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     with stack:
-        print(instructions(stack), flush=True)
+        shown = instructions(stack) if era == "tiers" else subscription_instructions(stack)
+        print(shown, flush=True)
         try:
             while not stopped.wait(0.5):
                 for name, proc in stack.procs.items():

@@ -1,9 +1,10 @@
-"""Value types shared by every layer: who is calling, their tier, what they used, what we decided."""
+"""Value types shared by every layer: who is calling, their plan, what they used, what we decided."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +18,11 @@ class Identity:
     userid: str
     username: str
     groups: tuple[str, ...] = ()
+    # An API key minted by maas-api (subscription era): its id and user-given name, and the
+    # MaaSSubscription it was bound to when minted ("" for tokens and static keys).
+    key_id: str = ""
+    key_name: str = ""
+    subscription: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,11 +36,54 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
-class Tier:
+class Rate:
+    """One token rate of a MaaSSubscription's model: ``limit`` tokens per ``window_s`` seconds."""
+
+    limit: int
+    window_s: int
+
+
+Era = Literal["tiers", "subscriptions"]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What limits and bills a caller's requests, in either era.
+
+    Tier era: a tier of the tier-to-group mapping (``name``, ``level``, ``groups``), its limits
+    in the configuration. Subscription era: the MaaSSubscription selected for the request
+    (``name`` is ``<namespace>/<name>``), with the token ``rates`` of the MaaSModelRef ``model``
+    it was selected for and its ``tokenMetadata``.
+    """
+
     name: str
-    level: int
-    groups: frozenset[str]
+    level: int = 0
+    groups: frozenset[str] = frozenset()
     display_name: str = ""
+    era: Era = "tiers"
+    model: str = ""  # subscriptions: the MaaSModelRef "<namespace>/<name>" the rates are for
+    rates: tuple[Rate, ...] = ()  # subscriptions: every rate of that model, all enforced
+    organization_id: str = ""  # subscriptions: spec.tokenMetadata.organizationId
+    cost_center: str = ""  # subscriptions: spec.tokenMetadata.costCenter
+    route: str = ""  # subscriptions: the model's HTTPRoute, which its rate limit policy targets
+
+    @property
+    def subscription(self) -> str:
+        """``<namespace>/<name>`` of the subscription; "" for a tier."""
+        return self.name if self.era == "subscriptions" else ""
+
+    @property
+    def tier(self) -> str:
+        """The tier's name; "" for a subscription."""
+        return self.name if self.era == "tiers" else ""
+
+    @property
+    def selected_key(self) -> str:
+        """Kuadrant's ``auth.identity.selected_subscription_key``: ``<sub ns>/<sub>@<model>``."""
+        return f"{self.name}@{self.model}" if self.era == "subscriptions" else ""
+
+
+Tier = Plan  # the tier era's name for a plan: Tier(name, level, groups, display_name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +153,9 @@ class Outcome(enum.Enum):
     ALLOW = "allow"
     UNAUTHENTICATED = "unauthenticated"  # 401
     NO_TIER = "no_tier"  # 403
+    NO_SUBSCRIPTION = (
+        "no_subscription"  # 403: subscription selection refused (reason_code says why)
+    )
     FORBIDDEN = "forbidden"  # 403: no access to the model
     SPOOFED = "spoofed"  # 403: client sent X-MaaS-* headers (only when configured to reject)
     RATE_LIMITED = "rate_limited"  # 429: request limit
@@ -122,7 +174,7 @@ class Decision:
     outcome: Outcome
     reason: str = ""
     identity: Identity | None = None
-    tier: Tier | None = None
+    tier: Plan | None = None  # the caller's plan: a tier, or the selected subscription
     model: str = ""
     route: str = (
         ""  # "<namespace>/<name>" of the HTTPRoute (Kuadrant's limit namespace); "" unknown
@@ -140,6 +192,7 @@ class Decision:
     prompt_estimate: int = 0  # prompt tokens estimated from the request, for missing usage
     request_id: str = ""  # set when the request is admitted to a charged route
     admitted_ms: int = 0  # the admission clock (its day holds the reservation until settled)
+    reason_code: str = ""  # MaaS's error code for a subscription refusal (x-ext-auth-reason)
     path: str = ""  # the normalized request path (extproc.paths) that names the model route
 
     @property
@@ -152,7 +205,7 @@ class Charge:
     """What one finished response costs one user, handed to the store to settle a reservation."""
 
     userid: str
-    tier: str
+    tier: str  # "" in the subscription era
     model: str
     usage: Usage
     reserved_tokens: int = 0
@@ -163,3 +216,15 @@ class Charge:
     route: str = ""  # the HTTPRoute admission counted the request in (Kuadrant's domain)
     request_id: str = ""  # the admission's id: a settle with an id already applied is ignored
     admitted_ms: int = 0  # 0: not admitted with a reservation (nothing unsettled to clear)
+    # The subscription era: "<namespace>/<name>" of the subscription, the API key's name, the
+    # subscription's tokenMetadata, and the window (seconds) of each of its token rates.
+    subscription: str = ""
+    key_name: str = ""
+    organization_id: str = ""
+    cost_center: str = ""
+    rate_windows: tuple[int, ...] = ()
+
+    @property
+    def plan(self) -> str:
+        """The plan charged: the subscription in the subscription era, else the tier."""
+        return self.subscription or self.tier

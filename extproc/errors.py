@@ -10,6 +10,7 @@ for dependencies that failed. Transient failures derive from ``Unavailable`` so 
         ├── StoreUnavailable    the counter store (Redis) failed
         ├── IdentityUnavailable the identity source (Kubernetes API) failed
         ├── TierUnavailable     the tier source (ConfigMap, maas-api) failed
+        ├── PlanUnavailable     subscription selection (maas-api, the watched objects) failed
         └── AccessUnavailable   the model access check (SubjectAccessReview) failed
 """
 
@@ -44,6 +45,10 @@ class IdentityUnavailable(Unavailable):
 
 class TierUnavailable(Unavailable):
     """The tier source could not resolve a tier right now."""
+
+
+class PlanUnavailable(Unavailable):
+    """The subscription a request runs under could not be selected right now."""
 
 
 class AccessUnavailable(Unavailable):

@@ -28,10 +28,13 @@ def _local_dir() -> Path:
 
 
 LOCAL_DIR = _local_dir()
+SUBSCRIPTIONS_DIR = LOCAL_DIR / "subscriptions"  # the subscription era's config and MaaS objects
+_START_S = 60.0  # how long a process of the stack may take to listen
 
 Topology = Literal[
     "envoy", "authz", "full", "observability", "extproc", "split", "accesslog", "lean"
 ]
+Era = Literal["tiers", "subscriptions"]
 
 
 # What the sidecar must be told for a topology: where admission runs; that observability mode
@@ -67,6 +70,36 @@ def _is_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def self_signed_cert(workdir: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (the openssl CLI), for loopback HTTPS."""
+    cert, key = workdir / "maas-api.crt", workdir / "maas-api.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=maas-api",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
 
 
 def envoy_binary() -> str:
@@ -262,9 +295,13 @@ def wait_envoy_ready(admin_port: int, timeout_s: float, proc: subprocess.Popen[b
 class LocalStack:
     """Starts its processes in ``start`` and stops every one in ``stop`` (also on failure)."""
 
-    config_path: Path = LOCAL_DIR / "config.yaml"
+    config_path: Path | None = None  # None: deploy/local's config of the era
     workers: int = 1
     topology: Topology = "full"
+    # subscriptions: a maas-api stand-in (extproc/sim/maas_api.py) serves deploy/local/
+    # subscriptions/ over HTTPS (plain HTTP without openssl), and the sidecar is pointed at it.
+    era: Era = "tiers"
+    maas_api_port: int = 0
     env: Mapping[str, str] = field(default_factory=dict)
     sim_args: Sequence[str] = ()
     envoy_concurrency: int = 2
@@ -309,12 +346,16 @@ class LocalStack:
         self._spawn(
             "sim", [python, "-m", "extproc", "sim", "--port", str(self.sim_port), *self.sim_args]
         )
+        era_env = self._start_maas_api() if self.era == "subscriptions" else {}
         if self.topology != "envoy":
-            self.sidecar_ports = free_ports(self.workers)
-            self.metrics_ports = free_ports(self.workers)
+            # One run of ports for all: two separate runs could overlap (worker 0's metrics on
+            # worker 1's gRPC port), and the supervisor would restart that worker forever.
+            n = self.workers
+            ports = free_ports((3 if self.topology == "lean" else 2) * n)
+            self.sidecar_ports, self.metrics_ports = ports[:n], ports[n : 2 * n]
             self.usage_port = self.usage_port or free_port()
             if self.topology == "lean":
-                self.authz_http_ports = free_ports(self.workers)
+                self.authz_http_ports = ports[2 * n :]
                 self.env = {
                     "MAAS_EXTPROC_SERVER_AUTHZ_HTTP_PORT": str(self.authz_http_ports[0]),
                     **self.env,
@@ -326,10 +367,11 @@ class LocalStack:
                 "MAAS_EXTPROC_SERVER_WORKERS": str(self.workers),
                 "MAAS_EXTPROC_SERVER_GRACE_PERIOD_S": "2",
                 **TOPOLOGY_ENV.get(self.topology, {}),
+                **era_env,
                 **(self.sidecar_tls.sidecar_env() if self.sidecar_tls else {}),
                 **self.env,
             }
-            cmd = [python, "-m", "extproc", "serve", "--config", str(self.config_path)]
+            cmd = [python, "-m", "extproc", "serve", "--config", str(self.config)]
             self._spawn("sidecar", list(self.sidecar_command) or cmd, env)
         config = self.log_dir / "envoy.yaml"
         config.write_text(
@@ -355,12 +397,62 @@ class LocalStack:
             str(self.admin_port),
         ]
         self._spawn("envoy", envoy_cmd)
-        wait_for_port(self.sim_port, 20, self.procs["sim"])
+        # Generous: a loaded 2-core machine can take many seconds to start Python processes;
+        # each wait returns as soon as the port answers, or at once if the process died.
+        wait_for_port(self.sim_port, _START_S, self.procs["sim"])
+        if self.maas_api_port:
+            wait_for_port(self.maas_api_port, _START_S, self.procs["maas-api"])
         for port in (*self.sidecar_ports, *self.authz_http_ports):
-            wait_for_port(port, 20, self.procs["sidecar"])
+            try:
+                wait_for_port(port, _START_S, self.procs["sidecar"])
+            except (TimeoutError, RuntimeError) as exc:
+                tail = self.log("sidecar")[-4000:]
+                raise type(exc)(f"{exc}; sidecar.log ends:\n{tail}") from None
         if self.topology != "envoy" and not self.sidecar_command:
-            wait_for_port(self.usage_port, 20, self.procs["sidecar"])
-        wait_envoy_ready(self.admin_port, 20, self.procs["envoy"])
+            wait_for_port(self.usage_port, _START_S, self.procs["sidecar"])
+        wait_envoy_ready(self.admin_port, _START_S, self.procs["envoy"])
+
+    @property
+    def config(self) -> Path:
+        if self.config_path is not None:
+            return self.config_path
+        return (SUBSCRIPTIONS_DIR if self.era == "subscriptions" else LOCAL_DIR) / "config.yaml"
+
+    @property
+    def maas_api_url(self) -> str:
+        scheme = "https" if self.maas_api_ca_file else "http"
+        return f"{scheme}://127.0.0.1:{self.maas_api_port}"
+
+    @property
+    def maas_api_ca_file(self) -> str:
+        assert self.log_dir is not None
+        cert = self.log_dir / "maas-api.crt"
+        return str(cert) if cert.exists() else ""
+
+    def _start_maas_api(self) -> dict[str, str]:
+        """The maas-api stand-in on loopback; the sidecar settings that reach it."""
+        assert self.log_dir is not None
+        self.maas_api_port = self.maas_api_port or free_port()
+        cmd = [
+            sys.executable,
+            "-m",
+            "extproc",
+            "maas-api",
+            "--port",
+            str(self.maas_api_port),
+            "--objects",
+            str(SUBSCRIPTIONS_DIR / "maas-objects.yaml"),
+            "--keys",
+            str(SUBSCRIPTIONS_DIR / "maas-api-keys.yaml"),
+        ]
+        if shutil.which("openssl"):
+            cert, key = self_signed_cert(self.log_dir)
+            cmd += ["--tls-cert", str(cert), "--tls-key", str(key)]
+        self._spawn("maas-api", cmd)
+        return {
+            "MAAS_EXTPROC_SUBSCRIPTIONS_MAAS_API_URL": self.maas_api_url,
+            "MAAS_EXTPROC_SUBSCRIPTIONS_MAAS_API_CA_FILE": self.maas_api_ca_file,
+        }
 
     def _spawn(self, name: str, cmd: list[str], env: Mapping[str, str] | None = None) -> None:
         assert self.log_dir is not None
@@ -373,7 +465,7 @@ class LocalStack:
 
     def stop(self) -> None:
         """SIGTERM every child (Envoy first, so no request is in flight), then SIGKILL stragglers."""
-        for name in ("envoy", "sidecar", "sim"):
+        for name in ("envoy", "sidecar", "sim", "maas-api"):
             proc = self.procs.get(name)
             if proc is not None and proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):

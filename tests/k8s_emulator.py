@@ -40,6 +40,17 @@ from typing import Any, NamedTuple
 import yaml
 from aiohttp import web
 
+# The plural each custom kind is served under (spec.names.plural of its CRD): Kuadrant's policies,
+# Gateway API's HTTPRoute, and MaaS's (opendatahub-io/models-as-a-service
+# deployment/base/maas-controller/crd/bases/maas.opendatahub.io_*.yaml at c0639b1b).
+PLURALS = {
+    "TokenRateLimitPolicy": "tokenratelimitpolicies",
+    "RateLimitPolicy": "ratelimitpolicies",
+    "HTTPRoute": "httproutes",
+    "MaaSSubscription": "maassubscriptions",
+    "MaaSAuthPolicy": "maasauthpolicies",
+    "MaaSModelRef": "maasmodelrefs",
+}
 DEFAULT_AUDIENCE = "maas-default-gateway-sa"
 API_SERVER_AUDIENCE = "https://kubernetes.default.svc.cluster.local"
 CLIENT_TOKEN = "sidecar-own-service-account-token"
@@ -309,6 +320,14 @@ class KubeEmulator:
         self.define_custom(group, version, plural, kind)
         body = {**copy.deepcopy(obj), "apiVersion": f"{group}/{version}", "kind": kind}
         return self._put(collection, namespace, str(obj["metadata"]["name"]), body)
+
+    def put_objects(self, docs: Iterable[Json]) -> None:
+        """``put_custom`` each object by its ``apiVersion`` and ``kind`` (``PLURALS``), as
+        ``kubectl apply`` of a multi-document YAML file would."""
+        for obj in docs:
+            group, version = str(obj["apiVersion"]).split("/")
+            namespace = str(obj["metadata"].get("namespace", ""))
+            self.put_custom(group, version, namespace, PLURALS[obj["kind"]], obj)
 
     def delete_custom(
         self, group: str, version: str, namespace: str, plural: str, name: str

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -89,3 +89,49 @@ class SingleFlight(Generic[K, V]):
             task.cancel()
         if running:
             await asyncio.gather(*running, return_exceptions=True)
+
+
+class Incrementable(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+
+
+class CachedChecks(Generic[K, V]):
+    """A remote check's answers by key: a pass (a value) and a refusal (None) each kept for its
+    own TTL, concurrent first checks of one key sharing one call, every lookup counted in
+    ``lookups`` (``hit``, ``negative_hit``, ``miss``, ``shared``). The check itself stores its
+    answer (``keep`` / ``refuse``), since only it knows how long that answer may be trusted."""
+
+    def __init__(
+        self,
+        lookups: Mapping[str, Incrementable],
+        clock: Callable[[], float],
+        max_entries: int,
+        max_negative_entries: int,
+    ) -> None:
+        self._lookups = lookups
+        self._valid: ExpiringCache[K, V] = ExpiringCache(max_entries, clock)
+        self._invalid: ExpiringCache[K, None] = ExpiringCache(
+            min(max_entries, max_negative_entries), clock
+        )
+        self._flights: SingleFlight[K, V | None] = SingleFlight()
+
+    async def get(self, key: K, check: Callable[[], Awaitable[V | None]]) -> V | None:
+        if (valid := self._valid.get(key)) is not None:
+            self._lookups["hit"].inc()
+            return valid.value
+        if self._invalid.get(key) is not None:
+            self._lookups["negative_hit"].inc()
+            return None
+        self._lookups["shared" if self._flights.joining(key) else "miss"].inc()
+        return await self._flights.run(key, check)
+
+    def keep(self, key: K, value: V, ttl_s: float) -> None:
+        self._valid.put(key, value, ttl_s)
+
+    def refuse(self, key: K, ttl_s: float) -> None:
+        self._invalid.put(key, None, ttl_s)
+
+    async def close(self) -> None:
+        await self._flights.close()
+        self._valid.clear()
+        self._invalid.clear()

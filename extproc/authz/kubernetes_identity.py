@@ -14,7 +14,7 @@ from typing import Any
 from kubernetes import client
 
 from extproc.authz.api_keys import token_hash
-from extproc.authz.cache import ExpiringCache, SingleFlight
+from extproc.authz.cache import CachedChecks
 from extproc.authz.kube import Kube
 from extproc.config import IdentityConfig
 from extproc.domain import Identity
@@ -71,34 +71,30 @@ class KubernetesIdentities:
         *,
         clock: Callable[[], float] = time.time,
         max_entries: int = MAX_ENTRIES,
+        full_username: bool = False,
     ) -> None:
         self._kube = kube
         self._settings = settings
+        # The subscription era counts by the whole username (MaaS's gateway AuthPolicy sets
+        # auth.identity.userid to auth.identity.user.username for tokens); the tier era by the
+        # service-account name.
+        self._full_username = full_username
         self._audiences = list(settings.audiences)
         self._metrics = metrics
         self._clock = clock  # wall clock: compared with the tokens' exp
-        self._valid: ExpiringCache[str, Identity] = ExpiringCache(max_entries, clock)
-        self._invalid: ExpiringCache[str, None] = ExpiringCache(
-            min(max_entries, MAX_NEGATIVE_ENTRIES), clock
-        )
-        self._flights: SingleFlight[str, Identity | None] = SingleFlight()
-        self._closed = False
-        self._lookups = {
+        lookups = {
             result: metrics.cache_lookups.labels(CACHE, result)
             for result in ("hit", "negative_hit", "miss", "shared")
         }
+        self._checks: CachedChecks[str, Identity] = CachedChecks(
+            lookups, clock, max_entries, MAX_NEGATIVE_ENTRIES
+        )
+        self._closed = False
 
     async def authenticate(self, token: str) -> Identity | None:
         key = token_hash(token)
-        if (valid := self._valid.get(key)) is not None:
-            self._lookups["hit"].inc()
-            return valid.value
-        if self._invalid.get(key) is not None:
-            self._lookups["negative_hit"].inc()
-            return None
-        self._lookups["shared" if self._flights.joining(key) else "miss"].inc()
         try:
-            return await self._flights.run(key, lambda: self._review(token, key))
+            return await self._checks.get(key, lambda: self._review(token, key))
         except IdentityUnavailable:
             self._metrics.unavailable.labels("identity").inc()
             raise
@@ -118,13 +114,13 @@ class KubernetesIdentities:
         )
         identity = self._identity(answer.status)
         if identity is None:
-            self._invalid.put(key, None, self._settings.negative_cache_ttl_s)
+            self._checks.refuse(key, self._settings.negative_cache_ttl_s)
             return None
         ttl = self._settings.cache_ttl_s
         exp = token_expiry(token)
         if exp is not None:
             ttl = min(ttl, exp - self._clock())
-        self._valid.put(key, identity, ttl)
+        self._checks.keep(key, identity, ttl)
         return identity
 
     def _identity(self, status: Any) -> Identity | None:
@@ -135,7 +131,7 @@ class KubernetesIdentities:
         username = str(status.user.username or "")
         if not username:
             return None
-        userid = userid_for(username)
+        userid = username if self._full_username else userid_for(username)
         if userid is None:
             if self._settings.non_service_account == "reject":
                 log.info("refused a non-service-account identity (identity.non_service_account)")
@@ -148,7 +144,5 @@ class KubernetesIdentities:
         if self._closed:
             return
         self._closed = True
-        await self._flights.close()
-        self._valid.clear()
-        self._invalid.clear()
+        await self._checks.close()
         await self._kube.release()

@@ -102,7 +102,7 @@ class MaasApiTiers:
             await session.close()
 
 
-def client_tls(ca_file: Path | None) -> ssl.SSLContext:
+def client_tls(ca_file: Path | None, key: str = "tiers.maas_api_ca_file") -> ssl.SSLContext:
     """A verifying client context: the CA bundle ``ca_file`` (PEM), else the system's CAs."""
     context = ssl.create_default_context()
     if ca_file is not None:
@@ -110,5 +110,5 @@ def client_tls(ca_file: Path | None) -> ssl.SSLContext:
             context.load_verify_locations(cafile=str(ca_file))
         except (OSError, ssl.SSLError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
-            raise ConfigError("tiers.maas_api_ca_file", "a readable PEM CA bundle", reason) from exc
+            raise ConfigError(key, "a readable PEM CA bundle", reason) from exc
     return context

@@ -19,10 +19,17 @@ log = logging.getLogger("extproc.authz")
 
 
 class AuthorizationService(authz_grpc.AuthorizationServicer):  # type: ignore[misc]
-    def __init__(self, admission: Admission, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        admission: Admission,
+        metrics: Metrics,
+        policy: replies.HeaderPolicy = replies.TIERS,
+    ) -> None:
         self._admission = admission
         self._metrics = metrics
-        self._replies = replies.CheckReplies()
+        self._replies = replies.CheckReplies(policy=policy)
+        self.policy = policy  # which X-MaaS-* headers an allow sets (ext_authz over HTTP too)
+        self._plan_label = "tier" if policy.era == "tiers" else "subscription"
 
     async def Check(  # noqa: N802 - the gRPC method name
         self, request: authz.CheckRequest, context: grpc.aio.ServicerContext[object, object]
@@ -54,8 +61,9 @@ class AuthorizationService(authz_grpc.AuthorizationServicer):  # type: ignore[mi
         self._metrics.decided(decision, time.perf_counter() - started)
         if not decision.allowed:
             log.info(
-                "denied outcome=%s tier=%s path=%s",
+                "denied outcome=%s %s=%s path=%s",
                 decision.outcome.value,
+                self._plan_label,
                 decision.tier.name if decision.tier else "",
                 path,
             )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -28,7 +28,7 @@ BILLING_KEY = "maas"  # our own record; "identity" beside it is for Kuadrant pre
 BILLING_HEADER = "x-maas-billing"
 _TEXT_KEYS = frozenset(
     ("id", "user", "tier", "model", "path", "reserved", "windows", "admitted", "inject")
-) | {"prompt_est", "route"}
+) | {"prompt_est", "route", "sub", "key", "org", "cc", "rate_windows"}
 _MAX_DIGITS = 20  # every count we hand over fits in 64 bits; longer text is not ours
 
 
@@ -47,18 +47,27 @@ class Billing:
     inject: bool = False  # the request body is rewritten to ask the stream for usage
     prompt_estimate: int = 0
     route: str = ""  # the HTTPRoute admission counted the request in (Kuadrant's domain)
+    # The subscription era (all "" in the tier era, where ``tier`` is set instead): the
+    # subscription "<namespace>/<name>", the API key's name, the subscription's tokenMetadata,
+    # and the window (seconds) of each token rate the reservation went into.
+    subscription: str = ""
+    key: str = ""
+    organization_id: str = ""
+    cost_center: str = ""
+    rate_windows: tuple[int, ...] = ()
 
     @classmethod
     def from_decision(cls, decision: Decision, path: str) -> Billing | None:
         """The record of an allowed, charged decision; None for everything else."""
         if not decision.allowed or not decision.charged:
             return None
-        if decision.identity is None or decision.tier is None:
+        identity, plan = decision.identity, decision.tier
+        if identity is None or plan is None:
             return None
-        return cls(
+        billing = cls(
             request_id=decision.request_id,
-            userid=decision.identity.userid,
-            tier=decision.tier.name,
+            userid=identity.userid,
+            tier=plan.name,
             model=decision.model,
             path=path,
             reserved=decision.reserved_tokens,
@@ -67,6 +76,17 @@ class Billing:
             inject=decision.inject_usage,
             prompt_estimate=decision.prompt_estimate,
             route=decision.route,
+        )
+        if plan.era == "tiers":
+            return billing
+        return replace(
+            billing,
+            tier="",
+            subscription=plan.name,
+            key=identity.key_name,
+            organization_id=plan.organization_id,
+            cost_center=plan.cost_center,
+            rate_windows=tuple(rate.window_s for rate in plan.rates),
         )
 
     def charge(self, usage: Usage, status: int, *, disconnected: bool = False) -> Charge:
@@ -84,6 +104,11 @@ class Billing:
             request_id=self.request_id,
             admitted_ms=self.admitted_ms,
             route=self.route,
+            subscription=self.subscription,
+            key_name=self.key,
+            organization_id=self.organization_id,
+            cost_center=self.cost_center,
+            rate_windows=self.rate_windows,
         )
 
 
@@ -100,6 +125,12 @@ def write(fields: Any, billing: Billing) -> None:
     fields["inject"].bool_value = billing.inject
     fields["prompt_est"].string_value = str(billing.prompt_estimate)
     fields["route"].string_value = billing.route
+    if billing.subscription:  # the tier era's record stays as it was
+        fields["sub"].string_value = billing.subscription
+        fields["key"].string_value = billing.key
+        fields["org"].string_value = billing.organization_id
+        fields["cc"].string_value = billing.cost_center
+        fields["rate_windows"].string_value = ",".join(map(str, billing.rate_windows))
 
 
 def to_struct(billing: Billing) -> struct_pb2.Struct:
@@ -109,50 +140,33 @@ def to_struct(billing: Billing) -> struct_pb2.Struct:
 
 
 def to_text(billing: Billing) -> str:
-    """The record as one header value: JSON, ASCII only, every value a string as in ``write``."""
+    """The record as one header value: ``write``'s fields as JSON strings, ASCII only."""
+    out = struct_pb2.Struct()
+    write(out.fields, billing)
     values = {
-        "id": billing.request_id,
-        "user": billing.userid,
-        "tier": billing.tier,
-        "model": billing.model,
-        "path": billing.path,
-        "reserved": str(billing.reserved),
-        "windows": ",".join(str(start) for start in billing.windows),
-        "admitted": str(billing.admitted_ms),
-        "inject": "1" if billing.inject else "",
-        "prompt_est": str(billing.prompt_estimate),
-        "route": billing.route,
+        key: ("1" if value.bool_value else "") if key == "inject" else value.string_value
+        for key, value in out.fields.items()
     }
     return json.dumps(values, separators=(",", ":"), ensure_ascii=True)
 
 
 def from_text(text: str) -> Billing | None:
-    """``to_text``'s record; None for anything it did not write."""
+    """``to_text``'s record, read as ``read`` reads the Struct form; None for anything else."""
     try:
         values = json.loads(text)
     except ValueError:
         return None
-    if not isinstance(values, dict) or values.keys() != _TEXT_KEYS:
+    if not isinstance(values, dict) or not values.keys() <= _TEXT_KEYS:
         return None
     if not all(isinstance(v, str) for v in values.values()):
         return None
-    try:
-        windows = values["windows"]
-        return Billing(
-            request_id=values["id"],
-            userid=values["user"],
-            tier=values["tier"],
-            model=values["model"],
-            path=values["path"],
-            reserved=_count(values["reserved"]),
-            windows=tuple(_count(v) for v in windows.split(",")) if windows else (),
-            admitted_ms=_count(values["admitted"]),
-            inject=values["inject"] == "1",
-            prompt_estimate=_count(values["prompt_est"]),
-            route=values["route"],
-        )
-    except ValueError:
-        return None
+    fields = struct_pb2.Struct()
+    for key, value in values.items():
+        if key == "inject":
+            fields.fields[key].bool_value = value == "1"
+        else:
+            fields.fields[key].string_value = value
+    return _from_fields(fields.fields)
 
 
 def read(filter_metadata: Mapping[str, struct_pb2.Struct]) -> Billing | None:
@@ -174,6 +188,7 @@ def read(filter_metadata: Mapping[str, struct_pb2.Struct]) -> Billing | None:
 def _from_fields(fields: Any) -> Billing | None:
     try:
         windows_text = _text(fields, "windows")
+        rate_windows = _text(fields, "rate_windows") if "rate_windows" in fields else ""
         return Billing(
             request_id=_text(fields, "id"),
             userid=_text(fields, "user"),
@@ -186,6 +201,11 @@ def _from_fields(fields: Any) -> Billing | None:
             inject=fields["inject"].bool_value if "inject" in fields else False,
             prompt_estimate=_count(_text(fields, "prompt_est")),
             route=_text(fields, "route"),
+            subscription=_optional(fields, "sub"),
+            key=_optional(fields, "key"),
+            organization_id=_optional(fields, "org"),
+            cost_center=_optional(fields, "cc"),
+            rate_windows=tuple(_count(v) for v in rate_windows.split(",")) if rate_windows else (),
         )
     except (KeyError, ValueError):
         return None
@@ -197,6 +217,11 @@ def _text(fields: Any, key: str) -> str:
         raise ValueError(key)
     text: str = value.string_value
     return text
+
+
+def _optional(fields: Any, key: str) -> str:
+    """A text field only the subscription era writes: "" when absent."""
+    return _text(fields, key) if key in fields else ""
 
 
 def _count(text: str) -> int:

@@ -151,6 +151,7 @@ class HttpAuthorization:
         admission = AdmissionRequest(request.method, path, request.headers, bytes(request.body))
         decision = await self._authz.decision(admission, path.split("?", 1)[0])
         try:
-            return replies.http_reply(decision, decision.path)  # normalized: names the model route
+            # The normalized path names the model route.
+            return replies.http_reply(decision, decision.path, self._authz.policy)
         except Exception as exc:
             return replies.http_reply(self._authz.internal_error(exc), "")

@@ -36,10 +36,17 @@ _SKIP_RESPONSE_BODY = pm.ProcessingMode(
 class InlineAdmission:
     """What every inline stream shares: the same ``Admission`` as the ext_authz service."""
 
-    def __init__(self, admission: Admission, routes: RouteTable, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        admission: Admission,
+        routes: RouteTable,
+        metrics: Metrics,
+        policy: replies.HeaderPolicy = replies.TIERS,
+    ) -> None:
         self.admission = admission
         self.routes = routes
         self.metrics = metrics
+        self.policy = policy
 
 
 class InlineAdmissionProcessor(BillingProcessor):
@@ -112,7 +119,7 @@ class InlineAdmissionProcessor(BillingProcessor):
         session.injected = rewritten is not None
         common = ep.CommonResponse(
             header_mutation=replies.request_mutation(
-                decision, len(rewritten) if rewritten is not None else -1
+                decision, len(rewritten) if rewritten is not None else -1, self._inline.policy
             )
         )
         if rewritten is not None:

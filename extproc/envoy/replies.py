@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as authz
@@ -14,7 +15,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
-from extproc.domain import Decision, Outcome
+from extproc.domain import Decision, Era, Identity, Outcome, Plan
 from extproc.envoy import handover
 
 METADATA_NAMESPACE = handover.METADATA_NAMESPACE
@@ -23,6 +24,7 @@ METADATA_NAMESPACE = handover.METADATA_NAMESPACE
 _TABLE: dict[Outcome, tuple[int, int, str]] = {
     Outcome.UNAUTHENTICATED: (401, code_pb2.UNAUTHENTICATED, "authentication_error"),
     Outcome.NO_TIER: (403, code_pb2.PERMISSION_DENIED, "permission_error"),
+    Outcome.NO_SUBSCRIPTION: (403, code_pb2.PERMISSION_DENIED, "permission_error"),
     Outcome.FORBIDDEN: (403, code_pb2.PERMISSION_DENIED, "permission_error"),
     Outcome.SPOOFED: (403, code_pb2.PERMISSION_DENIED, "permission_error"),
     Outcome.RATE_LIMITED: (429, code_pb2.RESOURCE_EXHAUSTED, "rate_limit_exceeded"),
@@ -35,6 +37,19 @@ _TABLE: dict[Outcome, tuple[int, int, str]] = {
 }
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderPolicy:
+    """What an allowed request is told: the tier era's X-MaaS-Username and X-MaaS-Tier, or the
+    subscription era's X-MaaS-Username, X-MaaS-Group (a JSON array) and X-MaaS-Subscription;
+    ``identity`` off leaves the first two to MaaS's gateway AuthPolicy."""
+
+    era: Era = "tiers"
+    identity: bool = True
+
+
+TIERS = HeaderPolicy()
 _OK_STATUS = status_pb2.Status(code=code_pb2.OK)
 
 
@@ -44,18 +59,14 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
     )
 
 
-def _rate_pairs(decision: Decision) -> list[tuple[str, str]]:
+def _rate_headers(decision: Decision) -> list[base_pb2.HeaderValueOption]:
     if decision.limit <= 0:
         return []
     return [
-        ("x-ratelimit-limit", str(decision.limit)),
-        ("x-ratelimit-remaining", str(max(decision.remaining, 0))),
-        ("x-ratelimit-reset", str(decision.reset_s)),
+        _header("x-ratelimit-limit", str(decision.limit)),
+        _header("x-ratelimit-remaining", str(max(decision.remaining, 0))),
+        _header("x-ratelimit-reset", str(decision.reset_s)),
     ]
-
-
-def _rate_headers(decision: Decision) -> list[base_pb2.HeaderValueOption]:
-    return [_header(key, value) for key, value in _rate_pairs(decision)]
 
 
 def error_body(decision: Decision) -> bytes:
@@ -64,9 +75,13 @@ def error_body(decision: Decision) -> bytes:
     error: dict[str, object] = {"type": kind, "code": decision.outcome.value}
     if decision.outcome in (Outcome.RATE_LIMITED, Outcome.TOKEN_LIMITED):
         what = "token" if decision.outcome is Outcome.TOKEN_LIMITED else "request"
-        tier = decision.tier.name if decision.tier else "?"
+        plan = decision.tier
+        if plan is not None and plan.era == "subscriptions":
+            whose = f"subscription {plan.name}" if plan.name else "requests without a subscription"
+        else:
+            whose = f"tier {plan.name if plan else '?'}"
         error["message"] = (
-            f"{what} rate limit exceeded for tier {tier}: quota of {decision.limit} {what}s "
+            f"{what} rate limit exceeded for {whose}: quota of {decision.limit} {what}s "
             f"per window used up; retry after {decision.retry_after_s}s"
         )
         error["limit"] = decision.limit_kind
@@ -76,31 +91,44 @@ def error_body(decision: Decision) -> bytes:
     return json.dumps({"error": error}, separators=(",", ":")).encode()
 
 
-def metadata(decision: Decision, path: str) -> struct_pb2.Struct:
+def metadata(decision: Decision, path: str, policy: HeaderPolicy = TIERS) -> struct_pb2.Struct:
     """``identity`` for Kuadrant predicates; ``maas`` (``handover``) for our ext_proc to charge by."""
     identity = decision.identity
     tier = decision.tier
     out = struct_pb2.Struct()
-    if identity is None or tier is None:
+    if identity is None or (tier is None and policy.era == "tiers"):
         return out
-    out.update(
-        {
-            "identity": {
-                "userid": identity.userid,
-                "tier": tier.name,
-                "groups": list(identity.groups),
-            }
-        }
-    )
+    identity_fields: dict[str, Any] = _identity_metadata(identity, tier)
+    out.update({"identity": identity_fields})
     billing = handover.Billing.from_decision(decision, path)
     if billing is not None:
         handover.write(out.fields[handover.BILLING_KEY].struct_value.fields, billing)
     return out
 
 
-def check_response(decision: Decision, path: str) -> authz.CheckResponse:
+def _identity_metadata(identity: Identity, plan: Plan | None) -> dict[str, str | list[str]]:
+    """The tier era's ``{userid, tier, groups}``; in the subscription era the fields MaaS's
+    gateway AuthPolicy gives ``auth.identity`` (maasauthpolicy_controller.go at c0639b1b)."""
+    groups = list(identity.groups)
+    if plan is not None and plan.era == "tiers":
+        return {"userid": identity.userid, "tier": plan.name, "groups": groups}
+    subscription = plan.name if plan is not None else ""
+    return {
+        "userid": identity.userid,
+        "groups": groups,
+        "groups_str": ",".join(groups),
+        "keyId": identity.key_id,
+        "keyName": identity.key_name,
+        "selected_subscription": subscription.rpartition("/")[2],
+        "selected_subscription_key": plan.selected_key if plan is not None else "",
+    }
+
+
+def check_response(
+    decision: Decision, path: str, policy: HeaderPolicy = TIERS
+) -> authz.CheckResponse:
     if decision.allowed:
-        return _allow(decision, path)
+        return _allow(decision, path, policy)
     status, code, _ = _TABLE[decision.outcome]
     headers = _refusal_headers(decision)
     return authz.CheckResponse(
@@ -113,35 +141,53 @@ def check_response(decision: Decision, path: str) -> authz.CheckResponse:
     )
 
 
-def _identity_pairs(decision: Decision) -> list[tuple[str, str]]:
-    """X-MaaS-Username and X-MaaS-Tier; none for anonymous passes (CORS preflights)."""
-    if decision.identity is None or decision.tier is None:
+def _identity_headers(decision: Decision, policy: HeaderPolicy) -> list[base_pb2.HeaderValueOption]:
+    """The era's X-MaaS-* headers (``HeaderPolicy``); none for anonymous passes (CORS preflights)."""
+    identity, plan = decision.identity, decision.tier
+    if policy.era == "tiers":
+        if identity is None or plan is None:
+            return []
+        return [_header("x-maas-username", identity.userid), _header("x-maas-tier", plan.name)]
+    if identity is None:
         return []
-    return [("x-maas-username", decision.identity.userid), ("x-maas-tier", decision.tier.name)]
+    headers = []
+    if policy.identity:
+        headers += [
+            _header("x-maas-username", identity.userid),
+            _header("x-maas-group", group_header(identity)),
+        ]
+    if plan is not None and plan.name:
+        headers.append(_header("x-maas-subscription", plan.name))
+    return headers
 
 
-def _identity_headers(decision: Decision) -> list[base_pb2.HeaderValueOption]:
-    return [_header(key, value) for key, value in _identity_pairs(decision)]
+def group_header(identity: Identity) -> str:
+    """X-MaaS-Group as MaaS writes it: a JSON array of strings; a token's groups led by
+    ``system:authenticated`` (celTokenGroupsHeaderJSON), an API key's as stored with it."""
+    groups = list(identity.groups)
+    if not identity.key_id:
+        groups.insert(0, "system:authenticated")
+    return json.dumps(groups, separators=(",", ":"))
 
 
 INJECT_HEADER = "x-maas-inject"  # ext_proc removes it again before the request goes upstream
 
 
-def _request_headers(decision: Decision) -> list[base_pb2.HeaderValueOption]:
-    headers = _identity_headers(decision)
+def _request_headers(decision: Decision, policy: HeaderPolicy) -> list[base_pb2.HeaderValueOption]:
+    headers = _identity_headers(decision, policy)
     if decision.inject_usage:
         headers.append(_header(INJECT_HEADER, "1"))
     return headers
 
 
-def _allow(decision: Decision, path: str) -> authz.CheckResponse:
+def _allow(decision: Decision, path: str, policy: HeaderPolicy) -> authz.CheckResponse:
     ok = authz.OkHttpResponse(
-        headers=_request_headers(decision),
+        headers=_request_headers(decision, policy),
         headers_to_remove=_removals(decision.strip_headers, decision.charged),
         response_headers_to_add=_rate_headers(decision),
     )
     return authz.CheckResponse(
-        status=_OK_STATUS, ok_response=ok, dynamic_metadata=metadata(decision, path)
+        status=_OK_STATUS, ok_response=ok, dynamic_metadata=metadata(decision, path, policy)
     )
 
 
@@ -152,20 +198,22 @@ class CheckReplies:
     takes ~20 µs (protobuf Struct updates are pure Python), copying a prebuilt one ~3 µs.
     """
 
-    def __init__(self, max_entries: int = 10_000) -> None:
+    def __init__(self, max_entries: int = 10_000, policy: HeaderPolicy = TIERS) -> None:
         self._bases: dict[tuple[object, ...], authz.CheckResponse] = {}
         self._max_entries = max_entries
+        self._policy = policy
 
     def reply(self, decision: Decision, path: str) -> authz.CheckResponse:
         if not decision.allowed or decision.identity is None or decision.tier is None:
-            return check_response(decision, path)
-        key = (decision.identity, decision.tier.name, decision.strip_headers)
+            return check_response(decision, path, self._policy)
+        plan = decision.tier  # what the fixed part shows of it: its name (and model, for Kuadrant)
+        key = (decision.identity, plan.name, plan.model, decision.strip_headers)
         base = self._bases.get(key)
         if base is None:
             if len(self._bases) >= self._max_entries:
                 self._bases.clear()
             base = self._bases[key] = _allow(
-                replace(decision, limit=0, charged=False, inject_usage=False), ""
+                replace(decision, limit=0, charged=False, inject_usage=False), "", self._policy
             )
         out = authz.CheckResponse()
         out.CopyFrom(base)
@@ -199,6 +247,8 @@ def _raw(options: list[base_pb2.HeaderValueOption]) -> list[base_pb2.HeaderValue
 
 def _refusal_headers(decision: Decision) -> list[base_pb2.HeaderValueOption]:
     headers = [_header("content-type", "application/json")]
+    if decision.reason_code:  # MaaS's error code, where its gateway policy sends one
+        headers.append(_header("x-ext-auth-reason", decision.reason_code))
     if decision.outcome is Outcome.UNAUTHENTICATED:
         headers.append(_header("www-authenticate", 'Bearer realm="maas"'))
     if decision.retry_after_s:
@@ -220,9 +270,11 @@ def immediate_response(decision: Decision) -> ep.ProcessingResponse:
     )
 
 
-def request_mutation(decision: Decision, body_length: int = -1) -> ep.HeaderMutation:
+def request_mutation(
+    decision: Decision, body_length: int = -1, policy: HeaderPolicy = TIERS
+) -> ep.HeaderMutation:
     """What ext_authz's OK reply does to the request: our identity headers in, spoofed ones out."""
-    headers = _identity_headers(decision)
+    headers = _identity_headers(decision, policy)
     if body_length >= 0:
         headers.append(_header("content-length", str(body_length)))
     return ep.HeaderMutation(
@@ -262,16 +314,14 @@ def http_response(status: int, headers: Iterable[tuple[str, str]], body: bytes =
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-def http_reply(decision: Decision, path: str) -> bytes:
+def http_reply(decision: Decision, path: str, policy: HeaderPolicy = TIERS) -> bytes:
     """``check_response`` for ext_authz's HTTP service: 200 admits, any other status refuses."""
     if not decision.allowed:
         status, _, _ = _TABLE[decision.outcome]
         refusal = [(o.header.key, o.header.value) for o in _refusal_headers(decision)]
         return http_response(status, refusal, error_body(decision))
-    headers = _identity_pairs(decision)
-    if decision.inject_usage:
-        headers.append((INJECT_HEADER, "1"))
-    headers += _rate_pairs(decision)
+    options = [*_request_headers(decision, policy), *_rate_headers(decision)]
+    headers = [(o.header.key, o.header.value) for o in options]
     removals = _removals(decision.strip_headers, decision.charged)
     if removals:
         headers.append((HEADERS_TO_REMOVE, ",".join(removals)))

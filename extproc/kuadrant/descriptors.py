@@ -66,6 +66,38 @@ def report_entries(identifier: str, variables: Entries) -> Entries:
     return ((identifier, "1"), *variables)
 
 
-def metric_labels(userid: str, tier: str, model: str) -> Entries:
-    """descriptors[1]: the labels Limitador puts on ``authorized_hits``; empty values left out."""
-    return tuple((k, v) for k, v in (("user", userid), ("tier", tier), ("model", model)) if v)
+def metric_labels(
+    userid: str,
+    tier: str,
+    model: str,
+    subscription: str = "",
+    organization_id: str = "",
+    cost_center: str = "",
+) -> Entries:
+    """descriptors[1]: the labels Limitador puts on ``authorized_hits``; empty values left out.
+
+    The subscription era's are those of MaaS's TelemetryPolicy (models-as-a-service
+    ``deployment/base/observability/gateway-telemetry-policy.yaml`` at c0639b1b): the
+    subscription's name (``auth.identity.selected_subscription``), its organization id and cost
+    center, beside user and model.
+    """
+    named = (
+        ("user", userid),
+        ("tier", tier),
+        ("model", model),
+        ("subscription", subscription.rpartition("/")[2]),
+        ("organization_id", organization_id),
+        ("cost_center", cost_center),
+    )
+    return tuple((k, v) for k, v in named if v)
+
+
+def subscription_limit(subscription: str, model: str, route: str) -> tuple[str, str, str]:
+    """(policy namespace, policy name, limit name) MaaS's controller writes for a subscription's
+    model (maas-controller ``maassubscription_controller.go`` at c0639b1b,
+    ``reconcileTRLPForModel``): the TokenRateLimitPolicy ``maas-trlp-<model>`` in the model's
+    HTTPRoute's namespace, its limit ``<subscription ns>-<subscription>-<model>-tokens``."""
+    _, _, model_name = model.rpartition("/")
+    route_namespace = route.partition("/")[0]
+    safe = subscription.replace("/", "-")
+    return route_namespace, f"maas-trlp-{model_name}", f"{safe}-{model_name}-tokens"

@@ -46,10 +46,12 @@ class ObjectWatch:
         watch_timeout_s: int = 300,
         backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
+        on_listed: Callable[[str], None] = lambda _plural: None,
     ) -> None:
         self._kube = kube
         self._custom = client.CustomObjectsApi(kube.api_client)
         self._on_change = on_change
+        self._on_listed = on_listed  # a collection's list answered (before its on_change)
         self._watch_timeout_s = watch_timeout_s
         self._backoff_s = backoff_s
         self._max_backoff_s = max_backoff_s
@@ -109,6 +111,7 @@ class ObjectWatch:
             for key in [k for k in self._objects if k[0] == collection.plural]:
                 del self._objects[key]
             self._objects.update(items)
+            self._on_listed(collection.plural)
             self._changed_locked()
         return str((listed.get("metadata") or {}).get("resourceVersion") or "") or None
 

@@ -1,4 +1,11 @@
-"""Per-tier limits declared by Kuadrant policies in the cluster, watched so admission enforces them.
+"""Limits declared by Kuadrant policies in the cluster, watched so admission enforces them.
+
+Subscription era: the per-model TokenRateLimitPolicies MaaS's controller writes (one limit per
+(subscription, model), predicate ``auth.identity.selected_subscription_key == "<sub ns>/<sub>@
+<model ns>/<model>" && !request.path.endsWith("/v1/models")``, several rates allowed:
+maas-controller ``maassubscription_controller.go`` at c0639b1b) give each subscription's rates
+for a model and the limit its tokens are reported into; ``gateway-default-deny`` is skipped (the
+sidecar denies the unsubscribed itself). Tier era, as follows.
 
 A TokenRateLimitPolicy (``kuadrant.io/v1alpha1``) limit becomes a tier's token limit and a
 RateLimitPolicy (``kuadrant.io/v1``) limit its request limit, whatever the limit is called, when
@@ -27,7 +34,7 @@ from typing import Any, Literal
 
 from extproc.authz.kube import Kube
 from extproc.config import KuadrantConfig, LimitsConfig, RoutesConfig
-from extproc.domain import Limits
+from extproc.domain import Limits, Rate
 from extproc.kuadrant.objects import Collection, ObjectWatch, Snapshot
 from extproc.observability.metrics import Metrics
 
@@ -35,6 +42,13 @@ log = logging.getLogger("extproc.kuadrant")
 
 Kind = Literal["tokens", "requests"]
 _TIER = re.compile(r"""^auth\.identity\.tier\s*==\s*(["'])([^"'\\]+)\1$""")
+# The subscription era (maas-controller maassubscription_controller.go at c0639b1b,
+# reconcileTRLPForModel): one limit per (subscription, model) in the model's policy.
+_SUBSCRIPTION_KEY = re.compile(
+    r"""^auth\.identity\.selected_subscription_key\s*==\s*(["'])([^"'\\]+)\1$"""
+)
+# MaaS's gateway-wide 0-token default for the unsubscribed: the sidecar denies those itself.
+DEFAULT_DENY_POLICY = "gateway-default-deny"
 _ENDS_WITH = re.compile(r"""^request\.path\.endsWith\(\s*(["'])([^"'\\]+)\1\s*\)$""")
 # `"x-maas-…" in request.headers`: never true in the data plane (ext_authz strips every client
 # X-MaaS-* header and sets none of that name), so Kuadrant never charges the limit: the marker
@@ -58,7 +72,8 @@ REQUEST_POLICIES = PolicyKind("kuadrant.io", "v1", "ratelimitpolicies", "request
 
 @dataclass(frozen=True, slots=True)
 class PolicyLimit:
-    """One understood policy limit: ``limit`` per ``window_s`` for each user of ``tier``."""
+    """One understood policy limit: ``limit`` per ``window_s`` for each user of ``tier``; in the
+    subscription era, every rate of one ``selected_subscription_key`` (``tier`` then "")."""
 
     policy: str  # <namespace>/<name>
     name: str
@@ -66,6 +81,12 @@ class PolicyLimit:
     tier: str
     limit: int
     window_s: int
+    subscription: str = ""  # "<sub ns>/<sub>@<model ns>/<model>"
+    rates: tuple[Rate, ...] = ()
+
+    @property
+    def rate(self) -> Rate:
+        return Rate(self.limit, self.window_s)
 
 
 def conjuncts(predicate: str) -> list[str] | None:
@@ -135,6 +156,12 @@ def _enclosed(term: str) -> bool:
     return False
 
 
+def subscription_key_of(term: str) -> str | None:
+    """The key of ``auth.identity.selected_subscription_key == "<key>"``; None otherwise."""
+    match = _SUBSCRIPTION_KEY.match(term.strip())
+    return match[2] if match else None
+
+
 def tier_of(predicate: object) -> str | None:
     """The tier of ``auth.identity.tier == "<tier>"``; None for any other predicate."""
     if not isinstance(predicate, str):
@@ -166,18 +193,29 @@ def predicate_tier(
 ) -> str | None:
     """The one tier a list of ANDed predicates selects, when every other term holds on every
     limited path; None for any other shape."""
-    tiers: set[str] = set()
+    selected = predicate_selects(predicates, charged_suffixes)
+    return selected[1] if selected is not None and selected[0] == "tier" else None
+
+
+def predicate_selects(
+    predicates: Iterable[object], charged_suffixes: Sequence[str] = CHARGED_SUFFIXES
+) -> tuple[Literal["tier", "subscription"], str] | None:
+    """What a list of ANDed predicates selects: one tier, or one selected subscription key,
+    when every other term holds on every limited path; None for any other shape."""
+    found: set[tuple[Literal["tier", "subscription"], str]] = set()
     for predicate in predicates:
         terms = conjuncts(predicate) if isinstance(predicate, str) else None
         if not terms:
             return None
         for term in terms:
-            tier = tier_of(term)
+            tier, key = tier_of(term), subscription_key_of(term)
             if tier is not None:
-                tiers.add(tier)
+                found.add(("tier", tier))
+            elif key is not None:
+                found.add(("subscription", key))
             elif not (_SIDECAR_ONLY.match(term) or always_true_on(term, charged_suffixes)):
                 return None
-    return tiers.pop() if len(tiers) == 1 else None
+    return found.pop() if len(found) == 1 else None
 
 
 def window_seconds(text: object) -> int | None:
@@ -235,21 +273,35 @@ def _limit(
     if not isinstance(when, list) or not all(isinstance(w, Mapping) for w in [*top, *when]):
         return f"predicates {when!r} are not a list of predicates"
     predicates = [w.get("predicate") for w in [*top, *when]]
-    tier = predicate_tier(predicates, charged_suffixes)
-    if tier is None:
+    selected = predicate_selects(predicates, charged_suffixes)
+    if selected is None:
         shown = " && ".join(" ".join(str(p).split()) for p in predicates) or "(none)"
-        return f'predicates {shown!r} do not select one tier (auth.identity.tier == "<tier>")'
+        return (
+            f'predicates {shown!r} do not select one tier (auth.identity.tier == "<tier>") '
+            'or subscription (auth.identity.selected_subscription_key == "<key>")'
+        )
     counters = body.get("counters") or []
     expressions = [c.get("expression") for c in counters if isinstance(c, Mapping)]
     if expressions != [counter_expression]:
         return f"counters {expressions!r} are not [{counter_expression}]"
     rates = body.get("rates") or []
-    if not isinstance(rates, list) or len(rates) != 1 or not isinstance(rates[0], Mapping):
+    several = selected[0] == "subscription"  # a subscription's model may have several rates
+    if not isinstance(rates, list) or not rates or (len(rates) != 1 and not several):
         return f"rates {rates!r} are not one rate"
-    limit, window = rates[0].get("limit"), window_seconds(rates[0].get("window"))
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0 or window is None:
-        return f"rate {dict(rates[0])!r} is not {{limit: <n>, window: <duration>}}"
-    return PolicyLimit(where, name, kind, tier, limit, window)
+    read: list[Rate] = []
+    for rate in rates:
+        if not isinstance(rate, Mapping):
+            return f"rate {rate!r} is not {{limit: <n>, window: <duration>}}"
+        limit, window = rate.get("limit"), window_seconds(rate.get("window"))
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0 or window is None:
+            return f"rate {dict(rate)!r} is not {{limit: <n>, window: <duration>}}"
+        read.append(Rate(limit, window))
+    first = read[0]
+    if several:
+        return PolicyLimit(
+            where, name, kind, "", first.limit, first.window_s, selected[1], tuple(read)
+        )
+    return PolicyLimit(where, name, kind, selected[1], first.limit, first.window_s)
 
 
 def merged(base: LimitsConfig, limits: Iterable[PolicyLimit]) -> LimitsConfig:
@@ -257,6 +309,8 @@ def merged(base: LimitsConfig, limits: Iterable[PolicyLimit]) -> LimitsConfig:
     tiers = dict(base.tiers)
     declared: dict[tuple[str, Kind], PolicyLimit] = {}
     for item in limits:
+        if not item.tier:
+            continue  # a subscription's limit: read per request (``rates_for``)
         key = (item.tier, item.kind)
         current = declared.get(key)
         if current is None or item.limit / item.window_s < current.limit / current.window_s:
@@ -286,6 +340,7 @@ class PolicyLimits:
         *,
         charged_suffixes: Sequence[str] = CHARGED_SUFFIXES,
         kinds: tuple[PolicyKind, ...] = (TOKEN_POLICIES, REQUEST_POLICIES),
+        namespace: str | None = None,
         watch_timeout_s: int = 300,
         backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
@@ -298,13 +353,20 @@ class PolicyLimits:
         self._kinds = {kind.plural: kind.kind for kind in kinds}
         self._current = base
         self._limits: tuple[PolicyLimit, ...] = ()
+        # The subscription era: selected_subscription_key -> the rates its policy limit declares.
+        self._subscription_rates: dict[str, tuple[Rate, ...]] = {}
         self._ignored: frozenset[tuple[str, str]] = frozenset()  # (plural, reason) in force now
         self._lock = threading.Lock()
         self._closed = False
         self._watch = ObjectWatch(
             kube,
             [
-                Collection(kind.group, kind.version, kind.plural, config.policy_namespace)
+                Collection(
+                    kind.group,
+                    kind.version,
+                    kind.plural,
+                    config.policy_namespace if namespace is None else namespace,
+                )
                 for kind in kinds
             ],
             self._recompute,
@@ -319,6 +381,18 @@ class PolicyLimits:
     @property
     def limits(self) -> tuple[PolicyLimit, ...]:
         return self._limits
+
+    def rates_for(self, key: str) -> tuple[Rate, ...] | None:
+        """The rates the watched policies declare for a ``selected_subscription_key``."""
+        return self._subscription_rates.get(key)
+
+    def subscription_limit(self, key: str) -> tuple[str, str] | None:
+        """The policy (``<namespace>/<name>``) and limit a ``selected_subscription_key`` is
+        counted in, as the watched policies declare them; None when none does."""
+        for item in self._limits:
+            if item.subscription == key:
+                return item.policy, item.name
+        return None
 
     def limit_name_for(self, tier: str) -> str:
         """The configured TokenRateLimitPolicy's limit whose predicate selects ``tier``, whatever
@@ -335,7 +409,9 @@ class PolicyLimits:
         # again on each recompute.
         understood: list[PolicyLimit] = []
         ignored_now: set[tuple[str, str]] = set()
-        for (plural, _namespace, _name), obj in objects:
+        for (plural, _namespace, name), obj in objects:
+            if name == DEFAULT_DENY_POLICY:
+                continue  # the unsubscribed are refused by the sidecar's own default deny
             kind = self._kinds[plural]
             found, ignored = policy_limits(
                 obj, kind, self._config.counter_expression, self._charged_suffixes
@@ -351,9 +427,19 @@ class PolicyLimits:
         if limits != self._limits:
             self._limits = limits
             self._current = merged(self._base, limits)
+            rates: dict[str, tuple[Rate, ...]] = {}
+            for item in limits:
+                if item.subscription:
+                    rates.setdefault(item.subscription, item.rates)  # the first, in name order
+            self._subscription_rates = rates
             log.info(
                 "policy limits loaded: %s",
-                ", ".join(f"{i.tier}:{i.kind}={i.limit}/{i.window_s}s" for i in limits) or "none",
+                ", ".join(
+                    f"{i.tier or i.subscription}:{i.kind}="
+                    + ",".join(f"{r.limit}/{r.window_s}s" for r in (i.rates or (i.rate,)))
+                    for i in limits
+                )
+                or "none",
             )
 
     async def close(self) -> None:

@@ -25,7 +25,13 @@ from envoy.service.ratelimit.v3 import rls_pb2
 from extproc.config import KuadrantConfig
 from extproc.domain import Charge
 from extproc.kuadrant import service
-from extproc.kuadrant.descriptors import Entries, limit_identifier, metric_labels, report_entries
+from extproc.kuadrant.descriptors import (
+    Entries,
+    limit_identifier,
+    metric_labels,
+    report_entries,
+    subscription_limit,
+)
 from extproc.kuadrant.limitador import (
     LimitadorLimits,
     LimitadorUnavailable,
@@ -63,6 +69,14 @@ class Counter:
     tier: str
     userid: str
     model: str
+    # The subscription era: the subscription "<ns>/<name>" and its tokenMetadata (labels).
+    subscription: str = ""
+    organization_id: str = ""
+    cost_center: str = ""
+
+
+# selected_subscription_key -> (policy "<namespace>/<name>", limit) the watched policies declare
+DeclaredLimit = Callable[[str], "tuple[str, str] | None"]
 
 
 class Reporter:
@@ -75,6 +89,7 @@ class Reporter:
         limits: LimitadorLimits,
         limit_name_for: Callable[[str], str],
         *,
+        declared: DeclaredLimit = lambda _key: None,
         channel: grpc.aio.Channel | None = None,
         backoff_s: float = 0.2,
         max_backoff_s: float = 10.0,
@@ -83,11 +98,12 @@ class Reporter:
         self._metrics = metrics
         self._limits = limits
         self._limit_name_for = limit_name_for
+        self._declared = declared
         self._channel = channel
         self._backoff_s = backoff_s
         self._max_backoff_s = max_backoff_s
         self._all = config.mode == "all"
-        self._queue: deque[tuple[str, str, str, str, int]] = deque()
+        self._queue: deque[tuple[Counter, int]] = deque()
         self._pending: dict[Counter, int] = {}  # summed hits waiting to be sent (or retried)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -109,7 +125,16 @@ class Reporter:
         if len(self._queue) >= self._config.queue_size:
             self._dropped.inc()
             return
-        self._queue.append((charge.route, charge.tier, charge.userid, charge.model, tokens))
+        counter = Counter(
+            charge.route,
+            charge.tier,
+            charge.userid,
+            charge.model,
+            charge.subscription,
+            charge.organization_id,
+            charge.cost_center,
+        )
+        self._queue.append((counter, tokens))
         if self._task is None:
             self.start()
         if not self._wake.is_set():
@@ -180,8 +205,7 @@ class Reporter:
 
     def _take_queue(self) -> None:
         while self._queue:
-            domain, tier, userid, model, tokens = self._queue.popleft()
-            key = Counter(domain, tier, userid, model)
+            key, tokens = self._queue.popleft()
             self._pending[key] = self._pending.get(key, 0) + tokens
 
     async def _send_pending(self) -> bool:
@@ -238,22 +262,40 @@ class Reporter:
             return self._skip(key, "no_route")
         if not key.userid:
             return self._skip(key, "no_user")
-        limit_name = self._limit_name_for(key.tier)
+        policy_namespace, policy_name, limit_name = self._limit_of(key)
         if not limit_name:
             return self._skip(key, "no_limit")
-        identifier = limit_identifier(config.policy_namespace, config.policy_name, limit_name)
+        identifier = limit_identifier(policy_namespace, policy_name, limit_name)
         target = match_limit(
             await self._limits.limits(key.domain), identifier, config.counter_expression
         )
         if target.reason:
             return self._skip(key, target.reason, identifier)
         counters = counter_entries(target, {config.counter_expression: key.userid})
-        return build_request(
-            key.domain,
-            report_entries(identifier, counters),
-            metric_labels(key.userid, key.tier, key.model),
-            hits,
+        labels = metric_labels(
+            key.userid,
+            key.tier,
+            key.model,
+            key.subscription,
+            key.organization_id,
+            key.cost_center,
         )
+        return build_request(key.domain, report_entries(identifier, counters), labels, hits)
+
+    def _limit_of(self, key: Counter) -> tuple[str, str, str]:
+        """(policy namespace, policy name, limit name) the counter's tokens go into ("" limit:
+        none). Tier era: the configured policy's limit for the tier. Subscription era: the model's
+        policy, as the watched policies declare it, else as MaaS's controller names it."""
+        if not key.subscription:
+            config = self._config
+            return config.policy_namespace, config.policy_name, self._limit_name_for(key.tier)
+        declared = self._declared(f"{key.subscription}@{key.model}")
+        if declared is not None:
+            (namespace, _, name), limit = declared[0].partition("/"), declared[1]
+            return namespace, name, limit
+        if not key.model:
+            return "", "", ""  # the unsubscribed: the default deny, nothing to report into
+        return subscription_limit(key.subscription, key.model, key.domain)
 
     def _skip(
         self, key: Counter, reason: str, identifier: str = ""
@@ -265,15 +307,16 @@ class Reporter:
 
     def _note(self, key: Counter, reason: str, detail: str) -> None:
         """Log the first occurrence per (domain, tier, reason): one line, not one per charge."""
-        seen = (key.domain, key.tier, reason)
+        seen = (key.domain, key.subscription or key.tier, reason)
         if seen in self._warned:
             return
         self._warned.add(seen)
         log.warning(
-            "kuadrant report held back: reason=%s domain=%s tier=%s detail=%s",
+            "kuadrant report held back: reason=%s domain=%s %s=%s detail=%s",
             reason,
             key.domain or "-",
-            key.tier,
+            "subscription" if key.subscription else "tier",
+            key.subscription or key.tier,
             detail,
         )
 

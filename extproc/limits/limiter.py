@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from extproc.config import LimitsConfig
-from extproc.domain import Charge, Limits
+from extproc.domain import Charge, Limits, Rate
 from extproc.limits import windows
 from extproc.store import keys, ledger
-from extproc.store.base import Adjustment, CounterStore, WindowCounter
+from extproc.store.base import NO_ATTRIBUTION, Adjustment, Attribution, CounterStore, WindowCounter
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +66,9 @@ class Limiter:
         self._limits = FixedLimits(config) if isinstance(config, LimitsConfig) else config
         self._clock_ms = clock_ms
         self._sliding = self._limits.current().window == "sliding"
-        # Key strings and limits per (user, tier, model, route), rebuilt when the limits change.
-        self._plans: dict[tuple[str, str, str, str], _Plan] = {}
+        # Key strings and limits per (user, tier, model, route) and per (user, subscription,
+        # model, rates), rebuilt when the limits change.
+        self._plans: dict[tuple[object, ...], _Plan] = {}
         self._plans_for: LimitsConfig | None = None
 
     @property
@@ -104,6 +105,41 @@ class Limiter:
     ) -> list[tuple[str, int]]:
         """(key, window_ms) of every token counter this request is charged to, in admit order."""
         return [(key, window) for key, _, window in self._plan(userid, tier, model, route).tokens]
+
+    @staticmethod
+    def subscription_counters(
+        userid: str, subscription: str, model: str, windows_s: tuple[int, ...]
+    ) -> list[tuple[str, int]]:
+        """(key, window_ms) of the token counters of a subscription's rates for one model."""
+        return [
+            (
+                keys.subscription_tokens_key(userid, subscription, model, index, window),
+                window * 1000,
+            )
+            for index, window in enumerate(windows_s)
+        ]
+
+    def _rates_plan(
+        self, userid: str, subscription: str, model: str, rates: tuple[Rate, ...]
+    ) -> _Plan:
+        """Subscription era: one token counter per rate, each with its own reservation."""
+        cache_key = (userid, subscription, model, rates)
+        plan = self._plans.get(cache_key)
+        if plan is None:
+            if len(self._plans) >= _PLAN_CACHE_SIZE:
+                self._plans.clear()
+            counters = self.subscription_counters(
+                userid, subscription, model, tuple(r.window_s for r in rates)
+            )
+            plan = _Plan(
+                requests=(),
+                tokens=tuple(
+                    (key, rate.limit, window_ms)
+                    for (key, window_ms), rate in zip(counters, rates, strict=True)
+                ),
+            )
+            self._plans[cache_key] = plan
+        return plan
 
     def _plan(self, userid: str, tier: str, model: str, route: str) -> _Plan:
         config = self._config
@@ -150,17 +186,26 @@ class Limiter:
         reserve: int,
         route: str = "",
         *,
+        rates: tuple[Rate, ...] | None = None,
+        attribution: Attribution = NO_ATTRIBUTION,
         request_id: str = "",
         now_ms: int | None = None,
     ) -> Verdict:
-        """Check and take the reservation; the ledger holds it as unsettled until the settle."""
-        plan = self._plan(userid, tier, model, route)
+        """Check and take the reservation; the ledger holds it as unsettled until the settle.
+
+        With ``rates`` (the subscription era), ``tier`` is the subscription and the counters are
+        its rates for ``model``, all admitted in the same atomic step.
+        """
+        if rates is None:
+            plan = self._plan(userid, tier, model, route)
+        else:
+            plan = self._rates_plan(userid, tier, model, rates)
         sliding = self._sliding
         counters = [WindowCounter(k, lim, w, 1, sliding) for k, lim, w in plan.requests]
         counters += [WindowCounter(k, lim, w, reserve, sliding) for k, lim, w in plan.tokens]
         kinds = ["requests"] * len(plan.requests) + ["tokens"] * len(plan.tokens)
         now = self._clock_ms() if now_ms is None else now_ms
-        hold = ledger.hold_for(userid, model, reserve, now)
+        hold = ledger.hold_for(userid, model, reserve, now, attribution)
         result = await self._store.admit(counters, now, hold, request_id=request_id)
         if not counters:
             return Verdict(allowed=True, reserved_tokens=reserve, admitted_ms=now)
@@ -197,7 +242,12 @@ class Limiter:
         """
         now = self._clock_ms()
         token_windows = charge.token_windows
-        counters = self.token_counters(charge.userid, charge.tier, charge.model, charge.route)
+        if charge.subscription:
+            counters = self.subscription_counters(
+                charge.userid, charge.subscription, charge.model, charge.rate_windows
+            )
+        else:
+            counters = self.token_counters(charge.userid, charge.tier, charge.model, charge.route)
         adjustments = []
         for index, (key, window_ms) in enumerate(counters):
             admitted = index < len(token_windows)
@@ -214,7 +264,11 @@ class Limiter:
         release = None
         if charge.admitted_ms:
             release = ledger.hold_for(
-                charge.userid, charge.model, charge.reserved_tokens, charge.admitted_ms
+                charge.userid,
+                charge.model,
+                charge.reserved_tokens,
+                charge.admitted_ms,
+                ledger.attribution_of(charge),
             )
         return await self._store.settle(
             adjustments,

@@ -8,7 +8,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from extproc.domain import UNTRUSTED_REASONS, Charge, Decision, Limits
+from extproc.domain import UNTRUSTED_REASONS, Charge, Decision, Era, Limits
 from extproc.observability.model_labels import ModelLabels
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -25,23 +25,29 @@ class Metrics:
         self,
         registry: CollectorRegistry | None = None,
         per_user: bool = False,
+        era: Era = "tiers",
         models: ModelLabels | None = None,
     ) -> None:
         self.registry = registry or CollectorRegistry()
         self.per_user = per_user
+        self.keys = per_user and era == "subscriptions"  # the API key's name beside the user
         self.models = models or ModelLabels()  # bounds the `model` label (default: all "other")
         r = self.registry
+        # The plan's label: "tier", or in the subscription era "subscription" (its <ns>/<name>).
+        tier = "tier" if era == "tiers" else "subscription"
         user = ["user"] if per_user else []  # opt-in: one series per user
+        if self.keys:
+            user.append("key")
         self.requests = Counter(
-            "maas_requests", "Admission decisions", ["decision", "tier", *user], registry=r
+            "maas_requests", "Admission decisions", ["decision", tier, *user], registry=r
         )
         self.limited = Counter(
             "maas_limited_requests",
             "Requests refused by a limit",
-            ["limit", "tier", *user],
+            ["limit", tier, *user],
             registry=r,
         )
-        token_labels = ["tier", "model", "kind", *user]
+        token_labels = [tier, "model", "kind", *user]
         self.tokens = Counter(
             "maas_tokens",
             "Tokens charged, by kind (prompt, completion, total)",
@@ -51,13 +57,13 @@ class Metrics:
         self.charges = Counter(
             "maas_charges",
             "Responses charged, by how usage was known",
-            ["tier", "source"],
+            [tier, "source"],
             registry=r,
         )
         self.responses = Counter(
             "maas_responses",
             "Metered responses, by upstream status class (none: no response headers)",
-            ["status_class", "tier"],
+            ["status_class", tier],
             registry=r,
         )
         self.tier_limit = Gauge(
@@ -75,7 +81,7 @@ class Metrics:
         self.disconnects = Counter(
             "maas_disconnects",
             "Streams that ended before the response completed",
-            ["tier"],
+            [tier],
             registry=r,
         )
         self.admission_seconds = Histogram(
@@ -116,7 +122,7 @@ class Metrics:
         self.reservation_exceeded = Counter(
             "maas_reservation_exceeded",
             "Charges larger than their admission's reservation (the overshoot bound can break)",
-            ["tier"],
+            [tier],
             registry=r,
         )
         self.charges_pending = Gauge(
@@ -196,9 +202,15 @@ class Metrics:
                     self.tier_limit.labels(tier, kind).set(amount)
                     self.tier_limit_window.labels(tier, kind).set(window_s)
 
+    def _user(self, userid: str, key: str) -> tuple[str, ...]:
+        if not self.per_user:
+            return ()
+        return (userid, key) if self.keys else (userid,)
+
     def decided(self, decision: Decision, seconds: float) -> None:
         tier = decision.tier.name if decision.tier else ""
-        user = (decision.identity.userid if decision.identity else "",) if self.per_user else ()
+        identity = decision.identity
+        user = self._user(identity.userid, identity.key_name) if identity else self._user("", "")
         key = (decision.outcome.value, tier, *user)
         child = self._decision_children.get(key)
         if child is None:
@@ -210,17 +222,18 @@ class Metrics:
 
     def charged(self, charge: Charge) -> None:
         usage = charge.usage
-        user = (charge.userid,) if self.per_user else ()
-        model = self.models.label(charge.model, charge.path)
-        children = self._token_children.get((charge.tier, model, *user))
+        user = self._user(charge.userid, charge.key_name)
+        tier = charge.plan
+        model = self.models.label(charge.model, charge.path, subscribed=bool(charge.subscription))
+        children = self._token_children.get((tier, model, *user))
         if children is None:
             if len(self._token_children) >= _CHILD_CACHE_SIZE:
                 self._token_children.clear()
             children = tuple(
-                self.tokens.labels(charge.tier, model, kind, *user)
+                self.tokens.labels(tier, model, kind, *user)
                 for kind in ("prompt", "completion", "total")
             )
-            self._token_children[(charge.tier, model, *user)] = children
+            self._token_children[(tier, model, *user)] = children
         for token_child, amount in zip(
             children, (usage.prompt_tokens, usage.completion_tokens, usage.total()), strict=True
         ):
@@ -229,22 +242,18 @@ class Metrics:
         if usage.invalid:
             self.usage_invalid.labels(usage.invalid).inc()
         source = "estimated" if usage.estimated else ("reported" if usage.reported else "none")
-        by_source = self._charge_children.get((charge.tier, source))
+        by_source = self._charge_children.get((tier, source))
         if by_source is None:
-            by_source = self._charge_children[(charge.tier, source)] = self.charges.labels(
-                charge.tier, source
-            )
+            by_source = self._charge_children[(tier, source)] = self.charges.labels(tier, source)
         by_source.inc()
-        status_key = (charge.status // 100, charge.tier)
+        status_key = (charge.status // 100, tier)
         child = self._response_children.get(status_key)
         if child is None:
             status_class = f"{status_key[0]}xx" if charge.status else "none"
-            child = self._response_children[status_key] = self.responses.labels(
-                status_class, charge.tier
-            )
+            child = self._response_children[status_key] = self.responses.labels(status_class, tier)
         child.inc()
         if charge.disconnected:
-            self.disconnects.labels(charge.tier).inc()
+            self.disconnects.labels(tier).inc()
 
 
 def serve_metrics(metrics: Metrics, host: str, port: int) -> tuple[WSGIServer, threading.Thread]:

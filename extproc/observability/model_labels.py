@@ -8,7 +8,10 @@ The body's ``model`` is any string a client sends; as a label it would make the 
 - with ``access.check: subject_access_review``, the ``<namespace>/<name>`` of a path route
   (``/<ns>/<name>/v1/...``): the API server allowed the caller to post to that
   LLMInferenceService. RBAC granted on a whole namespace also allows names that do not exist,
-  so these are kept to the first ``max_routes``; later ones count as ``other``.
+  so these are kept to the first ``max_routes``; later ones count as ``other``;
+- in the subscription era, the MaaSModelRef ``<namespace>/<name>`` the selected subscription
+  names for the request (admins write those, clients only pick among them), within the same
+  bound.
 
 The ledger keeps the exact model string per user; only the metric label is bounded.
 """
@@ -48,16 +51,22 @@ class ModelLabels:
             known.update((model, target))
         return cls(known, routes_checked=config.access.check == "subject_access_review")
 
-    def label(self, model: str, path: str) -> str:
-        """``model`` if known, else the access-checked path route, else ``other``."""
+    def label(self, model: str, path: str, *, subscribed: bool = False) -> str:
+        """``model`` if known, else a subscription's model or the access-checked path route,
+        else ``other``."""
         if model in self._known:
             return model
+        if subscribed:
+            return self._bounded(model)
         if not self._routes_checked:
             return OTHER
         namespace, name = model_route(path)
         if not name:
             return OTHER
-        route = f"{namespace}/{name}"
+        return self._bounded(f"{namespace}/{name}")
+
+    def _bounded(self, route: str) -> str:
+        """``route`` while fewer than ``max_routes`` were seen, else ``other``."""
         if route in self._known or route in self._routes:
             return route
         if len(self._routes) < self._max_routes:

@@ -17,6 +17,8 @@ from extproc.authz.base import IdentitySource
 from extproc.domain import Identity
 from extproc.errors import ConfigError, Unavailable
 from extproc.observability.usage_query import (
+    GROUPS,
+    GroupBy,
     Period,
     Row,
     add_amounts,
@@ -62,12 +64,14 @@ class UsageApi:
         retention_days: int,
         admin_group: str,
         today: Callable[[], dt.date] = utc_today,
+        groups: tuple[GroupBy, ...] = GROUPS,
     ) -> None:
         self._store = store
         self._identities = identities
         self._retention_days = retention_days
         self._admin_group = admin_group
         self._today = today
+        self._groups = groups  # the groupings ``group_by`` takes (the era's)
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
@@ -96,7 +100,7 @@ class UsageApi:
             query = _query(request, _USAGE_PARAMS)
             period, fmt = self._period_and_format(request, query)
             try:
-                group_by = parse_group_by(query.get("group_by"))
+                group_by = parse_group_by(query.get("group_by"), groups=self._groups)
             except ConfigError as exc:
                 raise _bad(exc) from exc
             user = query.get("user") or caller.userid

@@ -8,6 +8,8 @@ import sys
 from extproc.config import Config
 from extproc.errors import StoreUnavailable
 from extproc.observability.usage_query import (
+    GROUPS,
+    SUBSCRIPTION_GROUPS,
     check_retention,
     parse_group_by,
     parse_period,
@@ -43,7 +45,8 @@ def run_usage(
     today = utc_today()
     period = parse_period(start, end, today, start_key="--from", end_key="--to")
     check_retention(period, today, config.store.retention_days, start_key="--from")
-    by = parse_group_by(group_by, "--group-by")
+    era_groups = SUBSCRIPTION_GROUPS if config.maas.era == "subscriptions" else GROUPS
+    by = parse_group_by(group_by, "--group-by", era_groups)
     if str(config.store.url).startswith("memory:"):
         print(
             "note: the store is memory://, which a separate process cannot read; "

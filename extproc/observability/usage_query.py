@@ -13,8 +13,10 @@ from typing import Literal
 from extproc.errors import ConfigError
 from extproc.store.base import LedgerRow
 
-GroupBy = Literal["day", "model"]
-GROUPS: tuple[GroupBy, ...] = ("day", "model")
+GroupBy = Literal["day", "model", "subscription", "key"]
+GROUPS: tuple[GroupBy, ...] = ("day", "model")  # the tier era's
+# The subscription era books usage to subscriptions and API keys as well.
+SUBSCRIPTION_GROUPS: tuple[GroupBy, ...] = (*GROUPS, "subscription", "key")
 AMOUNTS = (
     "prompt_tokens",
     "completion_tokens",
@@ -25,6 +27,14 @@ AMOUNTS = (
     "unsettled_tokens",
     "unsettled_requests",
 )
+# The columns that name a row, per grouping: the subscription era's rows carry the subscription
+# with its tokenMetadata (organization id, cost center), or the API key with its subscription.
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "day": ("day",),
+    "model": ("model",),
+    "subscription": ("subscription", "organization_id", "cost_center"),
+    "key": ("key", "subscription"),
+}
 
 Row = dict[str, str | int]
 
@@ -101,11 +111,13 @@ def check_retention(
         )
 
 
-def parse_group_by(value: str | None, key: str = "group_by") -> GroupBy:
-    for choice in GROUPS:
+def parse_group_by(
+    value: str | None, key: str = "group_by", groups: tuple[GroupBy, ...] = GROUPS
+) -> GroupBy:
+    for choice in groups:
         if value is None or value == choice:
             return choice
-    raise ConfigError(key, "one of " + ", ".join(GROUPS), value)
+    raise ConfigError(key, "one of " + ", ".join(groups), value)
 
 
 def iso_day(day: str) -> str:
@@ -123,16 +135,30 @@ def add_amounts(into: Row, row: LedgerRow | Mapping[str, str | int]) -> None:
         into[name] = int(into[name]) + int(amount)
 
 
+def _names(row: LedgerRow, group_by: GroupBy) -> tuple[str, ...]:
+    """The values of ``COLUMNS[group_by]`` for one ledger row ("" where the tier era has none)."""
+    booked = row.attribution
+    if group_by == "day":
+        return (iso_day(row.day),)
+    if group_by == "model":
+        return (row.model,)
+    if group_by == "subscription":
+        return (booked.subscription, booked.organization_id, booked.cost_center)
+    return (booked.key, booked.subscription)
+
+
 def summarize(rows: Iterable[LedgerRow], group_by: GroupBy) -> tuple[list[Row], Row]:
-    """One row per day or per model (sorted), and the totals over the period."""
-    groups: dict[str, Row] = {}
+    """One row per day, model, subscription or API key (sorted), and the totals over the period."""
+    groups: dict[tuple[str, ...], Row] = {}
     totals = zero_totals()
     for row in rows:
-        name = iso_day(row.day) if group_by == "day" else row.model
-        group = groups.setdefault(name, {group_by: name, **zero_totals()})
+        names = _names(row, group_by)
+        group = groups.setdefault(
+            names, {**dict(zip(COLUMNS[group_by], names, strict=True)), **zero_totals()}
+        )
         add_amounts(group, row)
         add_amounts(totals, row)
-    return [groups[name] for name in sorted(groups)], totals
+    return [groups[names] for names in sorted(groups)], totals
 
 
 def usage_document(
@@ -167,6 +193,11 @@ def spreadsheet_safe(cell: str | int) -> str | int:
     return cell
 
 
+def columns_of(key: str) -> tuple[str, ...]:
+    """The naming columns of a grouping (``COLUMNS``), or the one column ``key`` (``user``)."""
+    return COLUMNS.get(key, (key,))
+
+
 def to_csv(rows: Sequence[Row], key: str) -> str:
     """A header line and one line per row; totals are left out so that columns sum cleanly.
 
@@ -174,25 +205,26 @@ def to_csv(rows: Sequence[Row], key: str) -> str:
     Lines end in CRLF (RFC 4180, Python's default), so a cell holding a bare CR is quoted too:
     with LF endings the csv module leaves it bare, and a spreadsheet starts a new row there.
     """
+    names = columns_of(key)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow((key, *AMOUNTS))
-    writer.writerows(
-        [spreadsheet_safe(row[key]), *(spreadsheet_safe(row[name]) for name in AMOUNTS)]
-        for row in rows
-    )
+    writer.writerow((*names, *AMOUNTS))
+    writer.writerows([spreadsheet_safe(row[n]) for n in (*names, *AMOUNTS)] for row in rows)
     return out.getvalue()
 
 
 def to_table(rows: Sequence[Row], totals: Row, key: str) -> str:
     """Aligned columns for a terminal, with a ``total`` line at the end."""
-    lines = [[key, *AMOUNTS]]
-    lines += [[str(row[key]), *(str(row[name]) for name in AMOUNTS)] for row in rows]
-    lines.append(["total", *(str(totals[name]) for name in AMOUNTS)])
+    names = columns_of(key)
+    lines = [[*names, *AMOUNTS]]
+    lines += [
+        [*(str(row[n]) for n in names), *(str(row[name]) for name in AMOUNTS)] for row in rows
+    ]
+    lines.append(["total", *([""] * (len(names) - 1)), *(str(totals[name]) for name in AMOUNTS)])
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     return "\n".join(
         "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w)
+            cell.ljust(w) if i < len(names) else cell.rjust(w)
             for i, (cell, w) in enumerate(zip(line, widths, strict=True))
         ).rstrip()
         for line in lines

@@ -56,6 +56,29 @@ class Adjustment:
 
 
 @dataclass(frozen=True, slots=True)
+class Attribution:
+    """Subscription era: what a ledger amount is booked to besides the user and the model."""
+
+    subscription: str = ""  # "<namespace>/<name>" of the MaaSSubscription
+    key: str = ""  # the API key's name ("" for tokens)
+    organization_id: str = ""  # the subscription's tokenMetadata
+    cost_center: str = ""
+
+    def parts(self) -> tuple[str, ...]:
+        """The ledger field's attribution parts; () in the tier era (no subscription)."""
+        if not self.subscription:
+            return ()
+        return (self.subscription, self.key, self.organization_id, self.cost_center)
+
+    @classmethod
+    def of(cls, parts: tuple[str, ...]) -> Attribution:
+        return cls(*parts[:4]) if len(parts) >= 4 else cls()
+
+
+NO_ATTRIBUTION = Attribution()
+
+
+@dataclass(frozen=True, slots=True)
 class LedgerEntry:
     """One response's usage for the per-user, per-day, per-model ledger."""
 
@@ -67,6 +90,7 @@ class LedgerEntry:
     total_tokens: int
     estimated_tokens: int  # the part of total_tokens that is an estimate
     requests: int = 1
+    attribution: Attribution = NO_ATTRIBUTION
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +105,7 @@ class Hold:
     day: str  # the admission's day: the settle releases the hold on that day, whenever it runs
     model: str
     tokens: int
+    attribution: Attribution = NO_ATTRIBUTION
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +119,7 @@ class LedgerRow:
     requests: int
     unsettled_tokens: int = 0  # reservations of admitted requests not settled (yet)
     unsettled_requests: int = 0
+    attribution: Attribution = NO_ATTRIBUTION
 
 
 class CounterStore(Protocol):

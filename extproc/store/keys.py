@@ -42,6 +42,16 @@ def tokens_key(userid: str, tier: str, model: str = "", *, route: str = "") -> s
     return f"{PREFIX}:{_tag(userid)}:tok:{escape(tier)}{suffix}{_route(route)}"
 
 
+def subscription_tokens_key(
+    userid: str, subscription: str, model: str, index: int, window_s: int
+) -> str:
+    """Subscription era: one counter per token rate of (subscription, model), as Kuadrant keeps
+    one per limit of the model's policy; the rate's place and window keep two rates apart."""
+    return (
+        f"{PREFIX}:{_tag(userid)}:stok:{escape(subscription)}:m:{escape(model)}:{index}:{window_s}"
+    )
+
+
 def _route(route: str) -> str:
     """``limits.scope: route``: the HTTPRoute (``<namespace>/<name>``) the counter belongs to."""
     return f":r:{escape(route)}" if route else ""
@@ -70,10 +80,30 @@ def ledger_users_key(day: str) -> str:
     return f"{PREFIX}:users:{day}"
 
 
-def ledger_field(model: str, kind: str) -> str:
-    """``<model>|<kind>``: no kind holds a ``|``, so the last one splits it (``ledger_rows``) and
-    a model name with ``|`` in it (clients choose it) round-trips."""
-    return f"{model}|{kind}"
+def ledger_field(model: str, kind: str, attribution: tuple[str, ...] = ()) -> str:
+    """``<model>|<kind>``; with an attribution (subscription era: subscription, key name,
+    organization id, cost center) ``<model>|<part>|…|<kind>+``, each part with ``%`` and ``|``
+    escaped. No tier-era kind ends with ``+``, so the two forms never meet in one hash."""
+    if not attribution:
+        return f"{model}|{kind}"
+    parts = (model, *attribution)
+    return "|".join(p.replace("%", "%25").replace("|", "%7C") for p in parts) + f"|{kind}+"
+
+
+def ledger_field_parts(field: str) -> tuple[str, str, tuple[str, ...]]:
+    """``ledger_field`` read back: (model, kind, attribution)."""
+    head, _, kind = field.rpartition("|")
+    if not kind.endswith("+"):
+        return head, kind, ()
+    model, *attribution = (_UNESCAPE.sub(_unescaped, p) for p in head.split("|"))
+    return model, kind[:-1], tuple(attribution)
+
+
+_UNESCAPE = re.compile("%(25|7C)")
+
+
+def _unescaped(match: re.Match[str]) -> str:
+    return "%" if match[1] == "25" else "|"
 
 
 LEDGER_KINDS = ("prompt", "completion", "total", "estimated", "requests")

@@ -14,7 +14,7 @@ import functools
 
 from extproc.domain import Charge
 from extproc.store import keys
-from extproc.store.base import Hold, LedgerEntry, LedgerRow
+from extproc.store.base import NO_ATTRIBUTION, Attribution, Hold, LedgerEntry, LedgerRow
 
 UNSETTLED = "unsettled"  # reserved tokens of admitted requests not settled yet
 OPEN = "open"  # how many admitted requests are not settled yet
@@ -32,12 +32,33 @@ def entry_for(charge: Charge, now_ms: int) -> LedgerEntry:
         completion_tokens=usage.completion_tokens or 0,
         total_tokens=total,
         estimated_tokens=total if usage.estimated else 0,
+        attribution=attribution_of(charge),
     )
 
 
-def hold_for(userid: str, model: str, tokens: int, admitted_ms: int) -> Hold:
+def attribution_of(charge: Charge) -> Attribution:
+    if not charge.subscription:
+        return NO_ATTRIBUTION
+    return Attribution(
+        charge.subscription, charge.key_name, charge.organization_id, charge.cost_center
+    )
+
+
+def hold_for(
+    userid: str,
+    model: str,
+    tokens: int,
+    admitted_ms: int,
+    attribution: Attribution = NO_ATTRIBUTION,
+) -> Hold:
     """The unsettled record admission writes (and the settle releases) for one request."""
-    return Hold(userid=userid, day=day_of(admitted_ms), model=model_of(model), tokens=tokens)
+    return Hold(
+        userid=userid,
+        day=day_of(admitted_ms),
+        model=model_of(model),
+        tokens=tokens,
+        attribution=attribution,
+    )
 
 
 def model_of(model: str) -> str:
@@ -55,20 +76,31 @@ def amounts(entry: LedgerEntry) -> tuple[int, int, int, int, int]:
     )
 
 
+def entry_fields(entry: LedgerEntry) -> list[tuple[str, int]]:
+    """The (field, amount) pairs one settled entry adds, in ``keys.LEDGER_KINDS`` order."""
+    parts = entry.attribution.parts()
+    return [
+        (keys.ledger_field(entry.model, kind, parts), amount)
+        for kind, amount in zip(keys.LEDGER_KINDS, amounts(entry), strict=True)
+    ]
+
+
 def hold_fields(hold: Hold, sign: int) -> tuple[tuple[str, int], tuple[str, int]]:
     """The (field, amount) pairs that add (sign 1) or release (sign -1) a hold."""
+    parts = hold.attribution.parts()
     return (
-        (keys.ledger_field(hold.model, UNSETTLED), sign * hold.tokens),
-        (keys.ledger_field(hold.model, OPEN), sign),
+        (keys.ledger_field(hold.model, UNSETTLED, parts), sign * hold.tokens),
+        (keys.ledger_field(hold.model, OPEN, parts), sign),
     )
 
 
 def rows(day: str, fields: dict[str, int]) -> list[LedgerRow]:
-    """Fold a ledger hash (``model|kind`` -> amount) into one row per model, sorted by model."""
-    per_model: dict[str, dict[str, int]] = {}
+    """Fold a ledger hash (``model|kind`` -> amount, ``keys.ledger_field``) into one row per
+    model and attribution, sorted."""
+    per_model: dict[tuple[str, tuple[str, ...]], dict[str, int]] = {}
     for name, amount in fields.items():
-        model, _, kind = name.rpartition("|")
-        per_model.setdefault(model, {})[kind] = int(amount)
+        model, kind, attribution = keys.ledger_field_parts(name)
+        per_model.setdefault((model, attribution), {})[kind] = int(amount)
     return [
         LedgerRow(
             day=day,
@@ -80,8 +112,9 @@ def rows(day: str, fields: dict[str, int]) -> list[LedgerRow]:
             requests=kinds.get("requests", 0),
             unsettled_tokens=max(0, kinds.get(UNSETTLED, 0)),
             unsettled_requests=max(0, kinds.get(OPEN, 0)),
+            attribution=Attribution.of(attribution),
         )
-        for model, kinds in sorted(per_model.items())
+        for (model, attribution), kinds in sorted(per_model.items())
         if any(kinds.values())
     ]
 

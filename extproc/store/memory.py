@@ -169,9 +169,7 @@ class MemoryStore:
         self._requests[key] = (state, now_ms + self._dedupe_ttl_ms)
 
     def _record(self, entry: LedgerEntry, now_ms: int) -> None:
-        pairs = zip(keys.LEDGER_KINDS, ledger.amounts(entry), strict=True)
-        fields = [(keys.ledger_field(entry.model, kind), amount) for kind, amount in pairs]
-        self._add_fields(entry.userid, entry.day, fields, now_ms)
+        self._add_fields(entry.userid, entry.day, ledger.entry_fields(entry), now_ms)
 
     def _hold(self, hold: Hold, sign: int, now_ms: int) -> None:
         self._add_fields(hold.userid, hold.day, list(ledger.hold_fields(hold, sign)), now_ms)

@@ -186,8 +186,7 @@ class RedisStore:
             ttl_ms = self._ledger_ttl_ms(entry.day, now_ms)
             await self._remember_user(entry.userid, entry.day, ttl_ms, "settle")
             script_keys.append(keys.ledger_key(entry.userid, entry.day))
-            pairs = zip(keys.LEDGER_KINDS, ledger.amounts(entry), strict=True)
-            args += _ledger_part(ttl_ms, [(keys.ledger_field(entry.model, k), a) for k, a in pairs])
+            args += _ledger_part(ttl_ms, ledger.entry_fields(entry))
         if release is None:
             args += [0, 0]
         else:

@@ -278,6 +278,64 @@ def test_our_filters_land_before_kuadrants_wasm_filter(
     assert chain.index(EXT_PROC) < chain.index(wasm) < chain.index(ROUTER)
 
 
+PAYLOAD_PROCESSING = (
+    REPO / "tests" / "fixtures" / "upstream" / "maas-c0639b1b-payload-processing-envoyfilter.yaml"
+)
+
+
+def _chain_of(envoyfilters: list[tuple[int, list[Doc]]], base: list[str]) -> list[str]:
+    """The HTTP filters after Istio applies each EnvoyFilter's patches, by ascending priority
+    (Istio orders EnvoyFilters of one priority by creation time: the sort keeps list order)."""
+    chain = list(base)
+    for _, patch_set in sorted(envoyfilters, key=lambda pair: pair[0]):
+        chain = _apply_filter_patches(chain, patch_set)
+    return chain
+
+
+@pytest.mark.parametrize(
+    "wasm",
+    [
+        "envoy.filters.http.wasm",  # RHCL 1.4: Kuadrant's own EnvoyFilter at priority 0
+        "extensions.istio.io/wasmplugin/openshift-ingress.kuadrant-maas-default-gateway",
+    ],
+)
+def test_the_chain_beside_maas_payload_processing(built: dict[str, list[Doc]], wasm: str) -> None:
+    """Subscription-era MaaS adds its payload-processing ext_proc (EnvoyFilter priority 10): ours
+    has a priority of its own, above it, and lands first; IPP keeps its place around the wasm
+    filter (ipp-pre before it, ipp after it)."""
+    ipp: Doc = yaml.safe_load(PAYLOAD_PROCESSING.read_text())
+    assert ipp["spec"]["priority"] == 10
+    ef = envoyfilter(built["base"])
+    assert ef["spec"]["priority"] not in (0, ipp["spec"]["priority"])  # distinct from both
+    kuadrant = [
+        {
+            "match": {"listener": {"filterChain": {"filter": {"subFilter": {"name": ROUTER}}}}},
+            "patch": {"operation": "INSERT_BEFORE", "value": {"name": wasm}},
+        }
+    ]
+    filters = [
+        (0, kuadrant),
+        (ipp["spec"]["priority"], ipp["spec"]["configPatches"]),
+        (ef["spec"]["priority"], patches(built["base"], "HTTP_FILTER")),
+    ]
+    base = ["istio.metadata_exchange", "envoy.filters.http.cors", "istio.stats", ROUTER]
+    chain = _chain_of(filters, base)
+    assert chain == [
+        EXT_AUTHZ,
+        EXT_PROC,
+        "istio.metadata_exchange",
+        "envoy.filters.http.cors",
+        "istio.stats",
+        "envoy.filters.http.ext_proc.ipp-pre",
+        wasm,
+        "envoy.filters.http.ext_proc.ipp",
+        ROUTER,
+    ]
+    # Whatever order Istio applies two EnvoyFilters of one priority in, ours stays first.
+    same = [(ef["spec"]["priority"], f) for _, f in filters[1:]]
+    assert _chain_of([filters[0], *reversed(same)], base)[:2] == [EXT_AUTHZ, EXT_PROC]
+
+
 @pytest.mark.parametrize("name", ["ext_authz", "ext_proc"])
 def test_envoyfilter_filters_equal_local_filters_yaml(
     built: dict[str, list[Doc]], name: str
@@ -716,14 +774,7 @@ def test_deployed_config_passes_check_config(
     if "MAAS_EXTPROC_TIERS_MAAS_API_CA_FILE" in overrides:
         # check-config reads the CA bundle as serve does; the odh pod mounts the service CA.
         env["MAAS_EXTPROC_TIERS_MAAS_API_CA_FILE"] = str(pki.ca("maas-api-ca").cert)
-    result = subprocess.run(
-        [sys.executable, "-m", "extproc", "check-config", str(path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=60,
-    )
+    result = check_config(path, env)
     assert result.returncode == 0, result.stderr
     assert "identity=kubernetes" in result.stdout
 
@@ -748,6 +799,18 @@ def test_deployed_config_passes_check_config(
     assert loaded.server.tls.enabled is (target in MTLS_TARGETS)
     # The store URL is never in the ConfigMap: it comes from the Secret.
     assert "url" not in (yaml.safe_load(path.read_text())["store"] or {})
+
+
+def check_config(path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``maas-extproc check-config PATH`` as a process, with exactly ``env``."""
+    return subprocess.run(
+        [sys.executable, "-m", "extproc", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
+    )
 
 
 # ---------------------------------------------------------------------------------- Deployment

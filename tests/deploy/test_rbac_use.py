@@ -151,17 +151,27 @@ async def test_every_rbac_rule_is_needed_and_enough(
             "ratelimitpolicies": config.kuadrant.policies == "watch",
             "httproutes": config.kuadrant.httproutes == "watch",
         }
-        for resource in [r for r, on in watches.items() if on]:
-            await eventually(
-                lambda r=resource: any(  # type: ignore[misc]
-                    a.verb == "watch" and a.resource == r for a in emulator.audit
-                ),
-                f"a watch of {resource}",
-            )
+        await watching(emulator, [r for r, on in watches.items() if on])
     finally:
         await sidecar.close()
 
-    used = set(emulator.audit)
+    assert_rules_fit(docs, emulator.audit, target)
+
+
+async def watching(emulator: KubeEmulator, resources: list[str]) -> None:
+    """Wait until the sidecar watches each resource (its watch threads start on their own)."""
+    for resource in resources:
+        await eventually(
+            lambda r=resource: any(  # type: ignore[misc]
+                a.verb == "watch" and a.resource == r for a in emulator.audit
+            ),
+            f"a watch of {resource}",
+        )
+
+
+def assert_rules_fit(docs: list[Doc], audit: list[ApiRequest], target: str) -> None:
+    """Every request the sidecar made is allowed, and every granted rule was used."""
+    used = set(audit)
     granted = grants(docs)
     refused = {request for request in used if not any(g.allows(request) for g in granted)}
     assert refused == set(), f"{target}: requests no rule allows"

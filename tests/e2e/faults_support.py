@@ -61,7 +61,12 @@ class Rig:
     stack: LocalStack = field(init=False)
 
     def __post_init__(self) -> None:
-        self.redis = RedisServer(self.workdir / "redis", 0, "--appendonly", "yes")
+        # appendfsync always: with everysec Redis may answer a write and then lose it to a
+        # SIGKILL (it postpones the AOF write while a background fsync runs), and a charge it
+        # acknowledged is never replayed. The README says so for production Redis too.
+        self.redis = RedisServer(
+            self.workdir / "redis", 0, "--appendonly", "yes", "--appendfsync", "always"
+        )
         self.stack = LocalStack(
             config_path=fault_config(self.workdir),
             workers=WORKERS,

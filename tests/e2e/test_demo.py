@@ -20,10 +20,10 @@ import pytest
 from tests.helpers import ROOT
 
 
-@pytest.fixture(scope="module")
-def demo() -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+def running_demo(*args: str) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    """``maas-extproc demo --port 0 ARGS``, read up to its last printed line, stopped after."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "extproc", "demo", "--port", "0"],
+        [sys.executable, "-m", "extproc", "demo", "--port", "0", *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -48,6 +48,11 @@ def demo() -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def demo() -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    yield from running_demo()
 
 
 def run(line: str) -> str:
@@ -82,7 +87,10 @@ def test_every_printed_command_works_as_printed(
 
 
 def test_ctrl_c_stops_every_child(demo: tuple[subprocess.Popen[str], list[str]]) -> None:
-    proc, lines = demo
+    ctrl_c_stops_every_child(*demo)
+
+
+def ctrl_c_stops_every_child(proc: subprocess.Popen[str], lines: list[str]) -> None:
     ports = [int(p) for line in lines for p in re.findall(r"127\.0\.0\.1:(\d+)", line)]
     assert ports
     proc.send_signal(signal.SIGINT)

@@ -14,7 +14,7 @@ import pytest
 from extproc.authz.api_keys import ApiKeyIdentities
 from extproc.config import Secret, StoreConfig
 from extproc.observability.usage_api import UsageApi
-from extproc.observability.usage_query import utc_today
+from extproc.observability.usage_query import GROUPS, GroupBy, utc_today
 from extproc.store.base import CounterStore, Hold, LedgerEntry
 from extproc.store.memory import MemoryStore
 from extproc.store.redis import RedisStore
@@ -61,26 +61,32 @@ def redis_store(port: int) -> RedisStore:
     return RedisStore.from_config(StoreConfig(url=url, timeout_s=1.0))
 
 
+def empty_store(request: pytest.FixtureRequest) -> CounterStore:
+    """The memory store, or a flushed database of the shared Redis (``request.param``)."""
+    if request.param == "memory":
+        return MemoryStore(retention_days=RETENTION_DAYS)
+    server: RedisServer = request.getfixturevalue("redis_server")
+    server.cli_command("-n", str(REDIS_DB), "flushdb")
+    return redis_store(server.port)
+
+
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[CounterStore]:
-    backend: CounterStore
-    if request.param == "memory":
-        backend = MemoryStore(retention_days=RETENTION_DAYS)
-    else:
-        server: RedisServer = request.getfixturevalue("redis_server")
-        server.cli_command("-n", str(REDIS_DB), "flushdb")
-        backend = redis_store(server.port)
+    backend = empty_store(request)
     await seed(backend)
     yield backend
     await backend.close()
 
 
-async def serving(store: CounterStore) -> tuple[UsageApi, str]:
+async def serving(
+    store: CounterStore, groups: tuple[GroupBy, ...] = GROUPS
+) -> tuple[UsageApi, str]:
     api = UsageApi(
         store,
         ApiKeyIdentities.from_file(LOCAL / "api-keys.yaml"),
         retention_days=RETENTION_DAYS,
         admin_group="maas-admins",
+        groups=groups,
     )
     port = free_port()
     await api.start("127.0.0.1", port)

@@ -282,3 +282,63 @@ def test_health_port_must_be_another_port() -> None:
 
     config = parse({**FILES, "server": {"health_port": 9100, "workers": 2}})
     assert worker_config(config, 1).server.health_port == 9101
+
+
+def test_the_subscription_era_defaults_and_its_settings() -> None:
+    config = parse(
+        {"maas": {"era": "subscriptions"}, "identity": {"source": "maas_api_keys"}}, serving=False
+    )
+    assert config.maas.era == "subscriptions"
+    assert config.subscriptions.selection == "watch"
+    assert config.subscriptions.namespace == "models-as-a-service"
+    assert config.subscriptions.api_key_cache_ttl_s == 60.0
+    assert config.identity.tokens == "kubernetes"
+    assert parse({}, serving=False).maas.era == "tiers"  # the tier era stays the default
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"identity": {"source": "maas_api_keys"}}, "identity.source"),
+        (
+            {"maas": {"era": "subscriptions"}, "access": {"check": "subject_access_review"}},
+            "access.check",
+        ),
+        (
+            {"maas": {"era": "subscriptions"}, "access": {"body_models": {"m": "ns/m"}}},
+            "access.body_models",
+        ),
+        (
+            {
+                "maas": {"era": "subscriptions"},
+                "subscriptions": {"maas_api_url": "http://x", "maas_api_ca_file": "ca.pem"},
+            },
+            "subscriptions.maas_api_ca_file",
+        ),
+        (
+            {"maas": {"era": "subscriptions"}, "subscriptions": {"namespace": ""}},
+            "subscriptions.namespace",
+        ),
+        ({"maas": {"era": "leases"}}, "maas.era"),
+        (
+            {
+                "maas": {"era": "subscriptions"},
+                "identity": {"source": "maas_api_keys", "tokens": "api_keys"},
+            },
+            "identity.api_keys_file",
+        ),
+    ],
+)
+def test_the_subscription_era_refuses_what_it_replaced(raw: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        parse(raw, serving=key == "identity.api_keys_file")  # files are checked when serving
+    assert refused.value.key == key
+
+
+def test_the_local_subscription_config_is_valid() -> None:
+    loaded = load(LOCAL / "subscriptions" / "config.yaml", {})
+    assert (loaded.maas.era, loaded.identity.source, loaded.subscriptions.selection) == (
+        "subscriptions",
+        "maas_api_keys",
+        "maas_api",
+    )

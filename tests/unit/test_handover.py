@@ -90,6 +90,41 @@ def test_uncharged_and_refused_decisions_hand_over_nothing() -> None:
         assert Billing.from_decision(decision, "/p") is None
 
 
+SUBSCRIBED = Billing(
+    request_id="r9",
+    userid="alice@example.com",
+    tier="",
+    model="llm/facebook-opt-125m-simulated",
+    path="/llm/facebook-opt-125m-simulated/v1/chat/completions",
+    reserved=300,
+    windows=(1_800_000_000_000, 1_799_999_990_000),
+    admitted_ms=1_800_000_000_123,
+    route="llm/facebook-opt-125m-simulated-kserve-route",
+    subscription="models-as-a-service/premium-subscription",
+    key='bob\'s ci | key, "quoted"',
+    organization_id="org-demo",
+    cost_center="cc-4242",
+    rate_windows=(60, 86_400),
+)
+
+
+def test_the_subscription_and_key_round_trip() -> None:
+    assert roundtrip(SUBSCRIBED) == SUBSCRIBED
+
+
+def test_a_tier_record_carries_no_subscription_fields() -> None:
+    struct = handover.to_struct(Billing("r", "u", "free", "m", "/p", 1, (2,)))
+    written = set(struct.fields[handover.BILLING_KEY].struct_value.fields)
+    assert not written & {"sub", "key", "org", "cc", "rate_windows"}
+
+
+@pytest.mark.parametrize("bad", ["60,,3600", "-60", "1m", "9" * 21])
+def test_rate_windows_that_are_not_counts_are_not_ours(bad: str) -> None:
+    struct = handover.to_struct(SUBSCRIBED)
+    struct.fields[handover.BILLING_KEY].struct_value.fields["rate_windows"].string_value = bad
+    assert handover.read({METADATA_NAMESPACE: struct}) is None
+
+
 def text_roundtrip(billing: Billing) -> Billing | None:
     """Over HTTP: the header value as Envoy copies it into dynamic metadata (a string)."""
     wire = struct_pb2.Struct()
@@ -134,3 +169,7 @@ def test_a_malformed_header_record_is_not_read(text: str) -> None:
     wire = struct_pb2.Struct()
     wire.fields[handover.BILLING_HEADER].string_value = text
     assert handover.read({METADATA_NAMESPACE: wire}) is None
+
+
+def test_the_subscription_record_travels_as_a_header_too() -> None:
+    assert text_roundtrip(SUBSCRIBED) == SUBSCRIBED

@@ -15,9 +15,16 @@ from extproc.kuadrant.descriptors import (
     parse_condition,
     parse_variable,
     report_entries,
+    subscription_limit,
 )
 from extproc.kuadrant.limitador import LimitadorLimit, match_limit
-from extproc.kuadrant.policies import merged, policy_limits, tier_of, window_seconds
+from extproc.kuadrant.policies import (
+    merged,
+    policy_limits,
+    predicate_selects,
+    tier_of,
+    window_seconds,
+)
 from extproc.kuadrant.reporter import build_request, is_gap
 
 USERID = 'descriptors[0]["auth.identity.userid"]'
@@ -273,3 +280,49 @@ def test_without_generated_code_the_reporter_says_to_run_make_protos() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "run `make protos`" in out.stdout
+
+
+KEY = "models-as-a-service/sub@llm/facebook-opt-125m-simulated"
+
+
+@pytest.mark.parametrize(
+    ("predicate", "selected"),
+    [
+        (
+            f'auth.identity.selected_subscription_key == "{KEY}" && !request.path.endsWith("/v1/models")',
+            ("subscription", KEY),
+        ),
+        (f"auth.identity.selected_subscription_key == '{KEY}'", ("subscription", KEY)),
+        ('auth.identity.tier == "free" && !request.path.endsWith("/v1/models")', ("tier", "free")),
+        (f'auth.identity.selected_subscription_key == "{KEY}" || true', None),
+        (f'auth.identity.selected_subscription_key != "{KEY}"', None),
+        (
+            f'auth.identity.selected_subscription_key == "{KEY}" && auth.identity.tier == "free"',
+            None,
+        ),
+        (
+            f'auth.identity.selected_subscription_key == "{KEY}" && request.path.endsWith("/v1/models")',
+            None,
+        ),
+    ],
+)
+def test_what_a_predicate_selects(predicate: str, selected: tuple[str, str] | None) -> None:
+    assert predicate_selects([predicate]) == selected
+
+
+def test_subscription_limits_are_named_as_maas_names_them() -> None:
+    assert subscription_limit(
+        "models-as-a-service/simulator-subscription",
+        "llm/facebook-opt-125m-simulated",
+        "llm/facebook-opt-125m-simulated-kserve-route",
+    ) == (
+        "llm",
+        "maas-trlp-facebook-opt-125m-simulated",
+        "models-as-a-service-simulator-subscription-facebook-opt-125m-simulated-tokens",
+    )
+    assert metric_labels("u", "", "m", "ns/sub", "org", "") == (
+        ("user", "u"),
+        ("model", "m"),
+        ("subscription", "sub"),
+        ("organization_id", "org"),
+    )

@@ -102,3 +102,24 @@ def test_access_checked_path_routes_name_the_model_up_to_a_bound() -> None:
     labels = {checked.label("x", f"/ns/m{i}/v1/chat/completions") for i in range(1000)}
     assert labels == {"ns/m0", "ns/m1", OTHER}  # three routes in all (llm/opt first), then other
     assert checked.label("x", "/v1/chat/completions") == OTHER  # a body-model route: no route
+
+
+SUB = "models-as-a-service/premium-subscription"
+
+
+def test_the_subscription_era_labels_the_subscription_and_opt_in_the_key() -> None:
+    metrics = Metrics(era="subscriptions", per_user=True)
+    bob = Identity("bob", "bob", key_name="bob-ci")
+    plan = Tier(SUB, era="subscriptions", model="llm/opt")
+    metrics.decided(Decision(Outcome.ALLOW, identity=bob, tier=plan), 0.001)
+    metrics.charged(Charge("bob", "", "llm/opt", USAGE, subscription=SUB, key_name="bob-ci"))
+    who = {"user": "bob", "key": "bob-ci"}
+    assert value(metrics, "maas_requests_total", decision="allow", subscription=SUB, **who) == 1
+    assert (
+        value(metrics, "maas_tokens_total", subscription=SUB, model="llm/opt", kind="total", **who)
+        == 5
+    )
+    assert value(metrics, "maas_responses_total", status_class="2xx", subscription=SUB) == 1
+    without = Metrics(era="subscriptions")  # the key, like the user, is opt-in
+    without.charged(Charge("bob", "", "llm/opt", USAGE, subscription=SUB, key_name="bob-ci"))
+    assert value(without, "maas_tokens_total", subscription=SUB, model="llm/opt", kind="total") == 5

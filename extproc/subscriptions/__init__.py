@@ -1,0 +1,1 @@
+"""The subscription era of MaaS: API keys, MaaSSubscription selection, per-model token rates."""
