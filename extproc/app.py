@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -33,7 +34,9 @@ from extproc.authz.kube import KubeConnector
 from extproc.authz.tiers import FileTiers
 from extproc.charger import Charger
 from extproc.config import Config, StoreConfig
+from extproc.envoy.access_log import AccessLogService
 from extproc.envoy.authz_service import AuthorizationService
+from extproc.envoy.http_authz import HttpAuthorization
 from extproc.envoy.inline_admission import InlineAdmission
 from extproc.envoy.proc_service import ExternalProcessorService
 from extproc.envoy.replies import HeaderPolicy
@@ -61,6 +64,7 @@ log = logging.getLogger("extproc.app")
 SERVICE_NAMES = (
     external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
     external_processor_pb2.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name,
+    als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name,
 )
 
 
@@ -259,6 +263,7 @@ class Sidecar:
     authz: AuthorizationService
     proc: ExternalProcessorService
     charger: Charger
+    access_log: AccessLogService
     reporter: Reporter | None = None
     policies: PolicyLimits | None = None
     routes: WatchedRoutes | None = None
@@ -322,6 +327,9 @@ class Sidecar:
                 max_count=config.limits.max_request_tokens,
             ),
             charger,
+            AccessLogService(
+                charger, metrics, config.accounting, max_count=config.limits.max_request_tokens
+            ),
             reporter,
             policies,
             watched_routes,
@@ -359,6 +367,7 @@ class Server:
     def __init__(self, sidecar: Sidecar, host: str, port: int) -> None:
         self.sidecar = sidecar
         settings = sidecar.config.server
+        self.http_authz = HttpAuthorization(sidecar.authz) if settings.authz_http_port else None
         # so_reuseport off: a second server must fail to bind, not silently share the port.
         options: list[tuple[str, Any]] = [
             ("grpc.so_reuseport", 0),
@@ -368,6 +377,7 @@ class Server:
         self.grpc = grpc.aio.server(options=options, interceptors=tls.interceptors(settings.tls))
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(sidecar.authz, self.grpc)
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(sidecar.proc, self.grpc)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(sidecar.access_log, self.grpc)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         if settings.reflection:
@@ -389,6 +399,9 @@ class Server:
                 raise OSError(f"cannot bind health port {address}")
 
     async def start(self) -> None:
+        if self.http_authz is not None:
+            settings = self.sidecar.config.server
+            await self.http_authz.start(settings.host, settings.authz_http_port)
         await self.grpc.start()
         if self.health_grpc is not None:
             await self.health_grpc.start()
@@ -397,12 +410,16 @@ class Server:
 
     async def not_serving(self) -> None:
         """Tell health checkers to send new work elsewhere; everything is still served."""
+        if self.http_authz is not None:
+            self.http_authz.serving = False
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def stop(self, grace_s: float) -> None:
         """Stop accepting, let in-flight streams finish within ``grace_s``, flush charges."""
         await self.not_serving()
+        if self.http_authz is not None:  # checks are short: nothing in flight to wait for
+            await self.http_authz.stop()
         await self.grpc.stop(grace_s)
         if self.health_grpc is not None:  # answered NOT_SERVING until the streams were done
             await self.health_grpc.stop(0)
@@ -492,19 +509,23 @@ def run_worker(config: Config, index: int = 0) -> None:
 
 
 def worker_config(config: Config, index: int) -> Config:
-    """Worker ``index`` listens on port+index, metrics_port+index and health_port+index.
+    """Worker ``index`` listens on port+index, metrics_port+index, health_port+index and
+    authz_http_port+index.
 
     Only worker 0 serves the usage API: it reads the shared store, so one listener is enough.
     """
     server = config.server
     metrics_port = server.metrics_port + index if server.metrics_port else 0
     health_port = server.health_port + index if server.health_port else 0
+    authz_http_port = server.authz_http_port + index if server.authz_http_port else 0
     observability = config.observability
     if index:
         observability = replace(observability, usage_port=0)
     server = replace(server, port=server.port + index, metrics_port=metrics_port, workers=1)
     return replace(
-        config, server=replace(server, health_port=health_port), observability=observability
+        config,
+        server=replace(server, health_port=health_port, authz_http_port=authz_http_port),
+        observability=observability,
     )
 
 

@@ -87,6 +87,9 @@ class ServerConfig:
     # A plaintext port serving grpc.health.v1 only, for probes that cannot speak (m)TLS such as
     # the kubelet's; 0: off (health is always served on the gRPC port too).
     health_port: int = 0
+    # ext_authz over HTTP/1.1 on this port as well (0: off): the same admission at a fraction of
+    # a gRPC Check's CPU (extproc/envoy/http_authz.py; the `lean` layout). Plaintext only.
+    authz_http_port: int = 0
     tls: TlsConfig = field(default_factory=TlsConfig)
 
 
@@ -684,6 +687,10 @@ def _check(config: Config, serving: bool) -> None:
     if config.server.health_port > 65535 or config.server.health_port == config.server.port:
         raise ConfigError(
             "server.health_port", "0 or a port from 1 to 65535 other than server.port"
+        )
+    if config.server.authz_http_port > 65535 or config.server.authz_http_port == config.server.port:
+        raise ConfigError(
+            "server.authz_http_port", "0 or a port from 1 to 65535 other than server.port"
         )
     if config.observability.usage_port > 65535:
         raise ConfigError("observability.usage_port", "a port from 0 to 65535")

@@ -31,7 +31,9 @@ LOCAL_DIR = _local_dir()
 SUBSCRIPTIONS_DIR = LOCAL_DIR / "subscriptions"  # the subscription era's config and MaaS objects
 _START_S = 60.0  # how long a process of the stack may take to listen
 
-Topology = Literal["envoy", "authz", "full", "observability", "extproc", "split"]
+Topology = Literal[
+    "envoy", "authz", "full", "observability", "extproc", "split", "accesslog", "lean"
+]
 Era = Literal["tiers", "subscriptions"]
 
 
@@ -167,14 +169,21 @@ def render_envoy(
     sidecar_ports: Sequence[int],
     topology: Topology = "full",
     sidecar_tls: SidecarTls | None = None,
+    authz_http_ports: Sequence[int] = (),
 ) -> str:
     """The checked-in template with ports and the chosen filters filled in."""
     filters_doc: dict[str, Any] = yaml.safe_load((LOCAL_DIR / "filters.yaml").read_text())
     chosen: list[dict[str, Any]] = []
-    if topology not in ("envoy", "extproc"):
+    if topology == "lean":
+        chosen.append(filters_doc["ext_authz_http"])  # admission over HTTP
+    elif topology not in ("envoy", "extproc"):
         chosen.append(filters_doc["ext_authz"])
-    if topology == "split":
+    if topology in ("split", "accesslog", "lean"):
         chosen.append(filters_doc["injector"])
+    if topology in ("accesslog", "lean"):
+        # Envoy reads the usage and reports each request once (its access log): no ext_proc
+        # follows the response.
+        chosen += [filters_doc["usage_sse"], filters_doc["usage_json"]]
     if topology in ("full", "observability", "extproc", "split"):
         ext_proc = filters_doc["ext_proc"]
         if topology in ("observability", "split"):
@@ -183,6 +192,10 @@ def render_envoy(
             ext_proc["typed_config"]["processing_mode"]["request_header_mode"] = "SKIP"
         chosen.append(ext_proc)
     filters = _indent(yaml.safe_dump(chosen, sort_keys=False), 10) if chosen else ""
+    access_log = ""
+    if topology in ("accesslog", "lean"):
+        logs = {"access_log": [filters_doc["usage_access_log"]]}
+        access_log = _indent(yaml.safe_dump(logs, sort_keys=False), 10)
     endpoints = (
         "\n".join(
             " " * 8
@@ -197,15 +210,53 @@ def render_envoy(
             {"transport_socket": sidecar_tls.transport_socket()}, sort_keys=False
         )
         transport_socket = _indent(socket_yaml, 4)
+    extra_clusters = ""
+    if topology == "lean":
+        extra_clusters = _indent(yaml.safe_dump([authz_http_cluster(authz_http_ports)]), 2)
     template = string.Template((LOCAL_DIR / "envoy.yaml.tmpl").read_text())
     return template.substitute(
         admin_port=admin_port,
         listen_port=listen_port,
         upstream_port=upstream_port,
         filters=filters.rstrip("\n"),
+        access_log=access_log.rstrip("\n"),
         sidecar_endpoints=endpoints,
         sidecar_transport_socket=transport_socket.rstrip("\n"),
+        extra_clusters=extra_clusters.rstrip("\n"),
     )
+
+
+def authz_http_cluster(ports: Sequence[int]) -> dict[str, Any]:
+    """The `lean` layout's cluster for ext_authz over HTTP/1.1: one endpoint per worker, health
+    on /health as fast as the gRPC cluster's, no cap on concurrent checks."""
+    endpoints = [
+        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}
+        for p in ports
+    ]
+    return {
+        "name": "maas-extproc-authz",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "lb_policy": "ROUND_ROBIN",
+        "health_checks": [
+            {
+                "timeout": "0.25s",
+                "interval": "0.25s",
+                "unhealthy_threshold": 1,
+                "healthy_threshold": 1,
+                "http_health_check": {"path": "/health"},
+            }
+        ],
+        "circuit_breakers": {
+            "thresholds": [
+                {"max_requests": 100000, "max_pending_requests": 100000, "max_connections": 100000}
+            ]
+        },
+        "load_assignment": {
+            "cluster_name": "maas-extproc-authz",
+            "endpoints": [{"lb_endpoints": endpoints}],
+        },
+    }
 
 
 def _indent(text: str, spaces: int) -> str:
@@ -259,6 +310,7 @@ class LocalStack:
     admin_port: int = 0
     sim_port: int = 0
     sidecar_ports: list[int] = field(default_factory=list)
+    authz_http_ports: list[int] = field(default_factory=list)  # the `lean` layout's
     metrics_ports: list[int] = field(default_factory=list)
     usage_port: int = 0  # the usage API (worker 0), on a free port
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -296,11 +348,18 @@ class LocalStack:
         )
         era_env = self._start_maas_api() if self.era == "subscriptions" else {}
         if self.topology != "envoy":
-            # One run of ports for both: two separate runs could overlap (worker 0's metrics on
+            # One run of ports for all: two separate runs could overlap (worker 0's metrics on
             # worker 1's gRPC port), and the supervisor would restart that worker forever.
-            ports = free_ports(2 * self.workers)
-            self.sidecar_ports, self.metrics_ports = ports[: self.workers], ports[self.workers :]
+            n = self.workers
+            ports = free_ports((3 if self.topology == "lean" else 2) * n)
+            self.sidecar_ports, self.metrics_ports = ports[:n], ports[n : 2 * n]
             self.usage_port = self.usage_port or free_port()
+            if self.topology == "lean":
+                self.authz_http_ports = ports[2 * n :]
+                self.env = {
+                    "MAAS_EXTPROC_SERVER_AUTHZ_HTTP_PORT": str(self.authz_http_ports[0]),
+                    **self.env,
+                }
             env = {
                 "MAAS_EXTPROC_SERVER_PORT": str(self.sidecar_ports[0]),
                 "MAAS_EXTPROC_SERVER_METRICS_PORT": str(self.metrics_ports[0]),
@@ -323,6 +382,7 @@ class LocalStack:
                 sidecar_ports=self.sidecar_ports,
                 topology=self.topology,
                 sidecar_tls=self.sidecar_tls,
+                authz_http_ports=self.authz_http_ports,
             )
         )
         envoy_cmd = [
@@ -342,7 +402,7 @@ class LocalStack:
         wait_for_port(self.sim_port, _START_S, self.procs["sim"])
         if self.maas_api_port:
             wait_for_port(self.maas_api_port, _START_S, self.procs["maas-api"])
-        for port in self.sidecar_ports:
+        for port in (*self.sidecar_ports, *self.authz_http_ports):
             try:
                 wait_for_port(port, _START_S, self.procs["sidecar"])
             except (TimeoutError, RuntimeError) as exc:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 from extproc.domain import Usage
+
+log = logging.getLogger("extproc.session")  # the logger the untrusted-usage line always used
 
 CHARS_PER_TOKEN = 4.0  # the usual rule of thumb for English text with BPE tokenizers
 
@@ -90,3 +93,34 @@ def untrusted(
     return completed(
         Usage(invalid=usage.invalid), prompt_estimate, content_chars, chars_per_token, cap
     )
+
+
+def charged(
+    usage: Usage | None,
+    *,
+    failed: bool,
+    prompt_estimate: int,
+    content_chars: int,
+    chars_per_token: float,
+    cap: int | None,
+    who: tuple[str, str] = ("", ""),
+) -> Usage:
+    """What one response is charged, from the usage read (None: none was found).
+
+    Untrusted usage: the capped estimate, with one log line naming ``who`` (user, model). A
+    reported total: as reported. An upstream error that reported nothing: nothing. Anything else:
+    the missing parts estimated (``completed``), cut to ``cap`` (the request's reservation; None:
+    no reservation was taken, so no cap).
+    """
+    if usage is not None and usage.invalid:
+        log.warning(
+            "upstream usage not trusted: reason=%s user=%s model=%s: charged a capped estimate",
+            usage.invalid,
+            *who,
+        )
+        return untrusted(usage, prompt_estimate, content_chars, chars_per_token, cap)
+    if usage is not None and usage.total_tokens is not None:
+        return usage
+    if failed and (usage is None or not usage.reported):
+        return Usage()
+    return completed(usage, prompt_estimate, content_chars, chars_per_token, cap)

@@ -28,25 +28,36 @@ class AuthorizationService(authz_grpc.AuthorizationServicer):  # type: ignore[mi
         self._admission = admission
         self._metrics = metrics
         self._replies = replies.CheckReplies(policy=policy)
+        self.policy = policy  # which X-MaaS-* headers an allow sets (ext_authz over HTTP too)
         self._plan_label = "tier" if policy.era == "tiers" else "subscription"
 
     async def Check(  # noqa: N802 - the gRPC method name
         self, request: authz.CheckRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> authz.CheckResponse:
-        started = time.perf_counter()
         http = request.attributes.request.http
         path = http.path.split("?", 1)[0]
+        decision = await self.decision(
+            AdmissionRequest(
+                http.method, http.path, http.headers, http.raw_body or http.body.encode()
+            ),
+            path,
+        )
         try:
-            decision = await self._admission.decide(
-                AdmissionRequest(
-                    http.method, http.path, http.headers, http.raw_body or http.body.encode()
-                )
-            )
+            return self._replies.reply(decision, decision.path)  # normalized: names the model route
+        except Exception as exc:
+            return replies.check_response(self.internal_error(exc), "")
+
+    async def decision(self, request: AdmissionRequest, path: str) -> Decision:
+        """Admission's decision, timed, counted and logged; never raises (ext_authz over gRPC
+        and over HTTP both ask here)."""
+        started = time.perf_counter()
+        try:
+            decision = await self._admission.decide(request)
         except Unavailable as exc:  # admission maps its own; this is one that got past it
             log.warning("check: dependency unavailable: %s", type(exc).__name__)
             decision = Decision(Outcome.UNAVAILABLE, "a dependency is unavailable")
         except Exception as exc:  # the reply is always a defined answer, never a broken RPC
-            decision = self._internal_error(exc)
+            decision = self.internal_error(exc)
         self._metrics.decided(decision, time.perf_counter() - started)
         if not decision.allowed:
             log.info(
@@ -56,12 +67,9 @@ class AuthorizationService(authz_grpc.AuthorizationServicer):  # type: ignore[mi
                 decision.tier.name if decision.tier else "",
                 path,
             )
-        try:
-            return self._replies.reply(decision, decision.path)  # normalized: names the model route
-        except Exception as exc:
-            return replies.check_response(self._internal_error(exc), "")
+        return decision
 
-    def _internal_error(self, exc: Exception) -> Decision:
+    def internal_error(self, exc: Exception) -> Decision:
         """A bug of ours: HTTP 500, one log line naming the exception type (no traceback, which
         could carry the request's data), counted in ``maas_internal_errors_total{where="check"}``."""
         log.error("check failed: internal error %s", type(exc).__name__)

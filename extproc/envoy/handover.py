@@ -1,8 +1,10 @@
 """The ext_authz -> ext_proc hand-over: the billing record written into and read from dynamic metadata.
 
 ext_authz's Check answers with ``dynamic_metadata``; Envoy forwards it (namespace
-``envoy.filters.http.ext_authz``) on the ext_proc stream of the same request. The writer and the
-reader live side by side here, with one round-trip test (tests/unit/test_handover.py).
+``envoy.filters.http.ext_authz``) on the ext_proc stream of the same request, and puts it in the
+request's access log entry. Over HTTP, ext_authz carries it as one header (``to_text``) that Envoy
+copies into the same namespace. The writers and the reader live side by side here, with
+round-trip tests (tests/unit/test_handover.py).
 
 Integers travel as decimal strings: a protobuf ``Struct`` number is a double, which cannot hold
 every integer (2**53 + 1 comes back as 2**53, and ``10**30`` comes back larger than it went in).
@@ -10,16 +12,23 @@ every integer (2**53 + 1 comes back as 2**53, and ``10**30`` comes back larger t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from google.protobuf import struct_pb2
 
-from extproc.domain import Decision
+from extproc.domain import Charge, Decision, Usage
 
 METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
 BILLING_KEY = "maas"  # our own record; "identity" beside it is for Kuadrant predicates
+# ext_authz over HTTP has no dynamic_metadata in its reply: the record travels as this response
+# header, which Envoy copies into the same namespace (dynamic_metadata_from_headers) as a string.
+BILLING_HEADER = "x-maas-billing"
+_TEXT_KEYS = frozenset(
+    ("id", "user", "tier", "model", "path", "reserved", "windows", "admitted", "inject")
+) | {"prompt_est", "route", "sub", "key", "org", "cc", "rate_windows"}
 _MAX_DIGITS = 20  # every count we hand over fits in 64 bits; longer text is not ours
 
 
@@ -80,6 +89,28 @@ class Billing:
             rate_windows=tuple(rate.window_s for rate in plan.rates),
         )
 
+    def charge(self, usage: Usage, status: int, *, disconnected: bool = False) -> Charge:
+        """The charge of this request's response: ``usage`` in place of the reservation."""
+        return Charge(
+            userid=self.userid,
+            tier=self.tier,
+            model=self.model,
+            usage=usage,
+            reserved_tokens=self.reserved,
+            token_windows=self.windows,
+            status=status,
+            disconnected=disconnected,
+            path=self.path,
+            request_id=self.request_id,
+            admitted_ms=self.admitted_ms,
+            route=self.route,
+            subscription=self.subscription,
+            key_name=self.key,
+            organization_id=self.organization_id,
+            cost_center=self.cost_center,
+            rate_windows=self.rate_windows,
+        )
+
 
 def write(fields: Any, billing: Billing) -> None:
     """Fill a ``Struct``'s fields map (``maas``) with the record; every integer as a string."""
@@ -108,6 +139,36 @@ def to_struct(billing: Billing) -> struct_pb2.Struct:
     return out
 
 
+def to_text(billing: Billing) -> str:
+    """The record as one header value: ``write``'s fields as JSON strings, ASCII only."""
+    out = struct_pb2.Struct()
+    write(out.fields, billing)
+    values = {
+        key: ("1" if value.bool_value else "") if key == "inject" else value.string_value
+        for key, value in out.fields.items()
+    }
+    return json.dumps(values, separators=(",", ":"), ensure_ascii=True)
+
+
+def from_text(text: str) -> Billing | None:
+    """``to_text``'s record, read as ``read`` reads the Struct form; None for anything else."""
+    try:
+        values = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(values, dict) or not values.keys() <= _TEXT_KEYS:
+        return None
+    if not all(isinstance(v, str) for v in values.values()):
+        return None
+    fields = struct_pb2.Struct()
+    for key, value in values.items():
+        if key == "inject":
+            fields.fields[key].bool_value = value == "1"
+        else:
+            fields.fields[key].string_value = value
+    return _from_fields(fields.fields)
+
+
 def read(filter_metadata: Mapping[str, struct_pb2.Struct]) -> Billing | None:
     """The record ext_authz left for this request, or None when there is none (or it is malformed).
 
@@ -119,8 +180,12 @@ def read(filter_metadata: Mapping[str, struct_pb2.Struct]) -> Billing | None:
         return None
     record = struct.fields.get(BILLING_KEY)
     if record is None:
-        return None
-    fields = record.struct_value.fields
+        text = struct.fields.get(BILLING_HEADER)
+        return from_text(text.string_value) if text is not None else None
+    return _from_fields(record.struct_value.fields)
+
+
+def _from_fields(fields: Any) -> Billing | None:
     try:
         windows_text = _text(fields, "windows")
         rate_windows = _text(fields, "rate_windows") if "rate_windows" in fields else ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -286,3 +287,45 @@ def response_mutation(decision: Decision) -> ep.HeaderMutation | None:
     """The remaining budget on the response, as ext_authz's ``response_headers_to_add``."""
     headers = _rate_headers(decision)
     return ep.HeaderMutation(set_headers=_raw(headers)) if headers else None
+
+
+# ------------------------------------------------- the same answers for ext_authz over HTTP
+
+# What Envoy's HTTP ext_authz client does with our reply's headers (its AuthorizationResponse
+# settings in deploy/local/filters.yaml `ext_authz_http`): the identity headers go upstream, the
+# rate headers to the client (on success too), the billing record into dynamic metadata, and
+# ``x-envoy-auth-headers-to-remove`` lists the client headers to drop (envoyproxy/envoy
+# api/envoy/service/auth/v3/external_auth.proto, ``OkHttpResponse.headers_to_remove``).
+HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden"}
+_REASONS |= {429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+
+
+def http_response(status: int, headers: Iterable[tuple[str, str]], body: bytes = b"") -> bytes:
+    """An HTTP/1.1 response, kept alive. A value that cannot be a header (a control character,
+    beyond latin-1) raises ValueError: no value of ours may split the reply (RFC 9110 §5.5)."""
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}"]
+    for name, value in headers:
+        if not _FIELD_VALUE.fullmatch(value):
+            raise ValueError(f"not a header value for {name}")
+        lines.append(f"{name}: {value}")
+    lines.append(f"content-length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def http_reply(decision: Decision, path: str, policy: HeaderPolicy = TIERS) -> bytes:
+    """``check_response`` for ext_authz's HTTP service: 200 admits, any other status refuses."""
+    if not decision.allowed:
+        status, _, _ = _TABLE[decision.outcome]
+        refusal = [(o.header.key, o.header.value) for o in _refusal_headers(decision)]
+        return http_response(status, refusal, error_body(decision))
+    options = [*_request_headers(decision, policy), *_rate_headers(decision)]
+    headers = [(o.header.key, o.header.value) for o in options]
+    removals = _removals(decision.strip_headers, decision.charged)
+    if removals:
+        headers.append((HEADERS_TO_REMOVE, ",".join(removals)))
+    billing = handover.Billing.from_decision(decision, path)
+    if billing is not None:
+        headers.append((handover.BILLING_HEADER, handover.to_text(billing)))
+    return http_response(200, headers)

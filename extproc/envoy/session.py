@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,8 +14,6 @@ from extproc.config import DEFAULT_MAX_REQUEST_TOKENS, AccountingConfig
 from extproc.domain import Charge, Decision, Usage
 from extproc.envoy import handover
 from extproc.envoy.handover import Billing
-
-log = logging.getLogger("extproc.session")
 
 
 def with_include_usage(body: bytes) -> bytes | None:
@@ -136,48 +133,19 @@ class Session:
             return None
         usage = self._usage(billing)
         self._done = True
-        return Charge(
-            userid=billing.userid,
-            tier=billing.tier,
-            model=billing.model,
-            usage=usage,
-            reserved_tokens=billing.reserved,
-            token_windows=billing.windows,
-            status=self.status,
-            disconnected=disconnected,
-            path=billing.path,
-            request_id=billing.request_id,
-            admitted_ms=billing.admitted_ms,
-            route=billing.route,
-            subscription=billing.subscription,
-            key_name=billing.key,
-            organization_id=billing.organization_id,
-            cost_center=billing.cost_center,
-            rate_windows=billing.rate_windows,
-        )
+        return billing.charge(usage, self.status, disconnected=disconnected)
 
     def _usage(self, billing: Billing) -> Usage:
         extractor = self._extractor
         usage = extractor.finish() if extractor is not None and not self._broken else None
-        failed = self.status >= 400
-        chars = extractor.content_chars if extractor is not None else 0
         # An estimate never passes the request's own bound: its reservation (prompt estimate +
         # completion bound). 0 means no window took one (unlimited tier, store down): no cap.
-        cap = billing.reserved or None
-        if usage is not None and usage.invalid:
-            log.warning(
-                "upstream usage not trusted: reason=%s user=%s model=%s: charged a capped estimate",
-                usage.invalid,
-                billing.userid,
-                billing.model,
-            )
-            return estimate.untrusted(
-                usage, billing.prompt_estimate, chars, self._config.chars_per_token, cap
-            )
-        if usage is not None and usage.total_tokens is not None:
-            return usage
-        if failed and (usage is None or not usage.reported):
-            return Usage()
-        return estimate.completed(
-            usage, billing.prompt_estimate, chars, self._config.chars_per_token, cap
+        return estimate.charged(
+            usage,
+            failed=self.status >= 400,
+            prompt_estimate=billing.prompt_estimate,
+            content_chars=extractor.content_chars if extractor is not None else 0,
+            chars_per_token=self._config.chars_per_token,
+            cap=billing.reserved or None,
+            who=(billing.userid, billing.model),
         )

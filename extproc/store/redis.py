@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import calendar
 import datetime as dt
+import functools
 import hashlib
 import logging
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, cast
@@ -34,6 +35,7 @@ from extproc.store.base import (
     LedgerRow,
     WindowCounter,
 )
+from extproc.store.pipelined import PipelinedConnection, Target
 
 log = logging.getLogger("extproc.store.redis")
 
@@ -69,8 +71,11 @@ class RedisStore:
         retention_days: int = 90,
         helpers: Sequence[Redis] = (),
         dedupe_ttl_ms: int = 3_600_000,
+        hot: PipelinedConnection | None = None,
     ) -> None:
         self._client = client
+        # admit and settle go through the pipelined connection when the URL allows one.
+        self._hot = hot
         self._helpers = tuple(helpers)  # e.g. the Sentinel connections, closed with the store
         self._where = redact_url(url) if url else type(client).__name__
         self._secrets = _secrets(url)
@@ -92,7 +97,9 @@ class RedisStore:
             raise StoreUnavailable(
                 f"cannot configure redis at {redact_url(url)}: {detail}"
             ) from None
-        return cls(client, url, config.retention_days, helpers, config.dedupe_ttl_s * 1000)
+        target = Target.from_url(url)
+        hot = PipelinedConnection(target, config.timeout_s or None) if target else None
+        return cls(client, url, config.retention_days, helpers, config.dedupe_ttl_s * 1000, hot)
 
     def __repr__(self) -> str:
         return f"RedisStore({self._where!r})"
@@ -223,6 +230,8 @@ class RedisStore:
         await self._call("ping", self._client.ping())
 
     async def close(self) -> None:
+        if self._hot is not None:
+            await self._hot.close()
         for client in (self._client, *self._helpers):
             try:
                 await client.aclose()
@@ -234,7 +243,7 @@ class RedisStore:
 
         A relative TTL (not PEXPIREAT) because ``now_ms`` is the caller's clock, not the server's.
         """
-        day_start_ms = calendar.timegm(dt.datetime.strptime(day, "%Y%m%d").timetuple()) * 1000
+        day_start_ms = _day_start_ms(day)
         return max(1, day_start_ms + _DAY_MS + self._retention_ms - now_ms)
 
     async def _remember_user(self, userid: str, day: str, ttl_ms: int, op: str) -> None:
@@ -265,16 +274,25 @@ class RedisStore:
     ) -> list[Any]:
         """EVALSHA; on NOSCRIPT (a restarted or flushed server) load the script and retry once."""
         try:
-            reply = await self._client.evalsha(script.sha, len(script_keys), *script_keys, *args)
+            reply = await self._evalsha(script, script_keys, args)
         except NoScriptError:
             log.info("redis script reloaded script=%s store=%s", script.name, self._where)
-            await self._call(op, self._client.script_load(script.source))
-            reply = await self._call(
-                op, self._client.evalsha(script.sha, len(script_keys), *script_keys, *args)
+            load = ("SCRIPT", "LOAD", script.source)
+            reloading = (
+                self._hot.execute(*load) if self._hot else self._client.script_load(script.source)
             )
+            await self._call(op, reloading)
+            reply = await self._call(op, self._evalsha(script, script_keys, args))
         except _FAILURES as exc:
             raise self._unavailable(op, exc) from None
         return cast(list[Any], reply)
+
+    def _evalsha(
+        self, script: _Script, script_keys: list[str], args: Sequence[int | str]
+    ) -> Awaitable[Any]:
+        if self._hot is not None:
+            return self._hot.execute("EVALSHA", script.sha, len(script_keys), *script_keys, *args)
+        return self._client.evalsha(script.sha, len(script_keys), *script_keys, *args)
 
     async def _call(self, op: str, pending: Any) -> Any:
         """Await one Redis call; every failure becomes ``StoreUnavailable``."""
@@ -293,6 +311,12 @@ class RedisStore:
 
 
 _FAILURES = (RedisError, OSError, TimeoutError)
+
+
+@functools.lru_cache(maxsize=8)
+def _day_start_ms(day: str) -> int:
+    """Midnight UTC of ``YYYYMMDD``, in ms; strptime costs about 30 µs, and few days are in use."""
+    return calendar.timegm(dt.datetime.strptime(day, "%Y%m%d").timetuple()) * 1000
 
 
 def _ledger_part(ttl_ms: int, pairs: Sequence[tuple[str, int]]) -> list[int | str]:

@@ -35,10 +35,13 @@ TARGETS = {
     "odh": DEPLOY / "overlays" / "odh",
     "mtls-service-ca": DEPLOY / "overlays" / "mtls-service-ca",
     "mtls-cert-manager": DEPLOY / "overlays" / "mtls-cert-manager",
+    "accesslog": DEPLOY / "overlays" / "accesslog",
+    "lean": DEPLOY / "overlays" / "lean",
 }
 MTLS_TARGETS = ("mtls-service-ca", "mtls-cert-manager")
 # Overlays built on production (3 replicas, the operator's Redis Secret).
 ON_PRODUCTION = {"production", "kuadrant", "kuadrant-mtls", "odh", *MTLS_TARGETS}
+ON_PRODUCTION |= {"accesslog", "lean"}
 # Overlays whose tiers come from maas-api rather than the tier ConfigMap.
 MAAS_API_TIERS = {"kuadrant", "kuadrant-mtls", "odh"}
 KUBERNETES_VERSION = "1.31"  # a schema set kubernetes-validate ships; OpenShift 4.18 is 1.31
@@ -113,9 +116,14 @@ def http_filter(docs: list[Doc], name: str) -> Doc:
 
 
 def sidecar_cluster(docs: list[Doc]) -> Doc:
-    (cluster_patch,) = patches(docs, "CLUSTER")
-    value: Doc = cluster_patch["patch"]["value"]
-    return value
+    """The gRPC cluster (the lean layout adds an HTTP one for ext_authz beside it)."""
+    (value,) = [
+        p["patch"]["value"]
+        for p in patches(docs, "CLUSTER")
+        if p["patch"]["value"]["name"] == "maas-extproc-grpc"
+    ]
+    found: Doc = value
+    return found
 
 
 def with_cluster_name(typed_config: Doc, name: str) -> Doc:
@@ -353,7 +361,12 @@ def local_gateway() -> Doc:
 
 
 def hcm_settings(docs: list[Doc]) -> Doc:
-    (patch,) = patches(docs, "NETWORK_FILTER")
+    """The connection manager's path settings (the accesslog layouts MERGE an access log too)."""
+    (patch,) = [
+        p
+        for p in patches(docs, "NETWORK_FILTER")
+        if "access_log" not in p["patch"]["value"]["typed_config"]
+    ]
     assert patch["match"]["listener"]["filterChain"]["filter"] == {"name": HCM}
     value: Doc = patch["patch"]["value"]["typed_config"]
     return value
@@ -385,6 +398,66 @@ def test_ext_proc_is_enabled_per_virtual_host_only(built: dict[str, list[Doc]]) 
     assert set(enabling) == {EXT_PROC}
     (virtual_host,) = local_gateway()["typed_config"]["route_config"]["virtual_hosts"]
     assert virtual_host["typed_per_filter_config"] == enabling
+
+
+def with_every_cluster_named(config: Doc, name: str) -> Doc:
+    """``config`` with every ``envoy_grpc.cluster_name`` in it set to ``name``."""
+    out = copy.deepcopy(config)
+    stack: list[Any] = [out]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "envoy_grpc" in node:
+                node["envoy_grpc"]["cluster_name"] = name
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return out
+
+
+@pytest.mark.parametrize("target", ["accesslog", "lean"])
+@pytest.mark.parametrize("name", ["injector", "usage_sse", "usage_json"])
+def test_accesslog_filters_equal_local_filters_yaml(
+    built: dict[str, list[Doc]], name: str, target: str
+) -> None:
+    """The overlay's filters are the local stack's `accesslog` topology's, bar the cluster."""
+    expected = local_filters()[name]
+    docs = built[target]
+    cluster = sidecar_cluster(docs)["name"]
+    assert http_filter(docs, expected["name"]) == with_every_cluster_named(expected, cluster)
+    (access_log,) = [
+        log
+        for merge in patches(docs, "NETWORK_FILTER")
+        for log in merge["patch"]["value"]["typed_config"].get("access_log", [])
+    ]
+    assert access_log == with_every_cluster_named(local_filters()["usage_access_log"], cluster)
+    names = [p["patch"]["value"]["name"] for p in patches(docs, "HTTP_FILTER")]
+    assert EXT_PROC not in names  # nothing follows the response body
+
+
+def test_lean_asks_admission_over_http_as_the_local_stack_does(
+    built: dict[str, list[Doc]],
+) -> None:
+    docs = built["lean"]
+    expected = copy.deepcopy(local_filters()["ext_authz_http"])
+    actual = http_filter(docs, EXT_AUTHZ)
+    uri = actual["typed_config"]["http_service"]["server_uri"]
+    expected["typed_config"]["http_service"]["server_uri"]["uri"] = uri["uri"]
+    assert actual == expected
+    (authz_cluster,) = [
+        p["patch"]["value"]
+        for p in patches(docs, "CLUSTER")
+        if p["patch"]["value"]["name"] == uri["cluster"]
+    ]
+    service = only(docs, "Service", "maas-extproc")
+    port = next(p for p in service["spec"]["ports"] if p["name"] == "http-authz")
+    (endpoint,) = authz_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    address = endpoint["endpoint"]["address"]["socket_address"]
+    assert address["port_value"] == port["port"] == 9002
+    assert uri["uri"] == f"http://{address['address']}:{port['port']}"
+    container = sidecar_container(docs)
+    assert literal_env(container)["MAAS_EXTPROC_SERVER_AUTHZ_HTTP_PORT"] == "9002"
+    assert {"name": "http-authz", "containerPort": 9002, "protocol": "TCP"} in container["ports"]
 
 
 def test_sidecar_cluster_reaches_the_service_over_http2(built: dict[str, list[Doc]]) -> None:
@@ -425,6 +498,16 @@ def test_maas_api_routes_disable_both_filters(built: dict[str, list[Doc]]) -> No
         per_filter = patch["patch"]["value"]["typed_per_filter_config"]
         assert set(per_filter) == {EXT_AUTHZ, EXT_PROC}
         assert all(config["disabled"] is True for config in per_filter.values())
+
+
+def other_clusters(docs: list[Doc]) -> list[Doc]:
+    """The EnvoyFilter's clusters besides the gRPC one (the lean layout's ext_authz cluster)."""
+    grpc_name = sidecar_cluster(docs)["name"]
+    return [
+        p["patch"]["value"]
+        for p in patches(docs, "CLUSTER")
+        if p["patch"]["value"]["name"] != grpc_name
+    ]
 
 
 def istio_bootstrap_clusters(cluster: Doc, pki: Pki) -> tuple[Doc, list[Doc], Doc]:
@@ -468,7 +551,7 @@ def istio_bootstrap_clusters(cluster: Doc, pki: Pki) -> tuple[Doc, list[Doc], Do
     return cluster, [pipe_cluster("sds-grpc"), pipe_cluster("xds-grpc")], bootstrap
 
 
-@pytest.mark.parametrize("target", ["base", *MTLS_TARGETS])
+@pytest.mark.parametrize("target", ["base", *MTLS_TARGETS, "accesslog", "lean"])
 def test_envoy_accepts_the_extracted_filters_cluster_and_route_config(
     built: dict[str, list[Doc]], target: str, tmp_path: Path, pki: Pki
 ) -> None:
@@ -478,8 +561,13 @@ def test_envoy_accepts_the_extracted_filters_cluster_and_route_config(
     istio: Doc = {}
     if target in MTLS_TARGETS:
         cluster, bootstrap_clusters, istio = istio_bootstrap_clusters(cluster, pki)
-    ext_authz = http_filter(docs, EXT_AUTHZ)
-    ext_proc = http_filter(docs, EXT_PROC)
+    # INSERT_FIRST, then each INSERT_AFTER its predecessor: the patches are in chain order.
+    ours = [p["patch"]["value"] for p in patches(docs, "HTTP_FILTER")]
+    merged: Doc = {}
+    for merge in patches(docs, "NETWORK_FILTER"):  # MERGE into the connection manager
+        merged.update(
+            {k: v for k, v in merge["patch"]["value"]["typed_config"].items() if k != "@type"}
+        )
     router = {
         "name": ROUTER,
         "typed_config": {
@@ -514,7 +602,8 @@ def test_envoy_accepts_the_extracted_filters_cluster_and_route_config(
                 }
             ],
         },
-        "http_filters": [ext_authz, ext_proc, router],
+        "http_filters": [*ours, router],
+        **merged,
     }
     models = {
         "name": "models",
@@ -546,7 +635,7 @@ def test_envoy_accepts_the_extracted_filters_cluster_and_route_config(
                     "filter_chains": [{"filters": [{"name": HCM, "typed_config": manager}]}],
                 }
             ],
-            "clusters": [models, cluster, *bootstrap_clusters],
+            "clusters": [models, cluster, *other_clusters(docs), *bootstrap_clusters],
         },
         **istio,
     }

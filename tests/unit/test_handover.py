@@ -123,3 +123,53 @@ def test_rate_windows_that_are_not_counts_are_not_ours(bad: str) -> None:
     struct = handover.to_struct(SUBSCRIBED)
     struct.fields[handover.BILLING_KEY].struct_value.fields["rate_windows"].string_value = bad
     assert handover.read({METADATA_NAMESPACE: struct}) is None
+
+
+def text_roundtrip(billing: Billing) -> Billing | None:
+    """Over HTTP: the header value as Envoy copies it into dynamic metadata (a string)."""
+    wire = struct_pb2.Struct()
+    wire.fields[handover.BILLING_HEADER].string_value = handover.to_text(billing)
+    return handover.read({METADATA_NAMESPACE: wire})
+
+
+@pytest.mark.parametrize("amount", [0, 2**53 + 1, 2**63 - 1])
+def test_the_header_form_travels_exactly_and_stays_ascii(amount: int) -> None:
+    billing = Billing(
+        request_id="abc1",
+        userid="zoë\r\nx-evil: 1",  # never a second header: escaped, ASCII only
+        tier="free",
+        model="ns/m",
+        path="/ns/m/v1/chat/completions",
+        reserved=amount,
+        windows=(amount, 1_800_000_000_123),
+        admitted_ms=amount,
+        inject=True,
+        prompt_estimate=amount,
+        route="ns/r",
+    )
+    text = handover.to_text(billing)
+    assert text.isascii()
+    assert "\r" not in text
+    assert "\n" not in text
+    assert text_roundtrip(billing) == billing
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "not json",
+        "[]",
+        '{"id": "x"}',  # keys missing
+        handover.to_text(Billing("i", "u", "t", "m", "/p", 5, (1,))).replace('"5"', "5"),
+        handover.to_text(Billing("i", "u", "t", "m", "/p", 5, (1,))).replace('"5"', '"-5"'),
+    ],
+)
+def test_a_malformed_header_record_is_not_read(text: str) -> None:
+    wire = struct_pb2.Struct()
+    wire.fields[handover.BILLING_HEADER].string_value = text
+    assert handover.read({METADATA_NAMESPACE: wire}) is None
+
+
+def test_the_subscription_record_travels_as_a_header_too() -> None:
+    assert text_roundtrip(SUBSCRIBED) == SUBSCRIBED

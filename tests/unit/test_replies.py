@@ -11,7 +11,7 @@ from google.rpc import code_pb2
 from extproc.domain import Decision, Identity, Outcome, Tier
 from extproc.envoy import handover
 from extproc.envoy.handover import METADATA_NAMESPACE
-from extproc.envoy.replies import check_response
+from extproc.envoy.replies import check_response, http_reply, http_response
 
 ALICE = Identity("alice", "alice", ("tier-free-users",))
 FREE = Tier("free", 0, frozenset({"tier-free-users"}))
@@ -164,3 +164,41 @@ def test_anonymous_pass_sets_no_identity_and_no_metadata() -> None:
     assert list(reply.ok_response.headers_to_remove) == ["x-maas-tier"]
     assert not reply.dynamic_metadata.fields
     assert list(request_mutation(decision).set_headers) == []
+
+
+def parse_http(raw: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = [(k, v) for k, _, v in (line.partition(": ") for line in lines)]
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.parametrize("outcome", [o for o in Outcome if o is not Outcome.ALLOW])
+def test_http_refusals_equal_the_grpc_ones(outcome: Outcome) -> None:
+    decision = Decision(outcome, "why", limit=10, remaining=0, retry_after_s=7, reset_s=7)
+    grpc_reply = check_response(decision, "/p").denied_response
+    status, headers, body = parse_http(http_reply(decision, "/p"))
+    assert status == grpc_reply.status.code
+    expected = [(h.header.key, h.header.value) for h in grpc_reply.headers]
+    assert headers == [*expected, ("content-length", str(len(body)))]
+    assert body.decode() == grpc_reply.body
+
+
+def test_http_allow_matches_the_grpc_allow() -> None:
+    decision = Decision(
+        Outcome.ALLOW, identity=Identity("bob", "bob"), tier=Tier("premium", 1, frozenset()),
+        model="m", charged=True, limit=100, remaining=60, reset_s=30, inject_usage=True,
+        strip_headers=("x-maas-spoof",), request_id="r1", reserved_tokens=40,
+    )  # fmt: skip
+    ok = check_response(decision, "/p").ok_response
+    status, headers, _ = parse_http(http_reply(decision, "/p"))
+    assert status == 200
+    got = dict(headers)
+    for option in (*ok.headers, *ok.response_headers_to_add):
+        assert got[option.header.key] == option.header.value
+    assert got["x-envoy-auth-headers-to-remove"].split(",") == list(ok.headers_to_remove)
+
+
+def test_a_value_that_would_split_the_reply_is_refused() -> None:
+    with pytest.raises(ValueError, match="header value"):
+        http_response(200, [("x-maas-username", "bob\r\nx-maas-tier: enterprise")])

@@ -1,0 +1,58 @@
+"""The lean layout end to end: the accesslog layout's accounting with admission asked over HTTP
+(Envoy's ext_authz http_service): the same refusals, headers and charges as over gRPC."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from extproc.stack import LocalStack
+from tests.e2e.test_accesslog_layout import (
+    test_a_client_that_leaves_is_charged_a_flagged_estimate_within_its_reservation,
+    test_an_upstream_that_resets_mid_stream_is_charged_a_flagged_estimate,
+    test_anthropic_messages_json_and_stream,
+    test_free_tier_over_its_token_limit_gets_429_with_retry_after,
+    test_legacy_completions_stream_is_rewritten_too,
+    test_missing_usage_on_success_is_a_flagged_estimate,
+    test_models_route_passes_uncharged,
+    test_non_stream_is_charged_exactly,
+    test_spoofed_maas_headers_never_reach_the_upstream,
+    test_stream_with_include_usage_is_charged_exactly,
+    test_stream_without_include_usage_is_asked_for_it_and_charged_exactly,
+    test_the_sidecar_never_follows_a_response_body,
+    test_totals_match_the_simulator_record,
+    test_upstream_error_without_usage_is_not_charged,
+)
+from tests.e2e.test_gateway import (
+    test_cors_preflight_is_not_refused_for_lack_of_a_token,
+    test_no_token_gets_401_with_a_bearer_challenge,
+    test_user_without_a_tier_gets_403,
+)
+
+__all__ = [
+    "test_a_client_that_leaves_is_charged_a_flagged_estimate_within_its_reservation",
+    "test_an_upstream_that_resets_mid_stream_is_charged_a_flagged_estimate",
+    "test_anthropic_messages_json_and_stream",
+    "test_cors_preflight_is_not_refused_for_lack_of_a_token",
+    "test_free_tier_over_its_token_limit_gets_429_with_retry_after",
+    "test_legacy_completions_stream_is_rewritten_too",
+    "test_missing_usage_on_success_is_a_flagged_estimate",
+    "test_models_route_passes_uncharged",
+    "test_no_token_gets_401_with_a_bearer_challenge",
+    "test_non_stream_is_charged_exactly",
+    "test_spoofed_maas_headers_never_reach_the_upstream",
+    "test_stream_with_include_usage_is_charged_exactly",
+    "test_stream_without_include_usage_is_asked_for_it_and_charged_exactly",
+    "test_the_sidecar_never_follows_a_response_body",
+    "test_totals_match_the_simulator_record",
+    "test_upstream_error_without_usage_is_not_charged",
+    "test_user_without_a_tier_gets_403",
+]
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[LocalStack]:
+    """Overrides the conftest stack: HTTP ext_authz, the injector, usage read by Envoy."""
+    with LocalStack(topology="lean") as running:
+        yield running
