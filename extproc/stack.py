@@ -175,7 +175,8 @@ def render_envoy(
     filters_doc: dict[str, Any] = yaml.safe_load((LOCAL_DIR / "filters.yaml").read_text())
     chosen: list[dict[str, Any]] = []
     if topology == "lean":
-        chosen.append(filters_doc["ext_authz_http"])  # admission over HTTP
+        # Admission over HTTP; responses whose usage Envoy read are settled before their end.
+        chosen += [filters_doc["ext_authz_http"], filters_doc["settle"]]
     elif topology not in ("envoy", "extproc"):
         chosen.append(filters_doc["ext_authz"])
     if topology in ("split", "accesslog", "lean"):

@@ -160,13 +160,59 @@ def from_text(text: str) -> Billing | None:
         return None
     if not all(isinstance(v, str) for v in values.values()):
         return None
-    fields = struct_pb2.Struct()
-    for key, value in values.items():
-        if key == "inject":
-            fields.fields[key].bool_value = value == "1"
-        else:
-            fields.fields[key].string_value = value
-    return _from_fields(fields.fields)
+    return _from_plain(values)
+
+
+def from_plain(namespace: Mapping[str, object]) -> Billing | None:
+    """The record in ext_authz's namespace as plain values (the OpenTelemetry access log's
+    attribute): the gRPC Check's ``maas`` object or HTTP's ``x-maas-billing`` text; None for
+    anything else, as ``read``."""
+    record = namespace.get(BILLING_KEY)
+    if isinstance(record, Mapping):
+        if not record.keys() <= _TEXT_KEYS:
+            return None
+        return _from_plain(record)
+    text = namespace.get(BILLING_HEADER)
+    return from_text(text) if isinstance(text, str) else None
+
+
+def _from_plain(values: Mapping[str, object]) -> Billing | None:
+    """``_from_fields`` for plain values: every field a string, ``inject`` a bool or "1"."""
+    try:
+        windows_text = _plain_text(values, "windows")
+        rate_windows = _plain_text(values, "rate_windows") if "rate_windows" in values else ""
+        inject = values.get("inject", False)
+        return Billing(
+            request_id=_plain_text(values, "id"),
+            userid=_plain_text(values, "user"),
+            tier=_plain_text(values, "tier"),
+            model=_plain_text(values, "model"),
+            path=_plain_text(values, "path"),
+            reserved=_count(_plain_text(values, "reserved")),
+            windows=tuple(_count(v) for v in windows_text.split(",")) if windows_text else (),
+            admitted_ms=_count(_plain_text(values, "admitted")),
+            inject=inject is True or inject == "1",
+            prompt_estimate=_count(_plain_text(values, "prompt_est")),
+            route=_plain_text(values, "route"),
+            subscription=_plain_optional(values, "sub"),
+            key=_plain_optional(values, "key"),
+            organization_id=_plain_optional(values, "org"),
+            cost_center=_plain_optional(values, "cc"),
+            rate_windows=tuple(_count(v) for v in rate_windows.split(",")) if rate_windows else (),
+        )
+    except (KeyError, ValueError):
+        return None
+
+
+def _plain_text(values: Mapping[str, object], key: str) -> str:
+    value = values[key]
+    if not isinstance(value, str):
+        raise ValueError(key)
+    return value
+
+
+def _plain_optional(values: Mapping[str, object], key: str) -> str:
+    return _plain_text(values, key) if key in values else ""
 
 
 def read(filter_metadata: Mapping[str, struct_pb2.Struct]) -> Billing | None:

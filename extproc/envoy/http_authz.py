@@ -10,7 +10,8 @@ sidecar's CPU per request fall below Envoy's.
 
 Envoy's HTTP client sends one request at a time on a connection; requests that arrive pipelined
 are still answered in order. The path ``/health`` (outside ``CHECK_PREFIX``) answers 200 while
-serving and 503 while draining, for Envoy's health check. Input that is not HTTP gets a 400 and
+serving and 503 while draining, for Envoy's health check; ``POST /settle`` is the Lua settle
+filter's (extproc/envoy/http_settle.py). Input that is not HTTP gets a 400 and
 the connection is closed; nothing a client sends can raise out of here.
 """
 
@@ -25,6 +26,7 @@ import httptools
 from extproc.admission import AdmissionRequest
 from extproc.envoy import replies
 from extproc.envoy.authz_service import AuthorizationService
+from extproc.envoy.http_settle import SETTLE_PATH, STATUS_HEADER, HttpSettle
 
 log = logging.getLogger("extproc.authz.http")
 
@@ -123,8 +125,9 @@ class _Connection(asyncio.Protocol):
 class HttpAuthorization:
     """The asyncio server: one ``_Connection`` per connection, decisions from ``authz``."""
 
-    def __init__(self, authz: AuthorizationService) -> None:
+    def __init__(self, authz: AuthorizationService, settle: HttpSettle | None = None) -> None:
         self._authz = authz
+        self._settle = settle
         self._server: asyncio.AbstractServer | None = None
         self.serving = True
         self.port = 0
@@ -146,6 +149,9 @@ class HttpAuthorization:
         if not target.startswith(CHECK_PREFIX):
             if target == HEALTH_PATH:
                 return _SERVING if self.serving else _DRAINING
+            if target == SETTLE_PATH and request.method == "POST" and self._settle is not None:
+                status = request.headers.get(STATUS_HEADER, "")
+                return await self._settle.answer(status, bytes(request.body))
             return replies.http_response(404, [])
         path = target[len(CHECK_PREFIX) :] or "/"
         admission = AdmissionRequest(request.method, path, request.headers, bytes(request.body))
