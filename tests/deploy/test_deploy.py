@@ -460,6 +460,25 @@ def test_lean_asks_admission_over_http_as_the_local_stack_does(
     assert {"name": "http-authz", "containerPort": 9002, "protocol": "TCP"} in container["ports"]
 
 
+def test_lean_settles_with_the_local_stacks_lua_filter_right_after_admission(
+    built: dict[str, list[Doc]],
+) -> None:
+    docs = built["lean"]
+    expected = local_filters()["settle"]
+    assert http_filter(docs, expected["name"]) == expected
+    (placed,) = [
+        p for p in patches(docs, "HTTP_FILTER") if p["patch"]["value"]["name"] == expected["name"]
+    ]
+    assert placed["patch"]["operation"] == "INSERT_AFTER"
+    assert placed["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == EXT_AUTHZ
+    # It posts to the HTTP cluster that ext_authz asks (the sidecar's /settle beside /check).
+    script = expected["typed_config"]["default_source_code"]["inline_string"]
+    cluster = http_filter(docs, EXT_AUTHZ)["typed_config"]["http_service"]["server_uri"]["cluster"]
+    assert f'handle:httpCall("{cluster}"' in script
+    accesslog = [p["patch"]["value"]["name"] for p in patches(built["accesslog"], "HTTP_FILTER")]
+    assert expected["name"] not in accesslog  # the accesslog layout's checks are gRPC: no /settle
+
+
 def test_sidecar_cluster_reaches_the_service_over_http2(built: dict[str, list[Doc]]) -> None:
     docs = built["base"]
     cluster = sidecar_cluster(docs)
