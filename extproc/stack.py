@@ -193,10 +193,12 @@ def render_envoy(
             ext_proc["typed_config"]["processing_mode"]["request_header_mode"] = "SKIP"
         chosen.append(ext_proc)
     filters = _indent(yaml.safe_dump(chosen, sort_keys=False), 10) if chosen else ""
-    access_log = ""
+    access_log = ""  # settings of the connection manager itself
     if topology in ("accesslog", "lean"):
-        logs = {"access_log": [filters_doc["usage_access_log"]]}
-        access_log = _indent(yaml.safe_dump(logs, sort_keys=False), 10)
+        settings: dict[str, Any] = {"access_log": [filters_doc["usage_access_log"]]}
+        if topology == "lean":
+            settings["local_reply_config"] = filters_doc["unavailable_reply"]
+        access_log = _indent(yaml.safe_dump(settings, sort_keys=False), 10)
     endpoints = (
         "\n".join(
             " " * 8
