@@ -1,4 +1,8 @@
-"""Envoy's gRPC access log (ALS) -> one charge per finished request (the ``accesslog`` layout).
+"""Envoy's gRPC access log (ALS) -> one charge per finished request; ``finished`` for every reader.
+
+The ``accesslog`` and ``lean`` layouts now report over Envoy's OpenTelemetry access log
+(extproc/envoy/otlp_log.py: acknowledged, so at least once); this service stays for gateways
+configured with ``envoy.access_loggers.http_grpc``, and ``finished`` is the charge both read.
 
 Envoy reads the usage itself (sse_to_metadata / json_to_metadata write it into dynamic metadata,
 namespace ``maas.usage``) and, once a request is over, sends its access log entry here, batched:

@@ -112,25 +112,37 @@ class Billing:
         )
 
 
+def _values(billing: Billing) -> dict[str, str | bool]:
+    """The record's fields as ``write`` stores them; every integer as a string."""
+    values: dict[str, str | bool] = {
+        "id": billing.request_id,
+        "user": billing.userid,
+        "tier": billing.tier,
+        "model": billing.model,
+        "path": billing.path,
+        "reserved": str(billing.reserved),
+        "windows": ",".join(str(start) for start in billing.windows),
+        "admitted": str(billing.admitted_ms),
+        "inject": billing.inject,
+        "prompt_est": str(billing.prompt_estimate),
+        "route": billing.route,
+    }
+    if billing.subscription:  # the tier era's record stays as it was
+        values["sub"] = billing.subscription
+        values["key"] = billing.key
+        values["org"] = billing.organization_id
+        values["cc"] = billing.cost_center
+        values["rate_windows"] = ",".join(map(str, billing.rate_windows))
+    return values
+
+
 def write(fields: Any, billing: Billing) -> None:
     """Fill a ``Struct``'s fields map (``maas``) with the record; every integer as a string."""
-    fields["id"].string_value = billing.request_id
-    fields["user"].string_value = billing.userid
-    fields["tier"].string_value = billing.tier
-    fields["model"].string_value = billing.model
-    fields["path"].string_value = billing.path
-    fields["reserved"].string_value = str(billing.reserved)
-    fields["windows"].string_value = ",".join(str(start) for start in billing.windows)
-    fields["admitted"].string_value = str(billing.admitted_ms)
-    fields["inject"].bool_value = billing.inject
-    fields["prompt_est"].string_value = str(billing.prompt_estimate)
-    fields["route"].string_value = billing.route
-    if billing.subscription:  # the tier era's record stays as it was
-        fields["sub"].string_value = billing.subscription
-        fields["key"].string_value = billing.key
-        fields["org"].string_value = billing.organization_id
-        fields["cc"].string_value = billing.cost_center
-        fields["rate_windows"].string_value = ",".join(map(str, billing.rate_windows))
+    for key, value in _values(billing).items():
+        if isinstance(value, bool):
+            fields[key].bool_value = value
+        else:
+            fields[key].string_value = value
 
 
 def to_struct(billing: Billing) -> struct_pb2.Struct:
@@ -141,11 +153,9 @@ def to_struct(billing: Billing) -> struct_pb2.Struct:
 
 def to_text(billing: Billing) -> str:
     """The record as one header value: ``write``'s fields as JSON strings, ASCII only."""
-    out = struct_pb2.Struct()
-    write(out.fields, billing)
     values = {
-        key: ("1" if value.bool_value else "") if key == "inject" else value.string_value
-        for key, value in out.fields.items()
+        key: ("1" if value else "") if isinstance(value, bool) else value
+        for key, value in _values(billing).items()
     }
     return json.dumps(values, separators=(",", ":"), ensure_ascii=True)
 
