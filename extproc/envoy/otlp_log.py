@@ -17,9 +17,11 @@ Each log record carries the attributes of the ``attributes`` list in filters.yam
 string as Envoy 1.40 formats them: ``authz`` (ext_authz's dynamic metadata namespace as JSON: the
 billing record), ``usage`` (namespace ``maas.usage`` as JSON, written by sse_to_metadata /
 json_to_metadata; ``-`` when empty), ``status``, ``flags`` (Envoy's short response flags, ``-``
-for none), ``bytes`` (body bytes sent) and ``type`` (the access log type). Typed values (a
-key-value list, an int) are read as well. Anything else in a record is ignored; a record that
-does not hold a billing record is not billed here.
+for none), ``bytes`` (body bytes sent), ``type`` (the access log type) and ``sample``
+(``maas.sample``: the size of the first SSE event with text and the length of its text, written
+by the `lean` settle filter; the estimate of a stream without usage counts that share of the
+bytes sent as text). Typed values (a key-value list, an int) are read as well. Anything else in
+a record is ignored; a record that does not hold a billing record is not billed here.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping
 
 import grpc
@@ -85,6 +88,21 @@ def _json(value: common_pb2.AnyValue | None) -> object:
         return None
 
 
+def text_share(sent: int, sample: object) -> int:
+    """The generated text in ``sent`` body bytes of an SSE stream, by the share of text in the
+    first event the `lean` settle filter sampled (``maas.sample``: ``event_bytes``,
+    ``text_chars``), rounded up; ``sent`` itself without a usable sample (an estimate from the
+    bytes, as before)."""
+    if not isinstance(sample, dict):
+        return sent
+    size, chars = sample.get("event_bytes"), sample.get("text_chars")
+    if not isinstance(size, int | float) or not isinstance(chars, int | float):
+        return sent
+    if not 0 < chars <= size or not math.isfinite(size):
+        return sent
+    return math.ceil(sent * chars / size)
+
+
 def _number(value: object) -> int:
     """``status`` and ``bytes``: an int, or its decimal text; anything else is 0."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -119,11 +137,12 @@ def charge_of(
         fields = _json(found)
         return fields if isinstance(fields, dict) else {}
 
+    sent = _number(plain(attributes["bytes"])) if "bytes" in attributes else 0
     return finished(
         billing,
         usage_fields,
         status=_number(plain(attributes["status"])) if "status" in attributes else 0,
-        body_bytes=_number(plain(attributes["bytes"])) if "bytes" in attributes else 0,
+        body_bytes=text_share(sent, _json(attributes.get("sample"))),
         disconnected=cut,
         config=config,
         max_count=max_count,

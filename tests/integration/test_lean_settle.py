@@ -108,7 +108,9 @@ async def test_a_body_that_is_not_ours_is_a_400(
     assert answer == 400
 
 
-def record(billing: str, usage: str, *, flags: str = "-", sent: str = "120") -> logs_pb2.LogRecord:
+def record(
+    billing: str, usage: str, *, flags: str = "-", sent: str = "120", sample: str = "-"
+) -> logs_pb2.LogRecord:
     """One log record as Envoy 1.40 formats usage_access_log's attributes: strings throughout."""
     authz = json.dumps({"ext_authz_duration": 1, handover.BILLING_HEADER: billing})
     out = logs_pb2.LogRecord(time_unix_nano=1)
@@ -119,6 +121,7 @@ def record(billing: str, usage: str, *, flags: str = "-", sent: str = "120") -> 
         ("flags", flags),
         ("bytes", sent),
         ("type", "DownstreamEnd"),
+        ("sample", sample),
     ):
         attribute = out.attributes.add()
         attribute.key = key
@@ -146,6 +149,37 @@ async def test_an_export_is_answered_once_its_charges_are_settled(server: Server
     assert 0 < await ledger_total(server, "m-left") <= 8 + 2  # the reservation caps it
 
 
+async def test_a_stream_cut_short_counts_the_sampled_share_of_the_bytes_as_text(
+    server: Server,
+) -> None:
+    """The settle filter sampled a 180-byte event with 6 characters of text: 1800 bytes sent
+    stand for 60 characters, 15 tokens, not 450 (then cut to the reservation)."""
+    billing = await admitted(server, "m-sampled")
+    sample = '{"event_bytes":180,"text_chars":6}'
+    await export(server, record(billing, "-", flags="DC", sent="1800", sample=sample))
+    day = dt.datetime.now(tz=dt.UTC).strftime("%Y%m%d")
+    (row,) = [r for r in await server.sidecar.store.ledger("bob", [day]) if r.model == "m-sampled"]
+    assert row.completion_tokens == 8  # 15 from the text, cut to max_tokens
+    billing = await admitted(server, "m-few")
+    await export(server, record(billing, "-", flags="DC", sent="360", sample=sample))
+    (row,) = [r for r in await server.sidecar.store.ledger("bob", [day]) if r.model == "m-few"]
+    assert row.completion_tokens == 3  # 12 characters: 3 tokens (90 from the bytes alone)
+
+
+@pytest.mark.parametrize(
+    "sample",
+    ['{"event_bytes":0,"text_chars":6}', '{"event_bytes":5,"text_chars":6}', '"x"', "[1]", "-"],
+)
+async def test_a_sample_that_cannot_be_a_share_leaves_the_bytes(
+    server: Server, sample: str
+) -> None:
+    billing = await admitted(server, "m-odd")
+    await export(server, record(billing, "-", flags="DC", sent="360", sample=sample))
+    day = dt.datetime.now(tz=dt.UTC).strftime("%Y%m%d")
+    (row,) = [r for r in await server.sidecar.store.ledger("bob", [day]) if r.model == "m-odd"]
+    assert row.completion_tokens == 8  # 90 from the bytes, cut to max_tokens
+
+
 async def test_a_batch_delivered_twice_is_charged_once(server: Server) -> None:
     """Envoy resends a batch whose call was reset: the settle's request id makes it free."""
     billing = await admitted(server, "m-twice")
@@ -161,6 +195,7 @@ async def test_records_that_are_not_ours_are_skipped(server: Server) -> None:
     stray = logs_pb2.LogRecord(time_unix_nano=1)
     stray.attributes.add(key="authz").value.string_value = "-"
     periodic = record(await admitted(server, "m-periodic"), '{"total_tokens":3}')
-    periodic.attributes[-1].value.string_value = "DownstreamPeriodic"
+    (kind,) = [a for a in periodic.attributes if a.key == "type"]
+    kind.value.string_value = "DownstreamPeriodic"
     await export(server, stray, periodic)
     assert await ledger_total(server, "m-periodic") == 0
