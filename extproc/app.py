@@ -380,6 +380,7 @@ class Server:
             HttpAuthorization(
                 sidecar.authz,
                 HttpSettle(sidecar.charger, max_count=sidecar.config.limits.max_request_tokens),
+                tls.HttpTls.from_config(sidecar.config),
             )
             if settings.authz_http_port
             else None

@@ -137,13 +137,14 @@ class SidecarTls:
             "MAAS_EXTPROC_SERVER_TLS_CLIENT_CA_FILE": str(self.client_ca),
         }
 
-    def transport_socket(self) -> dict[str, Any]:
-        """The maas-extproc cluster's UpstreamTlsContext: HTTP/2 by ALPN, the sidecar verified."""
+    def transport_socket(self, alpn: str = "h2") -> dict[str, Any]:
+        """The maas-extproc cluster's UpstreamTlsContext: HTTP/2 by ALPN (``http/1.1`` for the
+        `lean` layout's authorization cluster), the sidecar verified."""
         context = {
             "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
             "sni": self.server_name,
             "common_tls_context": {
-                "alpn_protocols": ["h2"],
+                "alpn_protocols": [alpn],
                 "tls_certificates": [
                     {
                         "certificate_chain": {"filename": str(self.client_cert)},
@@ -215,7 +216,10 @@ def render_envoy(
         transport_socket = _indent(socket_yaml, 4)
     extra_clusters = ""
     if topology == "lean":
-        extra_clusters = _indent(yaml.safe_dump([authz_http_cluster(authz_http_ports)]), 2)
+        cluster = authz_http_cluster(authz_http_ports)
+        if sidecar_tls is not None:  # the HTTP authorization port speaks the gRPC port's TLS
+            cluster["transport_socket"] = sidecar_tls.transport_socket("http/1.1")
+        extra_clusters = _indent(yaml.safe_dump([cluster]), 2)
     template = string.Template((LOCAL_DIR / "envoy.yaml.tmpl").read_text())
     return template.substitute(
         admin_port=admin_port,

@@ -11,8 +11,9 @@ sidecar's CPU per request fall below Envoy's.
 Envoy's HTTP client sends one request at a time on a connection; requests that arrive pipelined
 are still answered in order. The path ``/health`` (outside ``CHECK_PREFIX``) answers 200 while
 serving and 503 while draining, for Envoy's health check; ``POST /settle`` is the Lua settle
-filter's (extproc/envoy/http_settle.py). Input that is not HTTP gets a 400 and
-the connection is closed; nothing a client sends can raise out of here.
+filter's (extproc/envoy/http_settle.py). With ``server.tls`` set, the port speaks TLS with the
+gRPC port's certificate, client CA and client names (``extproc.tls.HttpTls``). Input that is
+not HTTP gets a 400 and the connection is closed; nothing a client sends can raise out of here.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from extproc.admission import AdmissionRequest
 from extproc.envoy import replies
 from extproc.envoy.authz_service import AuthorizationService
 from extproc.envoy.http_settle import SETTLE_PATH, STATUS_HEADER, HttpSettle
+from extproc.tls import HttpTls
 
 log = logging.getLogger("extproc.authz.http")
 
@@ -61,6 +63,10 @@ class _Connection(asyncio.Protocol):
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tls = self._server.tls
+        if tls is not None and not tls.admits(transport.get_extra_info("peercert")):
+            transport.close()  # a certificate from the CA, but not of a client we serve
+            return
         self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
@@ -125,16 +131,23 @@ class _Connection(asyncio.Protocol):
 class HttpAuthorization:
     """The asyncio server: one ``_Connection`` per connection, decisions from ``authz``."""
 
-    def __init__(self, authz: AuthorizationService, settle: HttpSettle | None = None) -> None:
+    def __init__(
+        self,
+        authz: AuthorizationService,
+        settle: HttpSettle | None = None,
+        tls: HttpTls | None = None,
+    ) -> None:
         self._authz = authz
         self._settle = settle
+        self.tls = tls
         self._server: asyncio.AbstractServer | None = None
         self.serving = True
         self.port = 0
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), host, port)
+        context = self.tls.context() if self.tls is not None else None
+        self._server = await loop.create_server(lambda: _Connection(self), host, port, ssl=context)
         self.port = int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
