@@ -385,6 +385,8 @@ class Server:
             if settings.authz_http_port
             else None
         )
+        if self.http_authz is not None:
+            self.http_authz.hide_usage = sidecar.config.accounting.hide_injected_usage
         # so_reuseport off: a second server must fail to bind, not silently share the port.
         options: list[tuple[str, Any]] = [
             ("grpc.so_reuseport", 0),

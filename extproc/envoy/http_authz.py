@@ -140,6 +140,7 @@ class HttpAuthorization:
         self._authz = authz
         self._settle = settle
         self.tls = tls
+        self.hide_usage = False  # accounting.hide_injected_usage
         self._server: asyncio.AbstractServer | None = None
         self.serving = True
         self.port = 0
@@ -171,6 +172,8 @@ class HttpAuthorization:
         decision = await self._authz.decision(admission, path.split("?", 1)[0])
         try:
             # The normalized path names the model route.
-            return replies.http_reply(decision, decision.path, self._authz.policy)
+            return replies.http_reply(
+                decision, decision.path, self._authz.policy, hide_usage=self.hide_usage
+            )
         except Exception as exc:
             return replies.http_reply(self._authz.internal_error(exc), "")

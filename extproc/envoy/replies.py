@@ -337,8 +337,15 @@ def http_response(status: int, headers: Iterable[tuple[str, str]], body: bytes =
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-def http_reply(decision: Decision, path: str, policy: HeaderPolicy = TIERS) -> bytes:
-    """``check_response`` for ext_authz's HTTP service: 200 admits, any other status refuses."""
+HIDE_HEADER = "x-maas-hide-usage"  # into metadata: the settle filter drops the injected usage
+
+
+def http_reply(
+    decision: Decision, path: str, policy: HeaderPolicy = TIERS, *, hide_usage: bool = False
+) -> bytes:
+    """``check_response`` for ext_authz's HTTP service: 200 admits, any other status refuses.
+    ``hide_usage`` (``accounting.hide_injected_usage``) marks a rewritten stream for the `lean`
+    settle filter, which then removes the usage chunk the client did not ask for."""
     if not decision.allowed:
         status, _, _ = _TABLE[decision.outcome]
         return http_response(status, _refusal_pairs(decision), error_body(decision))
@@ -349,4 +356,6 @@ def http_reply(decision: Decision, path: str, policy: HeaderPolicy = TIERS) -> b
     billing = handover.Billing.from_decision(decision, path)
     if billing is not None:
         headers.append((handover.BILLING_HEADER, handover.to_text(billing)))
+        if hide_usage and billing.inject:
+            headers.append((HIDE_HEADER, "1"))
     return http_response(200, headers)

@@ -26,6 +26,10 @@ from tests.e2e.test_accesslog_layout import (
     test_totals_match_the_simulator_record,
     test_upstream_error_without_usage_is_not_charged,
 )
+from tests.e2e.test_accounting import (
+    test_client_that_leaves_mid_stream_is_charged_a_flagged_estimate,
+    test_hidden_injected_usage_never_reaches_the_client_but_is_charged,
+)
 from tests.e2e.test_gateway import (
     test_cors_preflight_is_not_refused_for_lack_of_a_token,
     test_no_token_gets_401_with_a_bearer_challenge,
@@ -38,8 +42,10 @@ __all__ = [
     "test_a_client_that_leaves_is_charged_a_flagged_estimate_within_its_reservation",
     "test_an_upstream_that_resets_mid_stream_is_charged_a_flagged_estimate",
     "test_anthropic_messages_json_and_stream",
+    "test_client_that_leaves_mid_stream_is_charged_a_flagged_estimate",
     "test_cors_preflight_is_not_refused_for_lack_of_a_token",
     "test_free_tier_over_its_token_limit_gets_429_with_retry_after",
+    "test_hidden_injected_usage_never_reaches_the_client_but_is_charged",
     "test_legacy_completions_stream_is_rewritten_too",
     "test_missing_usage_on_success_is_a_flagged_estimate",
     "test_models_route_passes_uncharged",
@@ -54,6 +60,14 @@ __all__ = [
     "test_user_without_a_tier_gets_403",
 ]
 # The stacks below are started per test: a module of its own would start the shared one too.
+
+
+@pytest.fixture(scope="module")
+def hiding_stack() -> Iterator[LocalStack]:
+    """Overrides test_accounting's: the settle filter drops the injected usage chunk."""
+    env = {"MAAS_EXTPROC_ACCOUNTING_HIDE_INJECTED_USAGE": "true"}
+    with LocalStack(topology="lean", env=env) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

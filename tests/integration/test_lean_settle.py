@@ -199,3 +199,39 @@ async def test_records_that_are_not_ours_are_skipped(server: Server) -> None:
     kind.value.string_value = "DownstreamPeriodic"
     await export(server, stray, periodic)
     assert await ledger_total(server, "m-periodic") == 0
+
+
+@pytest.fixture
+async def hiding_server() -> AsyncIterator[Server]:
+    port = free_port()
+    config = local_config(
+        {
+            "MAAS_EXTPROC_SERVER_AUTHZ_HTTP_PORT": str(port),
+            "MAAS_EXTPROC_ACCOUNTING_HIDE_INJECTED_USAGE": "true",
+        }
+    )
+    srv = Server(Sidecar.build(config), "127.0.0.1", 0)
+    await srv.start()
+    yield srv
+    await srv.stop(1)
+
+
+async def test_only_a_rewritten_stream_is_marked_for_hiding(hiding_server: Server) -> None:
+    """accounting.hide_injected_usage: the settle filter drops the usage chunk of the streams
+    admission rewrote (x-maas-hide-usage into metadata), never one the client asked for."""
+    rewritten = b'{"model": "m", "max_tokens": 8, "stream": true}'
+    asked = b'{"model": "m", "stream": true, "stream_options": {"include_usage": true}}'
+    (first, mark, _), (second, plain, _) = await exchange(
+        hiding_server, check(KEYS["premium"], rewritten), check(KEYS["premium"], asked)
+    )
+    assert (first, second) == (200, 200)
+    assert mark["x-maas-hide-usage"] == "1"
+    assert "x-maas-hide-usage" not in plain
+
+
+async def test_without_hiding_nothing_is_marked(server: Server) -> None:
+    body = b'{"model": "m", "max_tokens": 8, "stream": true}'
+    ((status, headers, _),) = await exchange(server, check(KEYS["premium"], body))
+    assert status == 200
+    assert headers["x-maas-inject"] == "1"
+    assert "x-maas-hide-usage" not in headers
