@@ -4,30 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
-from extproc.domain import Charge, Usage
+from extproc.accounting.pricing import BILLED_KINDS, MILLION, Prices, cost_micros
+from extproc.domain import Charge
 from extproc.limits.budgets import Budget
 from extproc.limits.periods import Period
 from extproc.store import keys
 from extproc.store.base import Adjustment, CounterState, WindowCounter
 
 _CACHE_SIZE = 50_000
-MILLION = 1_000_000
 
 
-class PricedKinds(Protocol):
-    """A model's prices: micro-units per million tokens of each token kind."""
-
-    def of(self, kind: str) -> int: ...
+# (model, plan) -> the prices that apply (``PriceBook.prices_for``), or None: not priced.
+PriceLookup = Callable[[str, str], Prices | None]
 
 
-# (model, plan) -> the prices that apply, or None when the model has none.
-PriceLookup = Callable[[str, str], PricedKinds | None]
-BILLED_KINDS = ("input", "cached_input", "cache_creation", "output", "reasoning")
-
-
-def cost_bound_micros(tokens: int, prices: PricedKinds) -> int:
+def cost_bound_micros(tokens: int, prices: Prices) -> int:
     """What ``tokens`` can cost at most: all of them at the model's dearest kind, rounded up."""
     dearest = max(prices.of(kind) for kind in BILLED_KINDS)
     return -(-tokens * dearest // MILLION)
@@ -112,20 +104,11 @@ class BudgetCounters:
         return None if prices is None else cost_bound_micros(tokens, prices)
 
     def actual_cost(self, charge: Charge, caller: Caller) -> int:
-        """The charge's cost in micro-units; 0 when its model has no prices."""
+        """The charge's cost in micro-units: as the Charger priced it, else from the prices."""
+        if charge.priced:
+            return charge.cost_micros
         prices = self._prices(caller.model, caller.plan)
-        return 0 if prices is None else _cost_micros(charge.usage, prices)
-
-
-def _cost_micros(usage: Usage, prices: PricedKinds) -> int:
-    """Stand-in for accounting.pricing.cost_micros until that lands (issue #16, h16-kinds):
-    every token at the input price except completion tokens at the output price."""
-    prompt = usage.prompt_tokens or 0
-    completion = usage.completion_tokens
-    if completion is None:
-        completion = max(0, usage.total() - prompt)
-    exact = prompt * prices.of("input") + completion * prices.of("output")
-    return -(-exact // MILLION)
+        return 0 if prices is None else cost_micros(charge.usage, prices)
 
 
 def period_of(counter: BudgetCounter, at_ms: int) -> Period:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis, RedisCluster
 
+from extproc.accounting.pricing import Prices
 from extproc.config import LimitsConfig, Secret, StoreConfig
 from extproc.domain import Charge, Limits, Usage
 from extproc.limits.alerts import BudgetAlerts
@@ -179,16 +180,6 @@ async def test_a_refusal_on_one_slot_takes_nothing_from_the_others(subject: Subj
     group = keys.period_key(keys.budget_key("team", "group", "eng"), "d20260601")
     if subject.raw is not None:
         assert int(await subject.raw.get(group)) == 550
-
-
-class Prices:
-    """Micro-units per million tokens, per kind (the shape accounting.pricing.Prices has)."""
-
-    def __init__(self, micros_per_million: dict[str, int]) -> None:
-        self._prices = micros_per_million
-
-    def of(self, kind: str) -> int:
-        return self._prices.get(kind, 0)
 
 
 async def test_a_cost_budget_reserves_at_the_dearest_kind_and_settles_the_actual_cost(
