@@ -14,13 +14,13 @@ from redis.asyncio import Redis, RedisCluster
 
 from extproc.accounting.pricing import Prices
 from extproc.config import LimitsConfig, Secret, StoreConfig
-from extproc.domain import Charge, Limits, Usage
+from extproc.domain import Charge, Limits, Rate, Usage
 from extproc.limits.alerts import BudgetAlerts
 from extproc.limits.budgets import AlertsConfig, parse_budgets
 from extproc.limits.limiter import Limiter, Verdict
 from extproc.observability.metrics import Metrics
 from extproc.store import keys
-from extproc.store.base import CounterStore
+from extproc.store.base import Attribution, CounterStore
 from extproc.store.memory import MemoryStore
 from extproc.store.redis import RedisStore
 from tests.helpers import Clock
@@ -252,3 +252,37 @@ async def test_without_budgets_an_admission_is_one_script_call_as_before(
     assert calls == {"cmdstat_evalsha": 1} | {f"cmdstat_{k}": v for k, v in inside.items()}
     await store.close()
     await raw.aclose()
+
+
+async def test_a_settle_replayed_lands_once_on_every_slot(subject: Subject) -> None:
+    team = {"name": "team", "scope": "group", "groups": ["eng"], "limit": 1000, "period": "day"}
+    clock = Clock(ms("2026-06-01T08:00:00+00:00"))
+    limiter = Limiter(subject.store, limits(team, tokens=10_000), clock)
+    first = await limiter.admit("alice", "free", MODEL, 500, request_id="j1", groups=("eng",))
+    settled = charge("alice", first, 100, "j1")
+    assert await limiter.settle(settled)
+    assert not await limiter.settle(settled)  # a replay: applied already
+    probe = await limiter.admit("bob", "free", MODEL, 0, request_id="j2", groups=("eng",))
+    assert (probe.kind, probe.remaining) == ("budget", 1000 - 100)
+
+
+async def test_an_organization_budget_is_shared_by_its_subscriptions(subject: Subject) -> None:
+    org = {"name": "org-month", "scope": "organization", "limit": 300, "period": "month"}
+    rates = (Rate(10_000, 60),)
+    clock = Clock(ms("2026-06-01T08:00:00+00:00"))
+    limiter = Limiter(subject.store, limits(org), clock)
+    first = Attribution("ns/gold", "key-a", "org-42", "cc")
+    other = Attribution("ns/silver", "key-b", "org-42", "cc")
+    elsewhere = Attribution("ns/silver", "key-c", "org-7", "cc")
+    admitted = await limiter.admit(
+        "alice", "ns/gold", MODEL, 300, rates=rates, attribution=first, request_id="k1"
+    )
+    assert admitted.allowed
+    refused = await limiter.admit(
+        "bob", "ns/silver", MODEL, 10, rates=rates, attribution=other, request_id="k2"
+    )
+    assert (refused.allowed, refused.budget) == (False, "org-month")
+    fine = await limiter.admit(
+        "bob", "ns/silver", MODEL, 10, rates=rates, attribution=elsewhere, request_id="k3"
+    )
+    assert fine.allowed
