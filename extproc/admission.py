@@ -334,7 +334,12 @@ class Admission:
             log.warning("counter store unavailable: admitting without a reservation")
             # The admission may still run late (a timeout, not a refusal): the settle releases
             # its hold if it did, and a late one after the settle is void (store/lua/admit.lua).
-            verdict = Verdict(allowed=True, reserved_tokens=reserve, admitted_ms=now)
+            verdict = Verdict(
+                allowed=True,
+                reserved_tokens=reserve,
+                admitted_ms=now,
+                budget_groups=self._limiter.budget_groups(identity.groups),
+            )
         if not verdict.allowed:
             outcome = _REFUSALS.get(verdict.kind, Outcome.RATE_LIMITED)
             reason = f"{verdict.kind} limit of {verdict.limit} exceeded"

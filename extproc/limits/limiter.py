@@ -242,7 +242,7 @@ class Limiter:
                 "" if rates is not None else tier,
                 tier if rates is not None else "",
                 model,
-                self._budgets.budget_groups(budgets, groups),
+                self.budget_groups(groups),
                 attribution.organization_id,
             )
             spent, budget_counters = self._budget_counters(caller, reserve, now)
@@ -293,6 +293,11 @@ class Limiter:
             budgets_held=bool(spent),
             budget_groups=caller.groups if caller is not None else (),
         )
+
+    def budget_groups(self, groups: tuple[str, ...]) -> tuple[str, ...]:
+        """The caller's groups that some group budget names (the settle's way to its counters)."""
+        budgets = self._config.budgets
+        return self._budgets.budget_groups(budgets, groups) if budgets else ()
 
     def _budget_counters(
         self, caller: Caller, reserve: int, now: int
