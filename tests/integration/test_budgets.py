@@ -286,3 +286,21 @@ async def test_an_organization_budget_is_shared_by_its_subscriptions(subject: Su
         "bob", "ns/silver", MODEL, 10, rates=rates, attribution=elsewhere, request_id="k3"
     )
     assert fine.allowed
+
+
+async def test_a_shadow_budget_alone_settles_its_reservation(subject: Subject) -> None:
+    shadow = {"name": "trial", "limit": 100, "period": "day", "mode": "shadow"}
+    clock = Clock(ms("2026-06-01T08:00:00+00:00"))
+    metrics = Metrics()
+    alerts = BudgetAlerts(subject.store, metrics, AlertsConfig(), clock)
+    limiter = Limiter(subject.store, limits(shadow), clock, events=alerts)  # no window at all
+    first = await limiter.admit("alice", "free", MODEL, 80, request_id="l1")
+    assert first.budgets_held
+    assert await limiter.settle(charge("alice", first, 10, "l1"))
+    for number in range(2):  # 10 -> 90 -> 170: neither found it spent
+        assert (
+            await limiter.admit("alice", "free", MODEL, 80, request_id=f"l{number + 2}")
+        ).allowed
+    would = metrics.registry.get_sample_value("maas_budget_would_refuse_total", {"budget": "trial"})
+    assert would is None
+    await alerts.close()
