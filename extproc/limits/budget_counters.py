@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from extproc.accounting.pricing import BILLED_KINDS, MILLION, Prices, cost_micros
+from extproc.accounting.pricing import (
+    BILLED_KINDS,
+    MILLION,
+    NO_PRICES,
+    PriceBook,
+    Prices,
+    cost_micros,
+)
 from extproc.domain import Charge
 from extproc.limits.budgets import Budget
 from extproc.limits.periods import Period
@@ -13,10 +20,6 @@ from extproc.store import keys
 from extproc.store.base import Adjustment, CounterState, WindowCounter
 
 _CACHE_SIZE = 50_000
-
-
-# (model, plan) -> the prices that apply (``PriceBook.prices_for``), or None: not priced.
-PriceLookup = Callable[[str, str], Prices | None]
 
 
 def cost_bound_micros(tokens: int, prices: Prices) -> int:
@@ -44,6 +47,7 @@ class Caller:
     model: str
     groups: tuple[str, ...] = ()  # the caller's groups that some group budget names
     organization: str = ""
+    billing_rate: int | None = None  # subscriptions: billingRate.perToken, micros per million
 
     @property
     def plan(self) -> str:
@@ -66,8 +70,8 @@ def _subjects(budget: Budget, caller: Caller) -> tuple[str, ...]:
 class BudgetCounters:
     """The budgets of a caller, cached per caller for one set of budgets."""
 
-    def __init__(self, prices: PriceLookup | None = None) -> None:
-        self._prices = prices or (lambda _model, _plan: None)
+    def __init__(self, prices: PriceBook = NO_PRICES) -> None:
+        self._book = prices
         self._cache: dict[Caller, tuple[BudgetCounter, ...]] = {}
         self._cached_for: tuple[Budget, ...] = ()
 
@@ -100,15 +104,20 @@ class BudgetCounters:
             return tokens
         if budget.unit == "requests":
             return 1
-        prices = self._prices(caller.model, caller.plan)
+        prices = self._prices(caller)
         return None if prices is None else cost_bound_micros(tokens, prices)
 
     def actual_cost(self, charge: Charge, caller: Caller) -> int:
         """The charge's cost in micro-units: as the Charger priced it, else from the prices."""
         if charge.priced:
             return charge.cost_micros
-        prices = self._prices(caller.model, caller.plan)
+        prices = self._prices(caller)
         return 0 if prices is None else cost_micros(charge.usage, prices)
+
+    def _prices(self, caller: Caller) -> Prices | None:
+        """The prices that apply, as the Charger finds them (``accounting.pricing.priced``)."""
+        rate = None if caller.billing_rate is None else Prices.flat(caller.billing_rate)
+        return self._book.prices_for(caller.model or "unknown", caller.plan, rate)
 
 
 def period_of(counter: BudgetCounter, at_ms: int) -> Period:

@@ -6,10 +6,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from extproc.accounting.pricing import NO_PRICES, PriceBook
 from extproc.config import LimitsConfig
 from extproc.domain import Charge, Limits, Rate
 from extproc.limits import budget_counters, windows
-from extproc.limits.budget_counters import BudgetCounter, BudgetCounters, Caller, PriceLookup
+from extproc.limits.budget_counters import BudgetCounter, BudgetCounters, Caller
 from extproc.store import keys, ledger
 from extproc.store.base import (
     NO_ATTRIBUTION,
@@ -83,7 +84,7 @@ class Limiter:
         config: LimitsConfig | LimitsProvider,
         clock_ms: Callable[[], int],
         *,
-        prices: PriceLookup | None = None,
+        prices: PriceBook = NO_PRICES,
         events: BudgetEvents | None = None,
     ) -> None:
         self._store = store

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis, RedisCluster
 
-from extproc.accounting.pricing import Prices
+from extproc.accounting.pricing import ModelPrices, PriceBook, Prices
 from extproc.config import LimitsConfig, Secret, StoreConfig
 from extproc.domain import Charge, Limits, Rate, Usage
 from extproc.limits.alerts import BudgetAlerts
@@ -186,17 +186,20 @@ async def test_a_cost_budget_reserves_at_the_dearest_kind_and_settles_the_actual
     subject: Subject,
 ) -> None:
     cost = {"name": "spend", "unit": "cost", "limit": 10_000, "period": "month"}
-    priced = {MODEL: Prices({"input": 1_000_000, "output": 4_000_000})}  # 1 and 4 per token
+    book = PriceBook({MODEL: ModelPrices(Prices({"input": 1_000_000, "output": 4_000_000}))})
     clock = Clock(ms("2026-06-01T08:00:00+00:00"))
-    limiter = Limiter(
-        subject.store, limits(cost), clock, prices=lambda model, _plan: priced.get(model)
-    )
+    limiter = Limiter(subject.store, limits(cost), clock, prices=book)
     first = await limiter.admit("alice", "free", MODEL, 2000, request_id="f1")
     assert (first.allowed, first.remaining) == (True, 10_000 - 8000)  # 2000 at 4 each
     used = Usage(prompt_tokens=1000, completion_tokens=500, total_tokens=1500)
     assert await limiter.settle(dataclasses.replace(charge("alice", first, 0, "f1"), usage=used))
     second = await limiter.admit("alice", "free", MODEL, 1000, request_id="f2")
     assert (second.allowed, second.remaining) == (True, 10_000 - 3000 - 4000)
+    # The Charger priced this one (Charge.cost_micros): the budget takes its figure.
+    charged = dataclasses.replace(charge("alice", second, 0, "f2"), cost_micros=500, priced=True)
+    assert await limiter.settle(charged)
+    probe = await limiter.admit("alice", "free", MODEL, 0, request_id="f4")
+    assert probe.remaining == 10_000 - 3000 - 500
     unpriced = await limiter.admit("alice", "free", "other-model", 10**6, request_id="f3")
     assert unpriced.allowed
     assert not unpriced.budgets_held
