@@ -21,6 +21,7 @@ from extproc.limits.limiter import Limiter, Verdict
 from extproc.observability.metrics import Metrics
 from extproc.store import keys
 from extproc.store.base import Attribution, CounterStore
+from extproc.store.ledger import day_of
 from extproc.store.memory import MemoryStore
 from extproc.store.redis import RedisStore
 from tests.helpers import Clock
@@ -169,6 +170,8 @@ async def test_a_refusal_on_one_slot_takes_nothing_from_the_others(subject: Subj
     # ... now at 550 the group refuses; alice's own window must not keep this reservation.
     refused = await limiter.admit("alice", "free", MODEL, 300, request_id="e2", groups=("eng",))
     assert (refused.allowed, refused.budget) == (False, "team")
+    rows = await subject.store.ledger("alice", [day_of(clock())])
+    assert sum(row.unsettled_tokens for row in rows) == 100  # e2's hold went back too
     own = await limiter.admit("alice", "free", MODEL, 0, request_id="e3")
     assert own.allowed
     assert (own.kind, own.remaining) == ("tokens", 1000 - 100)
