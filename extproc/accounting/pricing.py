@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from extproc.domain import Usage
+from extproc.domain import Charge, Usage
 
 BILLED_KINDS = ("input", "cached_input", "cache_creation", "output", "reasoning")
 # A kind without a price of its own costs what its parent kind costs.
@@ -112,8 +112,8 @@ class Prices:
 
     @classmethod
     def flat(cls, micros_per_million: int) -> Prices:
-        """One price for every kind."""
-        return cls(dict.fromkeys(BILLED_KINDS, checked_price(micros_per_million)))
+        """One price for every kind (never raises: check it first, ``checked_price``)."""
+        return cls(dict.fromkeys(BILLED_KINDS, micros_per_million))
 
     @classmethod
     def parse_per_token(cls, text: str) -> Prices:
@@ -130,10 +130,15 @@ class Prices:
             if kind not in BILLED_KINDS:
                 raise ValueError(f"{kind}: not one of {', '.join(BILLED_KINDS)}")
             try:
-                parsed[kind] = checked_price(decimal_units(text, 6))
+                parsed[kind] = per_million_micros(text)
             except ValueError as exc:
                 raise ValueError(f"{kind}: {exc}") from None
         return cls(parsed)
+
+
+def per_million_micros(text: str) -> int:
+    """A decimal price per million tokens as micro-units per million (``"2.50"`` -> 2500000)."""
+    return checked_price(decimal_units(text, 6))
 
 
 def per_token_micros(text: str) -> int:
@@ -180,3 +185,18 @@ class PriceBook:
 
 
 NO_PRICES = PriceBook()
+
+
+def priced(charge: Charge, book: PriceBook) -> Charge:
+    """``charge`` with its cost, when a price applies (``PriceBook.prices_for``); else as it is.
+
+    The subscription era's ``billingRate.perToken`` comes with the charge (``billing_rate``);
+    the model is the one the ledger books (``"unknown"`` when the request named none).
+    """
+    rate = charge.billing_rate
+    prices = book.prices_for(
+        charge.model or "unknown", charge.plan, None if rate is None else Prices.flat(rate)
+    )
+    if prices is None:
+        return charge
+    return replace(charge, cost_micros=cost_micros(charge.usage, prices), priced=True)
