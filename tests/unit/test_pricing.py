@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -241,3 +243,15 @@ def test_a_charge_is_priced_by_model_plan_and_billing_rate() -> None:
     # A charge that names no model is booked (and priced) as "unknown".
     unknown = PriceBook({"unknown": ModelPrices(Prices.flat(10**6))})
     assert pricing.priced(Charge("u", "free", "", usage), unknown).cost_micros == 1100
+
+
+def test_the_readme_example_is_true() -> None:
+    """README "Token kinds and cost": its pricing block parses, and its worked example holds."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Token kinds and cost", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    book = config.parse(yaml.safe_load(block), serving=False).pricing
+    usage = Usage(1000, 300, 1300, cached_tokens=800, reasoning_tokens=100)
+    charge = pricing.priced(Charge("u", "free", "granite-3-8b", usage), book)
+    assert (charge.cost_micros, charge.priced) == (5340, True)
+    assert "5,340 micro-units (0.00534)" in " ".join(section.split())
