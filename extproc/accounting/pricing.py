@@ -41,9 +41,14 @@ _DECIMAL = re.compile(r"([0-9]+)(?:\.([0-9]+))?\Z")
 def split(usage: Usage) -> dict[str, int]:
     """The disjoint token counts of ``BILLED_KINDS`` (see the module docstring); they sum to the
     prompt plus the completion."""
+    return dict(zip(BILLED_KINDS, _parts(usage), strict=True))
+
+
+def _parts(usage: Usage) -> tuple[int, int, int, int, int]:
+    """``split``'s counts in ``BILLED_KINDS`` order (no dict: it runs on every priced charge)."""
     prompt, completion = usage.prompt_tokens, usage.completion_tokens
     if prompt is None and completion is None:
-        return {**dict.fromkeys(BILLED_KINDS, 0), "input": usage.total()}
+        return usage.total(), 0, 0, 0, 0
     if completion is None:
         completion = max(0, usage.total() - (prompt or 0))
     if prompt is None:
@@ -51,13 +56,7 @@ def split(usage: Usage) -> dict[str, int]:
     cached = min(usage.cached_tokens or 0, prompt)
     written = min(usage.cache_creation_tokens or 0, prompt - cached)
     reasoning = min(usage.reasoning_tokens or 0, completion)
-    return {
-        "input": prompt - cached - written,
-        "cached_input": cached,
-        "cache_creation": written,
-        "output": completion - reasoning,
-        "reasoning": reasoning,
-    }
+    return prompt - cached - written, cached, written, completion - reasoning, reasoning
 
 
 def decimal_units(text: str, decimals: int) -> int:
@@ -98,6 +97,11 @@ class Prices:
     """
 
     micros_per_million: Mapping[str, int] = field(default_factory=dict)
+    # Every kind's price after the fallbacks, in BILLED_KINDS order (worked out once).
+    in_order: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "in_order", tuple(self.of(kind) for kind in BILLED_KINDS))
 
     def of(self, kind: str) -> int:
         """The price of one kind, after the fallbacks."""
@@ -148,7 +152,7 @@ def per_token_micros(text: str) -> int:
 
 def cost_micros(usage: Usage, prices: Prices) -> int:
     """The cost of one response: exact integer sum over the kinds, rounded up to a micro-unit."""
-    exact = sum(tokens * prices.of(kind) for kind, tokens in split(usage).items())
+    exact = sum(n * price for n, price in zip(_parts(usage), prices.in_order, strict=True))
     return -(-exact // MILLION)
 
 
