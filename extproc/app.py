@@ -401,7 +401,11 @@ class Server:
         self.http_authz = (
             HttpAuthorization(
                 sidecar.authz,
-                HttpSettle(sidecar.charger, max_count=sidecar.config.limits.max_request_tokens),
+                HttpSettle(
+                    sidecar.charger,
+                    max_count=sidecar.config.limits.max_request_tokens,
+                    config=sidecar.config.accounting,
+                ),
                 tls.HttpTls.from_config(sidecar.config),
             )
             if settings.authz_http_port

@@ -27,7 +27,7 @@ import httptools
 from extproc.admission import AdmissionRequest
 from extproc.envoy import replies
 from extproc.envoy.authz_service import AuthorizationService
-from extproc.envoy.http_settle import SETTLE_PATH, STATUS_HEADER, HttpSettle
+from extproc.envoy.http_settle import BYTES_HEADER, SETTLE_PATH, STATUS_HEADER, HttpSettle
 from extproc.tls import HttpTls
 
 log = logging.getLogger("extproc.authz.http")
@@ -165,7 +165,8 @@ class HttpAuthorization:
                 return _SERVING if self.serving else _DRAINING
             if target == SETTLE_PATH and request.method == "POST" and self._settle is not None:
                 status = request.headers.get(STATUS_HEADER, "")
-                return await self._settle.answer(status, bytes(request.body))
+                sent = request.headers.get(BYTES_HEADER, "")
+                return await self._settle.answer(status, bytes(request.body), sent)
             return replies.http_response(404, [])
         path = target[len(CHECK_PREFIX) :] or "/"
         admission = AdmissionRequest(request.method, path, request.headers, bytes(request.body))

@@ -10,12 +10,16 @@ usage Envoy read is charged before the client has all of it, as ``full`` charges
 
 The body is two lines: the billing record exactly as ext_authz's reply left it in metadata
 (``x-maas-billing``, handover.to_text) and the ``maas.usage`` namespace as JSON (written by
-sse_to_metadata / json_to_metadata); ``x-maas-status`` holds the response's status.
+sse_to_metadata / json_to_metadata; empty when none was read); ``x-maas-status`` holds the
+response's status, and ``x-maas-bytes`` the body's size for a response that is not a stream (the
+filter counts it: json_to_metadata hands a JSON body on in one chunk or a few).
 
 Answers: ``200`` once the charge is settled (or ``accounting.settle_wait_s`` has passed, as in
 ``full``); the filter then marks the request ``maas.settled`` and the access log leaves it out.
-``204`` when the usage read is not a reported total (missing, partial, untrusted): not settled
-here, so the access log's entry charges it with the body bytes sent, as before. ``400`` for a
+With the body's size, every response is charged here, as the access log would charge it
+(``access_log.finished``: reported, estimated, untrusted, nothing for an error). Without it (a
+stream), ``204`` when the usage read is not a reported total: not settled here, so the access
+log's entry charges it with the bytes sent and the stream's sample. ``400`` for a
 body that is not ours. A response cut short never reaches the end the filter waits for: the
 access log charges it.
 """
@@ -27,14 +31,16 @@ import logging
 
 from extproc.accounting import envoy_usage
 from extproc.charger import Charger
-from extproc.config import DEFAULT_MAX_REQUEST_TOKENS
+from extproc.config import DEFAULT_MAX_REQUEST_TOKENS, AccountingConfig
 from extproc.envoy import handover
+from extproc.envoy.access_log import finished
 from extproc.envoy.replies import http_response
 
 log = logging.getLogger("extproc.settle")
 
 SETTLE_PATH = "/settle"
 STATUS_HEADER = "x-maas-status"
+BYTES_HEADER = "x-maas-bytes"
 _SETTLED = http_response(200, [])
 _NOT_HERE = http_response(204, [])
 _NOT_OURS = http_response(400, [])
@@ -47,11 +53,13 @@ class HttpSettle:
         self,
         charger: Charger,
         max_count: int = DEFAULT_MAX_REQUEST_TOKENS,
+        config: AccountingConfig | None = None,
     ) -> None:
         self._charger = charger
         self._max_count = max_count
+        self._config = config or AccountingConfig()
 
-    async def answer(self, status: str, body: bytes) -> bytes:
+    async def answer(self, status: str, body: bytes, sent: str = "") -> bytes:
         billing_text, _, usage_text = body.decode("ascii", "replace").partition("\n")
         billing = handover.from_text(billing_text)
         if billing is None or not status.isdigit() or len(status) != 3:
@@ -62,6 +70,19 @@ class HttpSettle:
             return _NOT_HERE  # unreadable here: the access log charges it
         if not isinstance(fields, dict):
             return _NOT_HERE
+        if sent.isdigit() and sent.isascii() and len(sent) < 20:  # a body: charged here, whatever
+            charge = finished(
+                billing,
+                lambda: fields,
+                status=int(status),
+                body_bytes=int(sent),
+                disconnected=False,
+                config=self._config,
+                max_count=self._max_count,
+                broken=self._broken,
+            )
+            await self._charger.charge(charge)
+            return _SETTLED
         try:
             usage = envoy_usage.usage_of(billing.path, fields, self._max_count)
         except Exception as exc:  # a bug of ours: the access log charges it instead
@@ -73,3 +94,6 @@ class HttpSettle:
             return _NOT_HERE
         await self._charger.charge(billing.charge(usage, int(status)))
         return _SETTLED
+
+    def _broken(self, exc: Exception) -> None:
+        log.error("settle: usage unreadable: %s: charged as without usage", type(exc).__name__)

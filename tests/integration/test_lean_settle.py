@@ -46,12 +46,13 @@ async def admitted(server: Server, model: str) -> str:
     return headers[handover.BILLING_HEADER]
 
 
-def settle(billing: str, usage: str, status: str = "200") -> bytes:
-    """``POST /settle`` as the Lua filter sends it."""
+def settle(billing: str, usage: str, status: str = "200", sent: str = "") -> bytes:
+    """``POST /settle`` as the Lua filter sends it (``sent``: a body's size, not a stream's)."""
     body = f"{billing}\n{usage}".encode()
+    size = f"x-maas-bytes: {sent}\r\n" if sent else ""
     head = (
         "POST /settle HTTP/1.1\r\nhost: maas-extproc-authz\r\n"
-        f"x-maas-status: {status}\r\ncontent-length: {len(body)}\r\n\r\n"
+        f"x-maas-status: {status}\r\n{size}content-length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
 
@@ -94,6 +95,25 @@ async def test_what_is_not_a_reported_total_is_left_to_the_access_log(
     ((status, _, _),) = await exchange(server, settle(billing, usage))
     assert status == 204
     assert await ledger_total(server, "m-later") == 0
+
+
+@pytest.mark.parametrize(
+    ("usage", "status", "charged"),
+    [
+        ("", "200", 8),  # none read: 400 bytes estimated, cut to the reservation
+        ('{"total_tokens":-5}', "200", 8),  # untrusted: the capped estimate
+        ("", "500", 0),  # an upstream error without usage costs nothing
+        ('{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}', "200", 3),
+    ],
+)
+async def test_a_body_with_its_size_is_always_charged_here(
+    server: Server, usage: str, status: str, charged: int
+) -> None:
+    """Not a stream: the filter counted the body, so the estimate needs no access log."""
+    billing = await admitted(server, f"m-body-{status}-{len(usage)}")
+    ((answer, _, _),) = await exchange(server, settle(billing, usage, status, sent="400"))
+    assert answer == 200
+    assert await ledger_total(server, f"m-body-{status}-{len(usage)}") == charged
 
 
 @pytest.mark.parametrize(
