@@ -18,6 +18,7 @@ DASHBOARDS = Path(__file__).resolve().parents[2] / "deploy" / "dashboards"
 _PROMQL_WORDS = {
     "sum", "by", "rate", "increase", "histogram_quantile", "max", "min", "avg", "or", "and",
     "unless", "vector", "ignoring", "on", "group_left", "group_right", "without", "count",
+    "topk", "sort_desc",
 }  # fmt: skip
 
 
@@ -58,7 +59,7 @@ def exported_names() -> set[str]:
     limited = Decision(Outcome.TOKEN_LIMITED, identity=identity, tier=tier, limit_kind="tokens")
     metrics.decided(limited, 0.001)
     usage = Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3, estimated=True)
-    metrics.charged(Charge("alice", "free", "m", usage, disconnected=True))
+    metrics.charged(Charge("alice", "free", "m", usage, disconnected=True, priced=True))
     metrics.stream_seconds.observe(0.1)
     metrics.store_errors.labels("admit").inc()
     metrics.store_seconds.labels("admit").observe(0.001)
