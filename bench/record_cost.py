@@ -1,7 +1,7 @@
 """CPU per settled charge of the metrics recording (issue #16): ``python -m bench.record_cost``.
 
 In process, no sockets: ``Metrics.charged`` with its token-kind and cost part, that part alone,
-``GenAiTelemetry.submit`` (the gen_ai running totals), and for comparison the same seven
+``GenAiTelemetry.submit`` (the gen_ai running totals), and for comparison the same eight
 measurements through the OpenTelemetry SDK's own instruments. Best of ``--repeat`` runs of
 ``--number`` calls each, timed in this process's CPU time (the machine is shared: wall time
 would count the waits for a core; the minimum is the least disturbed run).
@@ -27,12 +27,19 @@ USAGE = Usage(
     prompt_tokens=100, completion_tokens=50, total_tokens=150, cached_tokens=30, reasoning_tokens=20
 )
 CHARGE = Charge(
-    "alice", "free", "m", USAGE, path="/v1/chat/completions", cost_micros=5, priced=True
+    "alice",
+    "free",
+    "m",
+    USAGE,
+    path="/v1/chat/completions",
+    cost_micros=5,
+    priced=True,
+    duration_ms=1500,
 )
 
 
 def sdk_instruments() -> Callable[[], None]:
-    """The gen_ai measurements of one charge through the SDK's synchronous instruments."""
+    """The eight gen_ai measurements of one charge through the SDK's synchronous instruments."""
     meter = MeterProvider(metric_readers=[InMemoryMetricReader()]).get_meter("bench")
     histogram = meter.create_histogram(
         "gen_ai.client.token.usage",
@@ -40,6 +47,7 @@ def sdk_instruments() -> Callable[[], None]:
         explicit_bucket_boundaries_advisory=TOKEN_BUCKETS,
     )
     counters = [meter.create_counter(name, unit="{token}") for name, _, _ in USAGE_COUNTERS]
+    duration = meter.create_histogram("gen_ai.server.request.duration", unit="s")
     common = {
         "gen_ai.operation.name": "chat",
         "gen_ai.provider.name": "openai",
@@ -56,6 +64,7 @@ def sdk_instruments() -> Callable[[], None]:
         for counter, amount in zip(counters, amounts, strict=True):
             if amount:
                 counter.add(amount, usage_attributes)
+        duration.record(1.5, common)
 
     return record
 

@@ -89,7 +89,9 @@ class Billing:
             rate_windows=tuple(rate.window_s for rate in plan.rates),
         )
 
-    def charge(self, usage: Usage, status: int, *, disconnected: bool = False) -> Charge:
+    def charge(
+        self, usage: Usage, status: int, *, disconnected: bool = False, duration_ms: int = 0
+    ) -> Charge:
         """The charge of this request's response: ``usage`` in place of the reservation."""
         return Charge(
             userid=self.userid,
@@ -109,6 +111,7 @@ class Billing:
             organization_id=self.organization_id,
             cost_center=self.cost_center,
             rate_windows=self.rate_windows,
+            duration_ms=duration_ms,
         )
 
 

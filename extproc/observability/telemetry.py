@@ -14,6 +14,10 @@ Names, units, buckets and attributes follow the GenAI semantic conventions
   cache_write.input_tokens, reasoning.output_tokens}`` (monotonic counters, ``{token}``): the
   newer per-kind usage counters, the last three subsets of the first two: where the token kinds
   live. ``gen_ai.token.modality`` is ``unknown``: no schema read here splits usage by modality.
+- ``gen_ai.server.request.duration`` (histogram, ``s``, the semconv's buckets): from the
+  request's headers to the response's last byte as the gateway saw it (``Charge.duration_ms``),
+  with ``error.type`` for a failed one; the gateway is the server its clients call (as Envoy AI
+  Gateway records this metric). Charges whose duration was not measured are left out.
 
 Attributes: ``gen_ai.operation.name`` and ``gen_ai.provider.name`` from the API schema of the
 path, ``gen_ai.request.model`` the bounded ``model`` label of the Prometheus metrics
@@ -21,7 +25,7 @@ path, ``gen_ai.request.model`` the bounded ``model`` label of the Prometheus met
 ``maas.subscription``. The response model and the server address are not known to the sidecar.
 
 Why the running totals are kept here and not in the SDK's instruments: an SDK ``record`` or
-``add`` validates and hashes its attributes on every call, 7-15 µs each (seven per charge); the
+``add`` validates and hashes its attributes on every call, 7-15 µs each (eight per charge); the
 totals below cost a dictionary lookup and a few additions per charge. They are handed to the
 SDK's own OTLP exporter, as the SDK's own data-model objects, from a thread of its own: nothing
 is exported on the request path.
@@ -44,7 +48,7 @@ from extproc.domain import Charge
 from extproc.observability.model_labels import ModelLabels
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.metrics.export import MetricExporter, MetricsData
+    from opentelemetry.sdk.metrics.export import HistogramDataPoint, MetricExporter, MetricsData
     from opentelemetry.sdk.resources import Resource
 
 log = logging.getLogger("extproc.telemetry")
@@ -97,6 +101,11 @@ USAGE_COUNTERS = (
     ),
 )
 TOKEN_TYPES = ("input", "output")
+REQUEST_DURATION = "gen_ai.server.request.duration"
+# gen-ai-metrics.md, gen_ai.server.request.duration: "SHOULD be specified with ExplicitBucketBoundaries"
+DURATION_BUCKETS = (
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+)  # fmt: skip
 MAX_SERIES = 2000  # attribute sets kept (the SDK's default cardinality limit); then "overflow"
 _OVERFLOW = ("", "", "", "")  # the key of the overflow attribute set
 
@@ -110,28 +119,62 @@ def operation_of(path: str) -> tuple[str, str]:
     return OTHER_OPERATION
 
 
-class _Series:
-    """The running totals of one attribute set: two histograms and the usage counters."""
+class _Histogram:
+    """Explicit-bucket histogram totals (OTLP's: a bucket holds (bounds[i-1], bounds[i]])."""
 
-    __slots__ = ("buckets", "count", "counters", "max", "min", "start_ns", "sum")
+    __slots__ = ("bounds", "buckets", "count", "max", "min", "start_ns", "sum")
+
+    def __init__(self, bounds: tuple[float, ...], start_ns: int) -> None:
+        self.bounds = bounds
+        self.start_ns = start_ns
+        self.count = 0
+        self.sum: float = 0
+        self.min: float = 0
+        self.max: float = 0
+        self.buckets = [0] * (len(bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        if self.count:
+            self.min, self.max = min(self.min, value), max(self.max, value)
+        else:
+            self.min = self.max = value
+        self.count += 1
+        self.sum += value
+        self.buckets[bisect.bisect_left(self.bounds, value)] += 1
+
+    def point(self, attributes: dict[str, Any], now_ns: int) -> HistogramDataPoint:
+        from opentelemetry.sdk.metrics.export import HistogramDataPoint
+
+        return HistogramDataPoint(
+            attributes=attributes,
+            start_time_unix_nano=self.start_ns,
+            time_unix_nano=now_ns,
+            count=self.count,
+            sum=self.sum,
+            bucket_counts=list(self.buckets),
+            explicit_bounds=self.bounds,
+            min=self.min,
+            max=self.max,
+        )
+
+
+class _Tokens:
+    """The token totals of one attribute set: a histogram per token type, the usage counters."""
+
+    __slots__ = ("by_type", "counters", "start_ns")
 
     def __init__(self, start_ns: int) -> None:
         self.start_ns = start_ns
-        self.count = [0, 0]  # per TOKEN_TYPES
-        self.sum = [0, 0]
-        self.min = [0, 0]
-        self.max = [0, 0]
-        self.buckets = [[0] * (len(TOKEN_BUCKETS) + 1) for _ in TOKEN_TYPES]
+        self.by_type = tuple(_Histogram(TOKEN_BUCKETS, start_ns) for _ in TOKEN_TYPES)
         self.counters = [0] * len(USAGE_COUNTERS)
 
-    def observe(self, index: int, value: int) -> None:
-        count = self.count[index]
-        self.min[index] = value if not count else min(self.min[index], value)
-        self.max[index] = value if not count else max(self.max[index], value)
-        self.count[index] = count + 1
-        self.sum[index] += value
-        # Explicit buckets are upper-inclusive: (b[i-1], b[i]].
-        self.buckets[index][bisect.bisect_left(TOKEN_BUCKETS, value)] += 1
+
+def error_type(charge: Charge) -> str:
+    """``error.type`` of a charge: the upstream's 4xx/5xx status, ``_OTHER`` for a stream that
+    ended before any response headers, "" for a success."""
+    if 400 <= charge.status <= 599:
+        return str(charge.status)
+    return "_OTHER" if charge.status == 0 else ""
 
 
 class GenAiTelemetry:
@@ -157,7 +200,8 @@ class GenAiTelemetry:
         self._timeout_s = timeout_s
         self._clock_ns = clock_ns
         self._lock = threading.Lock()
-        self._series: dict[tuple[str, str, str, str], _Series] = {}
+        self._tokens: dict[tuple[str, ...], _Tokens] = {}
+        self._durations: dict[tuple[str, ...], _Histogram] = {}
         self._stop = threading.Event()
         self._export_lock = threading.Lock()  # one export at a time (the thread, a flush)
         self._thread: threading.Thread | None = None
@@ -167,8 +211,7 @@ class GenAiTelemetry:
     # --- the settle path --------------------------------------------------------------------
 
     def submit(self, charge: Charge) -> None:
-        """Add ``charge`` to the totals; one without usage (none reported or estimated) is left
-        out ("Otherwise it MUST NOT report usage metric"). Never raises."""
+        """Add ``charge`` to the totals. Never raises."""
         try:
             self._record(charge)
         except Exception as exc:  # telemetry must never cost a settle its Kuadrant report
@@ -178,38 +221,52 @@ class GenAiTelemetry:
 
     def _record(self, charge: Charge) -> None:
         usage = charge.usage
-        if not (usage.reported or usage.estimated):
-            return
         model = self._models.label(charge.model, charge.path, subscribed=bool(charge.subscription))
-        kinds = split(usage)
-        tokens_in = kinds["input"] + kinds["cached_input"] + kinds["cache_creation"]
-        tokens_out = kinds["output"] + kinds["reasoning"]
         key = (*operation_of(charge.path), model, charge.plan)  # the path itself is unbounded
         with self._lock:
-            series = self._series.get(key)
-            if series is None:
-                series = self._new_series(key)
+            if charge.duration_ms:
+                duration = self._durations.get((*key, error_type(charge)))
+                if duration is None:
+                    duration = self._new_duration((*key, error_type(charge)))
+                duration.observe(charge.duration_ms / 1000)
+            # No usage at all (none reported, none estimated): "it MUST NOT report usage metric".
+            if not (usage.reported or usage.estimated):
+                return
+            kinds = split(usage)
+            tokens_in = kinds["input"] + kinds["cached_input"] + kinds["cache_creation"]
+            tokens_out = kinds["output"] + kinds["reasoning"]
+            tokens = self._tokens.get(key)
+            if tokens is None:
+                tokens = self._new_tokens(key)
             # A part is observed when it is known: reported (0 included) or counted.
             if tokens_in or usage.prompt_tokens is not None:
-                series.observe(0, tokens_in)
+                tokens.by_type[0].observe(tokens_in)
             if tokens_out or usage.completion_tokens is not None:
-                series.observe(1, tokens_out)
-            counters = series.counters  # in USAGE_COUNTERS' order
+                tokens.by_type[1].observe(tokens_out)
+            counters = tokens.counters  # in USAGE_COUNTERS' order
             counters[0] += tokens_in
             counters[1] += tokens_out
             counters[2] += kinds["cached_input"]
             counters[3] += kinds["cache_creation"]
             counters[4] += kinds["reasoning"]
 
-    def _new_series(self, key: tuple[str, str, str, str]) -> _Series:
-        if len(self._series) >= MAX_SERIES:
+    def _new_tokens(self, key: tuple[str, ...]) -> _Tokens:
+        if len(self._tokens) >= MAX_SERIES:
             key = _OVERFLOW
-            series = self._series.get(key)
-            if series is not None:
-                return series
-            log.warning("gen_ai metrics: %d attribute sets; later ones overflow", MAX_SERIES)
-        series = self._series[key] = _Series(self._clock_ns())
-        return series
+            if key in self._tokens:
+                return self._tokens[key]
+            log.warning("gen_ai token metrics: %d attribute sets; later ones overflow", MAX_SERIES)
+        tokens = self._tokens[key] = _Tokens(self._clock_ns())
+        return tokens
+
+    def _new_duration(self, key: tuple[str, ...]) -> _Histogram:
+        if len(self._durations) >= MAX_SERIES:
+            key = _OVERFLOW
+            if key in self._durations:
+                return self._durations[key]
+            log.warning("gen_ai durations: %d attribute sets; later ones overflow", MAX_SERIES)
+        duration = self._durations[key] = _Histogram(DURATION_BUCKETS, self._clock_ns())
+        return duration
 
     # --- the export thread ------------------------------------------------------------------
 
@@ -254,7 +311,6 @@ class GenAiTelemetry:
         from opentelemetry.sdk.metrics.export import (
             AggregationTemporality,
             Histogram,
-            HistogramDataPoint,
             Metric,
             MetricsData,
             NumberDataPoint,
@@ -267,59 +323,53 @@ class GenAiTelemetry:
         from extproc import __version__
 
         now = self._clock_ns()
-        with self._lock:
-            copies = [
-                (key, s.start_ns, list(s.count), list(s.sum), list(s.min), list(s.max),
-                 [list(b) for b in s.buckets], list(s.counters))
-                for key, s in self._series.items()
-            ]  # fmt: skip
-        if not copies:
+        points: list[HistogramDataPoint] = []
+        durations: list[HistogramDataPoint] = []
+        sums: list[list[NumberDataPoint]] = [[] for _ in USAGE_COUNTERS]
+        with self._lock:  # copies only: the data points are built while the settles wait
+            for key, tokens in self._tokens.items():
+                common = self._attributes(key)
+                for histogram, token_type in zip(tokens.by_type, TOKEN_TYPES, strict=True):
+                    if histogram.count:
+                        attributes = {**common, "gen_ai.token.type": token_type}
+                        points.append(histogram.point(attributes, now))
+                usage_attributes = {**common, "gen_ai.token.modality": "unknown"}
+                for i, value in enumerate(tokens.counters):
+                    if value:
+                        sums[i].append(
+                            NumberDataPoint(usage_attributes, tokens.start_ns, now, value)
+                        )
+            for key, histogram in self._durations.items():
+                attributes = self._attributes(key[:4])
+                if key[4:] and key[4]:
+                    attributes["error.type"] = key[4]
+                durations.append(histogram.point(attributes, now))
+        if not (points or durations):
             return None
         cumulative = AggregationTemporality.CUMULATIVE
-        points: list[HistogramDataPoint] = []
-        sums: list[list[NumberDataPoint]] = [[] for _ in USAGE_COUNTERS]
-        for key, start, count, total, low, high, buckets, counters in copies:
-            common = self._attributes(key)
-            for i, token_type in enumerate(TOKEN_TYPES):
-                if count[i]:
-                    points.append(
-                        HistogramDataPoint(
-                            attributes={**common, "gen_ai.token.type": token_type},
-                            start_time_unix_nano=start,
-                            time_unix_nano=now,
-                            count=count[i],
-                            sum=total[i],
-                            bucket_counts=buckets[i],
-                            explicit_bounds=TOKEN_BUCKETS,
-                            min=low[i],
-                            max=high[i],
-                        )
-                    )
-            usage_attributes = {**common, "gen_ai.token.modality": "unknown"}
-            for i, value in enumerate(counters):
-                if value:
-                    sums[i].append(NumberDataPoint(usage_attributes, start, now, value))
-        metrics = [
-            Metric(
-                TOKEN_USAGE,
-                "Number of input and output tokens used.",
-                "{token}",
-                Histogram(data_points=points, aggregation_temporality=cumulative),
+        metrics = []
+        if points:
+            data = Histogram(data_points=points, aggregation_temporality=cumulative)
+            metrics.append(
+                Metric(TOKEN_USAGE, "Number of input and output tokens used.", "{token}", data)
             )
-        ]
         for (name, description, _), data_points in zip(USAGE_COUNTERS, sums, strict=True):
             if data_points:
-                data = Sum(data_points, aggregation_temporality=cumulative, is_monotonic=True)
-                metrics.append(Metric(name, description, "{token}", data))
+                counted = Sum(data_points, aggregation_temporality=cumulative, is_monotonic=True)
+                metrics.append(Metric(name, description, "{token}", counted))
+        if durations:
+            data = Histogram(data_points=durations, aggregation_temporality=cumulative)
+            description = "Generative AI server request duration such as time-to-last byte."
+            metrics.append(Metric(REQUEST_DURATION, description, "s", data))
         scope = InstrumentationScope("maas-extproc", __version__)
         return MetricsData(
             [ResourceMetrics(self._resource, [ScopeMetrics(scope, metrics, "")], "")]
         )
 
-    def _attributes(self, key: tuple[str, str, str, str]) -> dict[str, Any]:
-        if key == _OVERFLOW:
+    def _attributes(self, key: tuple[str, ...]) -> dict[str, Any]:
+        if key[:4] == _OVERFLOW:
             return {"otel.metric.overflow": True}
-        operation, provider, model, plan = key
+        operation, provider, model, plan = key[:4]
         return {
             "gen_ai.operation.name": operation,
             "gen_ai.provider.name": provider,

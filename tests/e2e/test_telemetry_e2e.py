@@ -162,6 +162,10 @@ def test_gen_ai_metrics_and_token_kinds_match_what_was_served(
         p.resource["service.instance.id"] for p in receiver.points("gen_ai.client.token.usage")
     }
     assert 1 <= len(instances) <= 2
+    # Each request's duration, from its headers to its last byte, as the ext_proc stream saw it.
+    durations = receiver.totals("gen_ai.server.request.duration", "gen_ai.request.model")
+    assert {model: count for (model,), (_, count) in durations.items()} == requests
+    assert all(seconds > 0 for seconds, _ in durations.values())
     # Prometheus: the same kinds, disjoint, in maas_token_kind_total.
     for model, kinds in expected.items():
         for kind, amount in kinds.items():

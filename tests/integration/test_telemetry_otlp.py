@@ -12,6 +12,8 @@ from extproc.config import parse
 from extproc.domain import Charge, Usage
 from extproc.observability.model_labels import ModelLabels
 from extproc.observability.telemetry import (
+    DURATION_BUCKETS,
+    REQUEST_DURATION,
     TOKEN_BUCKETS,
     TOKEN_USAGE,
     GenAiTelemetry,
@@ -182,3 +184,21 @@ def test_operations_and_urls() -> None:
 def test_off_by_default() -> None:
     config = parse({}, serving=False)
     assert build_telemetry(config.telemetry, KNOWN) is None
+
+
+def test_request_durations_with_the_error_type(receiver: OtlpReceiver) -> None:
+    telemetry = telemetry_for(receiver.http_url)
+    for ms in (20, 700, 3000):
+        telemetry.submit(Charge("a", "free", "model-a", OPENAI, path=CHAT, duration_ms=ms))
+    failed = Charge("a", "free", "model-a", Usage(), path=CHAT, status=503, duration_ms=50)
+    telemetry.submit(failed)  # no usage, no tokens: still a request that took its time
+    telemetry.submit(Charge("a", "free", "model-a", OPENAI, path=CHAT))  # not measured
+    assert telemetry.export()
+    totals = receiver.totals(REQUEST_DURATION, "error.type", "gen_ai.request.model")
+    assert totals == {
+        (None, "model-a"): (pytest.approx(3.72), 3),
+        ("503", "model-a"): (pytest.approx(0.05), 1),
+    }
+    point = next(p for p in receiver.points(REQUEST_DURATION) if "error.type" not in p.attributes)
+    assert (point.unit, point.bounds) == ("s", DURATION_BUCKETS)
+    assert receiver.totals(TOKEN_USAGE, "gen_ai.token.type")[("input",)] == (400.0, 4)
