@@ -119,54 +119,53 @@ def operation_of(path: str) -> tuple[str, str]:
     return OTHER_OPERATION
 
 
-class _Histogram:
-    """Explicit-bucket histogram totals (OTLP's: a bucket holds (bounds[i-1], bounds[i]])."""
-
-    __slots__ = ("bounds", "buckets", "count", "max", "min", "start_ns", "sum")
-
-    def __init__(self, bounds: tuple[float, ...], start_ns: int) -> None:
-        self.bounds = bounds
-        self.start_ns = start_ns
-        self.count = 0
-        self.sum: float = 0
-        self.min: float = 0
-        self.max: float = 0
-        self.buckets = [0] * (len(bounds) + 1)
-
-    def observe(self, value: float) -> None:
-        if self.count:
-            self.min, self.max = min(self.min, value), max(self.max, value)
-        else:
-            self.min = self.max = value
-        self.count += 1
-        self.sum += value
-        self.buckets[bisect.bisect_left(self.bounds, value)] += 1
-
-    def point(self, attributes: dict[str, Any], now_ns: int) -> HistogramDataPoint:
-        from opentelemetry.sdk.metrics.export import HistogramDataPoint
-
-        return HistogramDataPoint(
-            attributes=attributes,
-            start_time_unix_nano=self.start_ns,
-            time_unix_nano=now_ns,
-            count=self.count,
-            sum=self.sum,
-            bucket_counts=list(self.buckets),
-            explicit_bounds=self.bounds,
-            min=self.min,
-            max=self.max,
-        )
+# A histogram's running totals live in a flat list, [count, sum, min, max, *bucket counts], and
+# a series' in one list: the export copies each series with one list() while the settles wait.
+_HEAD = 4  # count, sum, min, max
 
 
-class _Tokens:
-    """The token totals of one attribute set: a histogram per token type, the usage counters."""
+def _histogram_size(bounds: tuple[float, ...]) -> int:
+    return _HEAD + len(bounds) + 1
 
-    __slots__ = ("by_type", "counters", "start_ns")
 
-    def __init__(self, start_ns: int) -> None:
-        self.start_ns = start_ns
-        self.by_type = tuple(_Histogram(TOKEN_BUCKETS, start_ns) for _ in TOKEN_TYPES)
-        self.counters = [0] * len(USAGE_COUNTERS)
+def _observe(values: list[float], at: int, bounds: tuple[float, ...], value: float) -> None:
+    """Add ``value`` to the histogram at ``values[at:]`` (OTLP's explicit buckets hold
+    (bounds[i-1], bounds[i]])."""
+    if values[at]:
+        values[at + 2] = min(values[at + 2], value)
+        values[at + 3] = max(values[at + 3], value)
+    else:
+        values[at + 2] = values[at + 3] = value
+    values[at] += 1
+    values[at + 1] += value
+    values[at + _HEAD + bisect.bisect_left(bounds, value)] += 1
+
+
+def _point(
+    values: list[float], at: int, bounds: tuple[float, ...], attributes: dict[str, Any],
+    start_ns: int, now_ns: int,
+) -> HistogramDataPoint:  # fmt: skip
+    from opentelemetry.sdk.metrics.export import HistogramDataPoint
+
+    count, total, low, high = values[at : at + _HEAD]
+    return HistogramDataPoint(
+        attributes=attributes,
+        start_time_unix_nano=start_ns,
+        time_unix_nano=now_ns,
+        count=int(count),
+        sum=total,
+        bucket_counts=[int(n) for n in values[at + _HEAD : at + _histogram_size(bounds)]],
+        explicit_bounds=bounds,
+        min=low,
+        max=high,
+    )
+
+
+# A token series: one histogram per TOKEN_TYPES, then the USAGE_COUNTERS.
+_TOKEN_HISTOGRAM = _histogram_size(TOKEN_BUCKETS)
+_COUNTERS_AT = _TOKEN_HISTOGRAM * len(TOKEN_TYPES)
+_TOKEN_SERIES = _COUNTERS_AT + len(USAGE_COUNTERS)
+_DURATION_SERIES = _histogram_size(DURATION_BUCKETS)
 
 
 def error_type(charge: Charge) -> str:
@@ -200,8 +199,9 @@ class GenAiTelemetry:
         self._timeout_s = timeout_s
         self._clock_ns = clock_ns
         self._lock = threading.Lock()
-        self._tokens: dict[tuple[str, ...], _Tokens] = {}
-        self._durations: dict[tuple[str, ...], _Histogram] = {}
+        # attribute key -> (start time, the series' flat totals)
+        self._tokens: dict[tuple[str, ...], tuple[int, list[float]]] = {}
+        self._durations: dict[tuple[str, ...], tuple[int, list[float]]] = {}
         self._stop = threading.Event()
         self._export_lock = threading.Lock()  # one export at a time (the thread, a flush)
         self._thread: threading.Thread | None = None
@@ -225,48 +225,44 @@ class GenAiTelemetry:
         key = (*operation_of(charge.path), model, charge.plan)  # the path itself is unbounded
         with self._lock:
             if charge.duration_ms:
-                duration = self._durations.get((*key, error_type(charge)))
-                if duration is None:
-                    duration = self._new_duration((*key, error_type(charge)))
-                duration.observe(charge.duration_ms / 1000)
+                timed = (*key, error_type(charge))
+                duration = self._durations.get(timed) or self._new(
+                    self._durations, timed, _DURATION_SERIES
+                )
+                _observe(duration[1], 0, DURATION_BUCKETS, charge.duration_ms / 1000)
             # No usage at all (none reported, none estimated): "it MUST NOT report usage metric".
             if not (usage.reported or usage.estimated):
                 return
             kinds = split(usage)
             tokens_in = kinds["input"] + kinds["cached_input"] + kinds["cache_creation"]
             tokens_out = kinds["output"] + kinds["reasoning"]
-            tokens = self._tokens.get(key)
-            if tokens is None:
-                tokens = self._new_tokens(key)
+            values = (self._tokens.get(key) or self._new(self._tokens, key, _TOKEN_SERIES))[1]
             # A part is observed when it is known: reported (0 included) or counted.
             if tokens_in or usage.prompt_tokens is not None:
-                tokens.by_type[0].observe(tokens_in)
+                _observe(values, 0, TOKEN_BUCKETS, tokens_in)
             if tokens_out or usage.completion_tokens is not None:
-                tokens.by_type[1].observe(tokens_out)
-            counters = tokens.counters  # in USAGE_COUNTERS' order
-            counters[0] += tokens_in
-            counters[1] += tokens_out
-            counters[2] += kinds["cached_input"]
-            counters[3] += kinds["cache_creation"]
-            counters[4] += kinds["reasoning"]
+                _observe(values, _TOKEN_HISTOGRAM, TOKEN_BUCKETS, tokens_out)
+            at = _COUNTERS_AT  # USAGE_COUNTERS, in order
+            values[at] += tokens_in
+            values[at + 1] += tokens_out
+            values[at + 2] += kinds["cached_input"]
+            values[at + 3] += kinds["cache_creation"]
+            values[at + 4] += kinds["reasoning"]
 
-    def _new_tokens(self, key: tuple[str, ...]) -> _Tokens:
-        if len(self._tokens) >= MAX_SERIES:
-            key = _OVERFLOW
-            if key in self._tokens:
-                return self._tokens[key]
-            log.warning("gen_ai token metrics: %d attribute sets; later ones overflow", MAX_SERIES)
-        tokens = self._tokens[key] = _Tokens(self._clock_ns())
-        return tokens
-
-    def _new_duration(self, key: tuple[str, ...]) -> _Histogram:
-        if len(self._durations) >= MAX_SERIES:
-            key = _OVERFLOW
-            if key in self._durations:
-                return self._durations[key]
-            log.warning("gen_ai durations: %d attribute sets; later ones overflow", MAX_SERIES)
-        duration = self._durations[key] = _Histogram(DURATION_BUCKETS, self._clock_ns())
-        return duration
+    def _new(
+        self,
+        series: dict[tuple[str, ...], tuple[int, list[float]]],
+        key: tuple[str, ...],
+        size: int,
+    ) -> tuple[int, list[float]]:
+        """A new series of ``size`` totals; past MAX_SERIES attribute sets, the overflow one."""
+        if len(series) >= MAX_SERIES:
+            key = _OVERFLOW + key[len(_OVERFLOW) :]
+            if key in series:
+                return series[key]
+            log.warning("gen_ai metrics: %d attribute sets; later ones overflow", MAX_SERIES)
+        new = series[key] = (self._clock_ns(), [0] * size)  # ints: token totals stay exact
+        return new
 
     # --- the export thread ------------------------------------------------------------------
 
@@ -322,28 +318,29 @@ class GenAiTelemetry:
 
         from extproc import __version__
 
+        with self._lock:  # one list() per series: the settles (on the event loop) wait
+            tokens = [(key, start, list(values)) for key, (start, values) in self._tokens.items()]
+            timed = [(key, start, list(values)) for key, (start, values) in self._durations.items()]
         now = self._clock_ns()
         points: list[HistogramDataPoint] = []
         durations: list[HistogramDataPoint] = []
         sums: list[list[NumberDataPoint]] = [[] for _ in USAGE_COUNTERS]
-        with self._lock:  # copies only: the data points are built while the settles wait
-            for key, tokens in self._tokens.items():
-                common = self._attributes(key)
-                for histogram, token_type in zip(tokens.by_type, TOKEN_TYPES, strict=True):
-                    if histogram.count:
-                        attributes = {**common, "gen_ai.token.type": token_type}
-                        points.append(histogram.point(attributes, now))
-                usage_attributes = {**common, "gen_ai.token.modality": "unknown"}
-                for i, value in enumerate(tokens.counters):
-                    if value:
-                        sums[i].append(
-                            NumberDataPoint(usage_attributes, tokens.start_ns, now, value)
-                        )
-            for key, histogram in self._durations.items():
-                attributes = self._attributes(key[:4])
-                if key[4:] and key[4]:
-                    attributes["error.type"] = key[4]
-                durations.append(histogram.point(attributes, now))
+        for key, start, values in tokens:
+            common = self._attributes(key)
+            for i, token_type in enumerate(TOKEN_TYPES):
+                at = i * _TOKEN_HISTOGRAM
+                if values[at]:
+                    attributes = {**common, "gen_ai.token.type": token_type}
+                    points.append(_point(values, at, TOKEN_BUCKETS, attributes, start, now))
+            usage_attributes = {**common, "gen_ai.token.modality": "unknown"}
+            for i, value in enumerate(values[_COUNTERS_AT:]):
+                if value:
+                    sums[i].append(NumberDataPoint(usage_attributes, start, now, int(value)))
+        for key, start, values in timed:
+            attributes = self._attributes(key[:4])
+            if key[4]:
+                attributes["error.type"] = key[4]
+            durations.append(_point(values, 0, DURATION_BUCKETS, attributes, start, now))
         if not (points or durations):
             return None
         cumulative = AggregationTemporality.CUMULATIVE
