@@ -202,3 +202,14 @@ def test_request_durations_with_the_error_type(receiver: OtlpReceiver) -> None:
     point = next(p for p in receiver.points(REQUEST_DURATION) if "error.type" not in p.attributes)
     assert (point.unit, point.bounds) == ("s", DURATION_BUCKETS)
     assert receiver.totals(TOKEN_USAGE, "gen_ai.token.type")[("input",)] == (400.0, 4)
+
+
+def test_the_subscription_era_names_the_subscription(receiver: OtlpReceiver) -> None:
+    config = parse({"telemetry": {"otlp": {"endpoint": receiver.http_url}}}, serving=False)
+    telemetry = build_telemetry(config.telemetry, KNOWN, era="subscriptions")
+    assert telemetry is not None
+    charge = Charge("u", "", "ns/model-x", OPENAI, path=CHAT, subscription="team/gold")
+    telemetry.submit(charge)  # a subscription's model is a label of its own, within the bound
+    assert telemetry.export()
+    totals = receiver.totals(TOKEN_USAGE, "maas.subscription", "gen_ai.request.model", "maas.tier")
+    assert totals == {("team/gold", "ns/model-x", None): (150.0, 2)}  # input and output
