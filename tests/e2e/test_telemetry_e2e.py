@@ -51,9 +51,7 @@ def receiver() -> Iterator[OtlpReceiver]:
         yield running
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, receiver: OtlpReceiver) -> Iterator[LocalStack]:
-    folder: Path = tmp_path_factory.mktemp("telemetry")
+def config_file(folder: Path, receiver: OtlpReceiver) -> Path:
     config = yaml.safe_load((LOCAL / "config.yaml").read_text())
     config["identity"]["api_keys_file"] = str(LOCAL / "api-keys.yaml")
     config["tiers"]["file"] = str(LOCAL / "tiers.yaml")
@@ -61,7 +59,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory, receiver: OtlpReceiver) -> I
     config["limits"]["models"] = {"enterprise": {m: {"tokens": 0} for m in MODELS}}
     config["telemetry"] = {"otlp": {"endpoint": receiver.http_url, "interval_s": "300ms"}}
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    with LocalStack(config_path=folder / "config.yaml", workers=2) as running:
+    return folder / "config.yaml"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, receiver: OtlpReceiver) -> Iterator[LocalStack]:
+    config = config_file(tmp_path_factory.mktemp("telemetry"), receiver)
+    with LocalStack(config_path=config, workers=2) as running:
         yield running
 
 
@@ -171,3 +175,43 @@ def test_gen_ai_metrics_and_token_kinds_match_what_was_served(
         for kind, amount in kinds.items():
             got = sample(stack, "maas_token_kind_total", tier="enterprise", model=model, kind=kind)
             assert got == amount, (model, kind)
+
+
+def test_the_accesslog_layout_times_requests_by_envoys_entry(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Without an ext_proc stream, the duration is Envoy's, from the access log entry."""
+    with OtlpReceiver() as receiver:
+        config = config_file(tmp_path_factory.mktemp("telemetry-accesslog"), receiver)
+        with (
+            LocalStack(config_path=config, topology="accesslog") as stack,
+            httpx.Client(base_url=stack.url, timeout=10) as client,
+        ):
+            body = {
+                "model": "model-b",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 4,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            served = []
+            for delay in (0, 50):  # chunks 50 ms apart: the second answer takes >= 150 ms
+                headers = {**HEADERS, "x-sim-delay-ms": str(delay)}
+                url = f"{PREFIX}/chat/completions"
+                with client.stream("POST", url, json=body, headers=headers) as reply:
+                    events = [line[6:] for line in reply.iter_lines() if line.startswith("data: {")]
+                served.append(json.loads(events[-1])["usage"])
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                durations = receiver.totals(
+                    "gen_ai.server.request.duration", "gen_ai.request.model"
+                )
+                if durations.get(("model-b",), (0, 0))[1] == 2:
+                    break
+                time.sleep(0.2)
+            seconds, count = durations[("model-b",)]
+            assert count == 2
+            assert 0.15 <= seconds < 10
+            tokens = receiver.totals("gen_ai.client.token.usage", "gen_ai.token.type")
+            assert tokens[("input",)][0] == sum(u["prompt_tokens"] for u in served)
+            assert tokens[("output",)][0] == sum(u["completion_tokens"] for u in served)
