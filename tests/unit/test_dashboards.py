@@ -37,6 +37,16 @@ def dashboard_exprs() -> list[tuple[str, str]]:
     return found
 
 
+def dashboard_panels() -> list[tuple[str, str]]:
+    """(panel title, expression) for every panel target of every dashboard."""
+    found: list[tuple[str, str]] = []
+    for path in sorted(DASHBOARDS.glob("*.json")):
+        doc: dict[str, Any] = json.loads(path.read_text())
+        for panel in (p for top in doc["panels"] for p in (top, *top.get("panels", []))):
+            found += [(panel["title"], target["expr"]) for target in panel.get("targets", [])]
+    return found
+
+
 def metric_names(expr: str) -> set[str]:
     """Identifiers in metric position: not labels (inside {}), not ranges, not functions."""
     without_strings = re.sub(r'"[^"]*"', '""', expr)
