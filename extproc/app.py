@@ -300,7 +300,9 @@ class Sidecar:
         domains, watched_routes = build_routes(config, metrics, kube)
         plans = build_plans(config, metrics, kube, domains, policies)
         alerts = build_alerts(config, metrics, store)
-        limiter = Limiter(store, policies or config.limits, now_ms, events=alerts)
+        limiter = Limiter(
+            store, policies or config.limits, now_ms, events=alerts, prices=config.pricing
+        )
         routes = RouteTable(config.routes)
         policy = HeaderPolicy(era, config.subscriptions.identity_headers)
         admission = Admission(
@@ -322,7 +324,11 @@ class Sidecar:
         reporter = build_reporter(config, metrics, policies)
         telemetry = build_telemetry(config.telemetry, metrics.models, era=era)
         charger = Charger(
-            limiter, metrics, fan_out(reporter, telemetry), wait_s=config.accounting.settle_wait_s
+            limiter,
+            metrics,
+            fan_out(reporter, telemetry),
+            wait_s=config.accounting.settle_wait_s,
+            prices=config.pricing,
         )
         return cls(
             config,

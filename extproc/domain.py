@@ -66,6 +66,8 @@ class Plan:
     organization_id: str = ""  # subscriptions: spec.tokenMetadata.organizationId
     cost_center: str = ""  # subscriptions: spec.tokenMetadata.costCenter
     route: str = ""  # subscriptions: the model's HTTPRoute, which its rate limit policy targets
+    # subscriptions: the modelRef's billingRate.perToken, in micro-units per million tokens
+    billing_rate: int | None = None
 
     @property
     def subscription(self) -> str:
@@ -244,6 +246,8 @@ class Charge:
     # From the request's headers to the response's last byte as the gateway saw it (the ext_proc
     # stream, or Envoy's access log entry); 0: not measured.
     duration_ms: int = 0
+    # The subscription era: the plan's billingRate.perToken (micro-units per million tokens).
+    billing_rate: int | None = None
 
     @property
     def plan(self) -> str:
