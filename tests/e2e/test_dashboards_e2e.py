@@ -147,19 +147,11 @@ def prometheus(stack: LocalStack, tmp_path: Path) -> Iterator[Prometheus]:
         server.stop()
 
 
-# Usage in the providers' documented shapes, with every token kind (x-sim-usage: verbatim).
-OPENAI_USAGE = {
-    "prompt_tokens": 120,
-    "completion_tokens": 40,
-    "total_tokens": 160,
-    "prompt_tokens_details": {"cached_tokens": 64},
-    "completion_tokens_details": {"reasoning_tokens": 16},
-}
-ANTHROPIC_USAGE = {
-    "input_tokens": 10,
-    "cache_read_input_tokens": 50,
-    "cache_creation_input_tokens": 20,
-    "output_tokens": 9,
+# Every token kind, served by the simulator in each API's documented shape.
+KINDS = {
+    "x-sim-cached-tokens": "64",
+    "x-sim-cache-write-tokens": "20",
+    "x-sim-reasoning-tokens": "16",
 }
 
 
@@ -210,11 +202,9 @@ def run_load(stack: LocalStack, tokens: dict[str, str]) -> dict[int, int]:
             "max_tokens": 5,
             "messages": [{"role": "user", "content": "hi"}],
         }
-        headers = {**rich, "x-sim-usage": json.dumps(OPENAI_USAGE)}
-        assert client.post(CHAT, json=body, headers=headers).status_code == 200
-        headers = {**rich, "x-sim-usage": json.dumps(ANTHROPIC_USAGE)}
+        assert client.post(CHAT, json=body, headers={**rich, **KINDS}).status_code == 200
         messages = CHAT.replace("/chat/completions", "/messages")
-        assert client.post(messages, json=body, headers=headers).status_code == 200
+        assert client.post(messages, json=body, headers={**rich, **KINDS}).status_code == 200
         body = {
             "model": "model-0",
             "max_tokens": 40,
