@@ -306,10 +306,9 @@ class Metrics:
             children = self._kind_children[key] = tuple(
                 self.token_kinds.labels(tier, model, kind, *user) for kind in BILLED_KINDS
             )
-        amounts = split(charge.usage)
-        for kind, child in zip(BILLED_KINDS, children, strict=True):
-            if amounts[kind]:
-                child.inc(amounts[kind])
+        for child, amount in zip(children, split(charge.usage).values(), strict=True):
+            if amount:  # split's counts come in BILLED_KINDS order, as the children
+                child.inc(amount)
         if charge.priced:
             cost = self._cost_children.get(key)
             if cost is None:
