@@ -165,6 +165,11 @@ class CounterStore(Protocol):
         """The ledger rows of one user for the given days (missing days give no rows)."""
         ...
 
+    async def ledgers(self, userids: Sequence[str], days: Sequence[str]) -> list[list[LedgerRow]]:
+        """``ledger`` of each user in ``userids`` (one list per user, in order), in one round trip
+        per node: the listings across users read their batches with it."""
+        ...
+
     async def ledger_users(self, days: Sequence[str]) -> list[str]:
         """Users with at least one ledger row on the given days."""
         ...

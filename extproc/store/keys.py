@@ -12,6 +12,7 @@ content/operate/oss_and_stack/reference/cluster-spec.md, "Hash tags", commit
 
 from __future__ import annotations
 
+import functools
 import re
 
 PREFIX = "maas"
@@ -90,6 +91,8 @@ def ledger_field(model: str, kind: str, attribution: tuple[str, ...] = ()) -> st
     return "|".join(p.replace("%", "%25").replace("|", "%7C") for p in parts) + f"|{kind}+"
 
 
+# Every (user, day) hash of a listing repeats the same few fields: worth remembering them.
+@functools.lru_cache(maxsize=4096)
 def ledger_field_parts(field: str) -> tuple[str, str, tuple[str, ...]]:
     """``ledger_field`` read back: (model, kind, attribution)."""
     head, _, kind = field.rpartition("|")

@@ -115,6 +115,9 @@ class MemoryStore:
                 rows.extend(ledger.rows(day, fields))
         return rows
 
+    async def ledgers(self, userids: Sequence[str], days: Sequence[str]) -> list[list[LedgerRow]]:
+        return [await self.ledger(userid, days) for userid in userids]
+
     async def ledger_users(self, days: Sequence[str]) -> list[str]:
         users: set[str] = set()
         for day in days:

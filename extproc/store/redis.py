@@ -200,18 +200,26 @@ class RedisStore:
         return int(cast(int, reply)) >= 0
 
     async def ledger(self, userid: str, days: Sequence[str]) -> list[LedgerRow]:
-        if not days:
-            return []
         # One user's days share a slot, so even on Cluster this pipeline is one round trip.
+        return (await self.ledgers([userid], days))[0]
+
+    async def ledgers(self, userids: Sequence[str], days: Sequence[str]) -> list[list[LedgerRow]]:
+        if not days or not userids:
+            return [[] for _ in userids]
+        # On Cluster the pipeline asks each node once for the keys it holds.
         pipe = self._client.pipeline(transaction=False)
-        for day in days:
-            pipe.hgetall(keys.ledger_key(userid, day))
-        replies = await self._call("ledger", pipe.execute())
-        rows: list[LedgerRow] = []
-        for day, fields in zip(days, replies, strict=True):
-            if fields:
-                rows.extend(ledger.rows(day, {str(k): int(v) for k, v in fields.items()}))
-        return rows
+        for userid in userids:
+            for day in days:
+                pipe.hgetall(keys.ledger_key(userid, day))
+        replies = iter(await self._call("ledger", pipe.execute()))
+        found: list[list[LedgerRow]] = []
+        for _ in userids:
+            rows: list[LedgerRow] = []
+            for day, fields in zip(days, replies, strict=False):
+                if fields:
+                    rows.extend(ledger.rows(day, {str(k): int(v) for k, v in fields.items()}))
+            found.append(rows)
+        return found
 
     async def ledger_users(self, days: Sequence[str]) -> list[str]:
         if not days:
