@@ -331,18 +331,10 @@ def _query(request: web.Request, route: Route) -> dict[str, str]:
             raise _bad(ConfigError(name, f"a known parameter, {expected}"))
         if name in query:
             raise _bad(ConfigError(name, "at most once"))
-        if len(value) > MAX_VALUE_CHARS or not _utf8(value):
+        if len(value) > MAX_VALUE_CHARS:
             raise _bad(ConfigError(name, f"text of at most {MAX_VALUE_CHARS} characters"))
         query[name] = value
     return query
-
-
-def _utf8(value: str) -> bool:
-    try:
-        value.encode()
-    except UnicodeEncodeError:  # a lone surrogate: no user, model or key is named so
-        return False
-    return True
 
 
 def _text(query: Mapping[str, str], name: str) -> str:
