@@ -2,7 +2,8 @@
 and paged from it with opaque page tokens.
 
 A listing reads every (user, day) ledger hash of the period, in batches (one round trip each),
-so its cost grows with users × days. The snapshot makes that cost once per listing, not per
+so its cost grows with users × days; without filters it reads only each hash's totals
+(``CounterStore.ledger_totals``). The snapshot makes that cost once per listing, not per
 page or sort order: later pages, and the same query within ``fresh_s``, read the snapshot.
 Pages of one listing all come from the snapshot its first page took, so settles meanwhile
 neither repeat a row nor skip one; its page tokens stay good while it is read at least every
@@ -22,11 +23,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from extproc.errors import ConfigError
-from extproc.observability.usage_query import AMOUNTS, Filters, Row
-from extproc.store.base import CounterStore, LedgerRow
+from extproc.observability.usage_query import Filters, Row, zero_totals
+from extproc.store.base import CounterStore
 
 BATCH_USERS = 256  # users per round trip: short enough not to hold the event loop
 Names = tuple[str, ...]
+SUMMED = tuple(zero_totals())  # the amounts a listing adds up, in this order
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,10 +50,11 @@ class Query:
 
 @dataclass(slots=True)
 class Snapshot:
-    """One listing's rows as of its first page: names (``columns``) and amounts (``AMOUNTS``)."""
+    """One listing's rows as of its first page: names (``columns``) and amounts (``summed``)."""
 
     id: str
     columns: tuple[str, ...]
+    summed: tuple[str, ...]
     entries: list[tuple[Names, tuple[int, ...]]]
     totals: Row
     used: float
@@ -66,7 +69,7 @@ class Snapshot:
                 at = self.columns.index(sort)
                 view = sorted(range(len(entries)), key=lambda i: (entries[i][0][at], entries[i][0]))
             else:
-                amount = AMOUNTS.index(sort)
+                amount = self.summed.index(sort)
                 view = sorted(
                     range(len(entries)), key=lambda i: (entries[i][1][amount], entries[i][0])
                 )
@@ -79,7 +82,7 @@ class Snapshot:
         names, amounts = self.entries[index]
         return {
             **dict(zip(self.columns, names, strict=True)),
-            **dict(zip(AMOUNTS, amounts, strict=True)),
+            **dict(zip(self.summed, amounts, strict=True)),
         }
 
 
@@ -90,12 +93,14 @@ async def aggregate(
 
     Users without an admitted row get no entry. Raises what the store raises (``Unavailable``).
     """
+    summed = SUMMED
     sums: dict[Names, list[int]] = {}
-    totals = [0] * len(AMOUNTS)
-    width = len(AMOUNTS)
+    totals = [0] * len(summed)
+    # Rows by model and attribution only where a filter or the per-key view needs them.
+    read = store.ledgers if per_key or query.filters.given() else store.ledger_totals
     for start in range(0, len(users), BATCH_USERS):
         batch = users[start : start + BATCH_USERS]
-        for user, rows in zip(batch, await store.ledgers(batch, query.days), strict=True):
+        for user, rows in zip(batch, await read(batch, query.days), strict=True):
             for row in rows:
                 if not query.filters.admits(row):
                     continue
@@ -106,16 +111,13 @@ async def aggregate(
                 )
                 into = sums.get(names)
                 if into is None:
-                    into = sums[names] = [0] * width
-                for i, amount in enumerate(_amounts(row)):
+                    into = sums[names] = [0] * len(summed)
+                for i, name in enumerate(summed):
+                    amount = int(getattr(row, name))
                     into[i] += amount
                     totals[i] += amount
     entries = [(names, tuple(amounts)) for names, amounts in sums.items()]
-    return entries, dict(zip(AMOUNTS, totals, strict=True))
-
-
-def _amounts(row: LedgerRow) -> tuple[int, ...]:
-    return tuple(int(getattr(row, name)) for name in AMOUNTS)
+    return entries, dict(zip(summed, totals, strict=True))
 
 
 class SnapshotCache:
@@ -160,7 +162,7 @@ class SnapshotCache:
                 finally:
                     self._building.pop(query, None)
                 taken = self._clock()
-                snapshot = Snapshot(secrets.token_hex(16), columns, entries, totals, taken)
+                snapshot = Snapshot(secrets.token_hex(16), columns, SUMMED, entries, totals, taken)
                 self._by_id[snapshot.id] = (query, taken, snapshot)
                 self._expire(taken)
                 return snapshot

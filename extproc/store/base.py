@@ -195,6 +195,14 @@ class CounterStore(Protocol):
         per node: the listings across users read their batches with it."""
         ...
 
+    async def ledger_totals(
+        self, userids: Sequence[str], days: Sequence[str]
+    ) -> list[list[LedgerRow]]:
+        """Like ``ledgers``, but rows that only add up right: per (user, day) one row of model ""
+        holding the hash's totals (``ledger.totals``: a few fields instead of the whole hash),
+        where the hash is known to carry them; the hash's rows otherwise."""
+        ...
+
     async def ledger_users(self, days: Sequence[str]) -> list[str]:
         """Users with at least one ledger row on the given days."""
         ...

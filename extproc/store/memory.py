@@ -118,6 +118,20 @@ class MemoryStore:
     async def ledgers(self, userids: Sequence[str], days: Sequence[str]) -> list[list[LedgerRow]]:
         return [await self.ledger(userid, days) for userid in userids]
 
+    async def ledger_totals(
+        self, userids: Sequence[str], days: Sequence[str]
+    ) -> list[list[LedgerRow]]:
+        found: list[list[LedgerRow]] = []
+        for userid in userids:
+            rows = []
+            for day in days:
+                fields = self._ledger.get(keys.ledger_key(userid, day), {})
+                row = ledger.totals(day, [fields.get(name) for name in ledger.TOTAL_FIELDS])
+                if row is not None:
+                    rows.append(row)
+            found.append(rows)
+        return found
+
     async def ledger_users(self, days: Sequence[str]) -> list[str]:
         users: set[str] = set()
         for day in days:

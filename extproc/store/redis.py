@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import datetime as dt
 import functools
 import hashlib
 import logging
+import re
+import time
 import urllib.parse
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
@@ -72,10 +75,14 @@ class RedisStore:
         helpers: Sequence[Redis] = (),
         dedupe_ttl_ms: int = 3_600_000,
         hot: PipelinedConnection | None = None,
+        bulk: PipelinedConnection | None = None,
     ) -> None:
         self._client = client
         # admit and settle go through the pipelined connection when the URL allows one.
         self._hot = hot
+        # The listings' batches of reads: a socket of their own, so they never queue before
+        # (or behind) the hot path's commands.
+        self._bulk = bulk
         self._helpers = tuple(helpers)  # e.g. the Sentinel connections, closed with the store
         self._where = redact_url(url) if url else type(client).__name__
         self._secrets = _secrets(url)
@@ -99,7 +106,10 @@ class RedisStore:
             ) from None
         target = Target.from_url(url)
         hot = PipelinedConnection(target, config.timeout_s or None) if target else None
-        return cls(client, url, config.retention_days, helpers, config.dedupe_ttl_s * 1000, hot)
+        bulk = PipelinedConnection(target, config.timeout_s or None) if target else None
+        return cls(
+            client, url, config.retention_days, helpers, config.dedupe_ttl_s * 1000, hot, bulk
+        )
 
     def __repr__(self) -> str:
         return f"RedisStore({self._where!r})"
@@ -108,6 +118,12 @@ class RedisStore:
         """Load both scripts now so the first request does not pay for it (EVALSHA reloads anyway)."""
         for script in (self._admit, self._settle):
             await self._call("start", self._client.script_load(script.source))
+        # This version writes every ledger hash's totals (store/ledger.py); today's hashes may
+        # hold amounts an older version wrote without them, so listings trust them from tomorrow.
+        tomorrow = ledger.day_of(int(time.time() * 1000) + _DAY_MS)
+        await self._call(
+            "start", self._client.set(keys.ledger_totals_since_key(), tomorrow, nx=True)
+        )
 
     async def admit(
         self,
@@ -207,19 +223,49 @@ class RedisStore:
         if not days or not userids:
             return [[] for _ in userids]
         # On Cluster the pipeline asks each node once for the keys it holds.
-        pipe = self._client.pipeline(transaction=False)
-        for userid in userids:
-            for day in days:
-                pipe.hgetall(keys.ledger_key(userid, day))
-        replies = iter(await self._call("ledger", pipe.execute()))
+        commands = [("HGETALL", keys.ledger_key(u, day)) for u in userids for day in days]
+        replies = iter(await self._read_many(commands))
         found: list[list[LedgerRow]] = []
         for _ in userids:
             rows: list[LedgerRow] = []
             for day, fields in zip(days, replies, strict=False):
                 if fields:
-                    rows.extend(ledger.rows(day, {str(k): int(v) for k, v in fields.items()}))
+                    rows.extend(ledger.rows(day, _hash(fields)))
             found.append(rows)
         return found
+
+    async def ledger_totals(
+        self, userids: Sequence[str], days: Sequence[str]
+    ) -> list[list[LedgerRow]]:
+        since = await self._call("ledger", self._client.get(keys.ledger_totals_since_key()))
+        since = str(since) if since is not None and _DAY.fullmatch(str(since)) else None
+        summed = [day for day in days if since is not None and day >= since]
+        # Days before the totals: their hashes in full (they may hold amounts without totals).
+        found = await self.ledgers(userids, [day for day in days if day not in summed])
+        if summed:
+            commands = [
+                ("HMGET", keys.ledger_key(userid, day), *ledger.TOTAL_FIELDS)
+                for userid in userids
+                for day in summed
+            ]
+            replies = iter(await self._read_many(commands))
+            for rows in found:
+                for day in summed:
+                    row = ledger.totals(day, next(replies))
+                    if row is not None:
+                        rows.append(row)
+        return found
+
+    async def _read_many(self, commands: Sequence[tuple[str, ...]]) -> list[Any]:
+        """Replies to many read commands: pipelined on the bulk socket, else through redis-py."""
+        if self._bulk is not None:
+            bulk = self._bulk
+            pending = asyncio.gather(*(bulk.execute(*command) for command in commands))
+            return cast(list[Any], await self._call("ledger", pending))
+        pipe = self._client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return cast(list[Any], await self._call("ledger", pipe.execute()))
 
     async def ledger_users(self, days: Sequence[str]) -> list[str]:
         if not days:
@@ -238,8 +284,9 @@ class RedisStore:
         await self._call("ping", self._client.ping())
 
     async def close(self) -> None:
-        if self._hot is not None:
-            await self._hot.close()
+        for connection in (self._hot, self._bulk):
+            if connection is not None:
+                await connection.close()
         for client in (self._client, *self._helpers):
             try:
                 await client.aclose()
@@ -319,6 +366,22 @@ class RedisStore:
 
 
 _FAILURES = (RedisError, OSError, TimeoutError)
+
+
+def _hash(reply: dict[str, str] | list[bytes]) -> dict[str, int]:
+    """An HGETALL reply as field -> amount: a dict from redis-py, a flat list of bytes from the
+    bulk socket (RESP2)."""
+    if isinstance(reply, dict):
+        return {str(k): int(v) for k, v in reply.items()}
+    return {_field(reply[i]): int(reply[i + 1]) for i in range(0, len(reply), 2)}
+
+
+@functools.lru_cache(maxsize=4096)
+def _field(name: bytes) -> str:
+    return name.decode()
+
+
+_DAY = re.compile(r"[0-9]{8}")
 
 
 @functools.lru_cache(maxsize=8)

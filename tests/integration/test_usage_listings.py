@@ -15,10 +15,11 @@ from extproc.observability.usage_api import UsageApi
 from extproc.observability.usage_listing import PageToken, SnapshotCache
 from extproc.observability.usage_query import SUBSCRIPTION_GROUPS
 from extproc.observability.usage_routes import LISTING_MAX_DAYS
+from extproc.store import keys
 from extproc.store.base import NO_ATTRIBUTION, Attribution, CounterStore, LedgerEntry
 from tests.helpers import KEYS, LOCAL
-from tests.integration.test_usage_api import TODAY, empty_store
-from tests.redis_fixtures import free_port
+from tests.integration.test_usage_api import REDIS_DB, TODAY, empty_store
+from tests.redis_fixtures import RedisServer, free_port
 
 DAY = TODAY.strftime("%Y%m%d")
 PREMIUM = "models-as-a-service/premium-subscription"
@@ -57,6 +58,9 @@ async def settle_all(store: CounterStore, entries: list[LedgerEntry]) -> None:
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[CounterStore]:
     backend = empty_store(request)
+    if request.param == "redis":  # every hash carries its totals: listings read only those
+        server: RedisServer = request.getfixturevalue("redis_server")
+        server.cli_command("-n", str(REDIS_DB), "set", keys.ledger_totals_since_key(), "20000101")
     await settle_all(backend, seed_entries())
     yield backend
     await backend.close()
