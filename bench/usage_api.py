@@ -59,16 +59,16 @@ def entries(users: int, days: list[str], models: int) -> Iterator[LedgerEntry]:
 
 
 def load(port: int, users: int, days: list[str], models: int) -> float:
-    """Write the ledger as settles would (HINCRBY of ledger.entry_fields; SADD of the day's set)."""
+    """Write the ledger as settles would: each hash holds the sums of ``ledger.entry_fields`` of
+    its entries (what their HINCRBYs add up to, in one HSET), and the day's users set."""
     started = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port)) as sock:
         reader = hiredis.Reader()
-        pending = 0
         commands: list[bytes] = []
 
         def flush() -> None:
-            nonlocal pending
             sock.sendall(b"".join(commands))
+            pending = len(commands)
             commands.clear()
             while pending:
                 reader.feed(sock.recv(1 << 20))
@@ -77,17 +77,29 @@ def load(port: int, users: int, days: list[str], models: int) -> float:
                         raise SystemExit(f"redis refused the load: {reply}")
                     pending -= 1
 
+        hashes: dict[tuple[str, str], dict[str, int]] = {}
         for item in entries(users, days, models):
-            key = keys.ledger_key(item.userid, item.day)
-            fields = ledger.entry_fields(item)
-            for field, amount in fields:
-                commands.append(pack(("HINCRBY", key, field, amount)))
-            commands.append(pack(("SADD", keys.ledger_users_key(item.day), item.userid)))
-            pending += len(fields) + 1
-            if len(commands) >= LOAD_BATCH * 8:
+            fields = hashes.setdefault((item.userid, item.day), {})
+            for field, amount in ledger.entry_fields(item):
+                fields[field] = fields.get(field, 0) + amount
+            if len(hashes) >= LOAD_BATCH:
+                commands += _writes(hashes)
                 flush()
+        commands += _writes(hashes)
+        # Every hash here was written with its totals, from the first day on (RedisStore.start).
+        commands.append(pack(("SET", keys.ledger_totals_since_key(), days[0])))
         flush()
     return time.perf_counter() - started
+
+
+def _writes(hashes: dict[tuple[str, str], dict[str, int]]) -> list[bytes]:
+    out = []
+    for (user, day), fields in hashes.items():
+        pairs = [part for field, amount in fields.items() for part in (field, amount)]
+        out.append(pack(("HSET", keys.ledger_key(user, day), *pairs)))
+        out.append(pack(("SADD", keys.ledger_users_key(day), user)))
+    hashes.clear()
+    return out
 
 
 async def timed(call: Callable[[], Awaitable[httpx.Response]]) -> tuple[float, httpx.Response]:

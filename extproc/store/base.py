@@ -198,9 +198,9 @@ class CounterStore(Protocol):
     async def ledger_totals(
         self, userids: Sequence[str], days: Sequence[str]
     ) -> list[list[LedgerRow]]:
-        """Like ``ledgers``, but rows that only add up right: per (user, day) one row of model ""
-        holding the hash's totals (``ledger.totals``: a few fields instead of the whole hash),
-        where the hash is known to carry them; the hash's rows otherwise."""
+        """Like ``ledgers``, but rows that only add up right: per user one row of day and model
+        "" holding the totals of the hashes known to carry them (``ledger.totals``: a few fields
+        instead of the whole hash), then the rows of the other hashes."""
         ...
 
     async def ledger_users(self, days: Sequence[str]) -> list[str]:

@@ -150,13 +150,17 @@ def rows(day: str, fields: dict[str, int]) -> list[LedgerRow]:
     ]
 
 
-def totals(day: str, values: Sequence[int | bytes | str | None]) -> LedgerRow | None:
-    """The hash's totals (``TOTAL_FIELDS``' values, None where missing) as one row of model "",
-    or None when the hash holds nothing."""
-    kinds = {kind: int(v) for kind, v in zip(TOTAL_KINDS, values, strict=True) if v is not None}
+def totals(hashes: Sequence[Sequence[int | bytes | str | None]]) -> LedgerRow | None:
+    """The totals of a user's hashes (each the values of ``TOTAL_FIELDS``, None where missing)
+    as one row of day and model "", or None when they hold nothing."""
+    kinds = dict.fromkeys(TOTAL_KINDS, 0)
+    for values in hashes:
+        for kind, value in zip(TOTAL_KINDS, values, strict=True):
+            if value is not None:
+                kinds[kind] += int(value)
     if not any(kinds.values()):
         return None
-    return _row(day, "", NO_ATTRIBUTION, kinds)
+    return _row("", "", NO_ATTRIBUTION, kinds)
 
 
 def _row(day: str, model: str, attribution: Attribution, kinds: dict[str, int]) -> LedgerRow:

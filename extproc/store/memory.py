@@ -123,13 +123,9 @@ class MemoryStore:
     ) -> list[list[LedgerRow]]:
         found: list[list[LedgerRow]] = []
         for userid in userids:
-            rows = []
-            for day in days:
-                fields = self._ledger.get(keys.ledger_key(userid, day), {})
-                row = ledger.totals(day, [fields.get(name) for name in ledger.TOTAL_FIELDS])
-                if row is not None:
-                    rows.append(row)
-            found.append(rows)
+            hashes = [self._ledger.get(keys.ledger_key(userid, day), {}) for day in days]
+            row = ledger.totals([[h.get(name) for name in ledger.TOTAL_FIELDS] for h in hashes])
+            found.append([] if row is None else [row])
         return found
 
     async def ledger_users(self, days: Sequence[str]) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import calendar
 import datetime as dt
 import functools
@@ -248,20 +247,18 @@ class RedisStore:
                 for userid in userids
                 for day in summed
             ]
-            replies = iter(await self._read_many(commands))
-            for rows in found:
-                for day in summed:
-                    row = ledger.totals(day, next(replies))
-                    if row is not None:
-                        rows.append(row)
+            replies = await self._read_many(commands)
+            width = len(summed)
+            for at, rows in enumerate(found):
+                row = ledger.totals(replies[at * width : (at + 1) * width])
+                if row is not None:
+                    rows.append(row)
         return found
 
     async def _read_many(self, commands: Sequence[tuple[str, ...]]) -> list[Any]:
         """Replies to many read commands: pipelined on the bulk socket, else through redis-py."""
         if self._bulk is not None:
-            bulk = self._bulk
-            pending = asyncio.gather(*(bulk.execute(*command) for command in commands))
-            return cast(list[Any], await self._call("ledger", pending))
+            return cast(list[Any], await self._call("ledger", self._bulk.execute_many(commands)))
         pipe = self._client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)

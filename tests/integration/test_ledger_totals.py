@@ -74,7 +74,7 @@ async def test_the_totals_add_up_to_the_rows(subject: Subject) -> None:
     full = await store.ledgers(users, days)
     for user, summed, rows in zip(users, totals, full, strict=True):
         assert sums(summed) == sums(rows) == sums(await store.ledger(user, days)), user
-        assert all(row.model == "" for row in summed)  # one totals row per day with usage
+        assert all(row.model == "" for row in summed)  # one totals row a user
     assert sums(totals[0])["unsettled_tokens"] == 40
     assert sums(totals[0])["cost_micros"] == 1234
     assert totals[2] == []
