@@ -153,14 +153,14 @@ def rows(day: str, fields: dict[str, int]) -> list[LedgerRow]:
 def totals(hashes: Sequence[Sequence[int | bytes | str | None]]) -> LedgerRow | None:
     """The totals of a user's hashes (each the values of ``TOTAL_FIELDS``, None where missing)
     as one row of day and model "", or None when they hold nothing."""
-    kinds = dict.fromkeys(TOTAL_KINDS, 0)
+    sums = [0] * len(TOTAL_KINDS)
     for values in hashes:
-        for kind, value in zip(TOTAL_KINDS, values, strict=True):
+        for index, value in enumerate(values):
             if value is not None:
-                kinds[kind] += int(value)
-    if not any(kinds.values()):
+                sums[index] += int(value)
+    if not any(sums):
         return None
-    return _row("", "", NO_ATTRIBUTION, kinds)
+    return _row("", "", NO_ATTRIBUTION, dict(zip(TOTAL_KINDS, sums, strict=True)))
 
 
 def _row(day: str, model: str, attribution: Attribution, kinds: dict[str, int]) -> LedgerRow:

@@ -189,17 +189,6 @@ class PipelinedConnection:
             raise ResponseError(message)
         return reply
 
-    async def execute_many(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
-        """Send every command in one write; their replies in order (a reply error raises)."""
-        protocol = self._protocol
-        if protocol is None or protocol.closed:
-            protocol = await self._connect()
-        replies = await asyncio.gather(*(protocol.send(pack(c)) for c in commands))
-        for reply in replies:
-            if isinstance(reply, hiredis.ReplyError):
-                raise ResponseError(str(reply))
-        return replies
-
     async def close(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()

@@ -37,6 +37,7 @@ from extproc.store.base import (
     LedgerRow,
     WindowCounter,
 )
+from extproc.store.bulk import BulkReader
 from extproc.store.pipelined import PipelinedConnection, Target
 
 log = logging.getLogger("extproc.store.redis")
@@ -74,7 +75,7 @@ class RedisStore:
         helpers: Sequence[Redis] = (),
         dedupe_ttl_ms: int = 3_600_000,
         hot: PipelinedConnection | None = None,
-        bulk: PipelinedConnection | None = None,
+        bulk: BulkReader | None = None,
     ) -> None:
         self._client = client
         # admit and settle go through the pipelined connection when the URL allows one.
@@ -105,7 +106,7 @@ class RedisStore:
             ) from None
         target = Target.from_url(url)
         hot = PipelinedConnection(target, config.timeout_s or None) if target else None
-        bulk = PipelinedConnection(target, config.timeout_s or None) if target else None
+        bulk = BulkReader(target, config.timeout_s or None) if target else None
         return cls(
             client, url, config.retention_days, helpers, config.dedupe_ttl_s * 1000, hot, bulk
         )
@@ -258,7 +259,7 @@ class RedisStore:
     async def _read_many(self, commands: Sequence[tuple[str, ...]]) -> list[Any]:
         """Replies to many read commands: pipelined on the bulk socket, else through redis-py."""
         if self._bulk is not None:
-            return cast(list[Any], await self._call("ledger", self._bulk.execute_many(commands)))
+            return cast(list[Any], await self._call("ledger", self._bulk.read(commands)))
         pipe = self._client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
@@ -281,9 +282,10 @@ class RedisStore:
         await self._call("ping", self._client.ping())
 
     async def close(self) -> None:
-        for connection in (self._hot, self._bulk):
-            if connection is not None:
-                await connection.close()
+        if self._hot is not None:
+            await self._hot.close()
+        if self._bulk is not None:
+            await self._bulk.close()
         for client in (self._client, *self._helpers):
             try:
                 await client.aclose()

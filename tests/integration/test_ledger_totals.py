@@ -5,15 +5,20 @@ may predate the totals are read in full."""
 from __future__ import annotations
 
 import dataclasses
+import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
+from extproc.config import Secret, StoreConfig
+from extproc.errors import StoreUnavailable
 from extproc.store import keys, ledger
 from extproc.store.base import NO_ATTRIBUTION, Attribution, Hold, LedgerEntry, LedgerRow
 from extproc.store.memory import MemoryStore
 from extproc.store.redis import RedisStore
 from tests.integration.test_store_contract import RETENTION_DAYS, Subject, _redis_subject
+from tests.redis_fixtures import RedisServer
 
 pytestmark = pytest.mark.redis
 
@@ -115,3 +120,46 @@ def test_no_model_field_is_a_totals_field() -> None:
             assert not keys.is_ledger_total(keys.ledger_field(model, kind))
             assert not keys.is_ledger_total(keys.ledger_field(model, kind, BOOKED.parts()))
     assert NO_ATTRIBUTION.parts() == ()
+
+
+async def test_bulk_reads_time_out_reconnect_and_authenticate(
+    own_redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The listings' own socket (store/bulk.py): a hung server is a timeout, a restarted one is
+    reconnected to, and a password and a database are used."""
+    url = f"redis://127.0.0.1:{own_redis_server.port}/3"
+    store = RedisStore.from_config(StoreConfig(url=Secret(url), timeout_s=0.3))
+    await store.settle([], LedgerEntry("alice", DAY, "opt", 1, 1, 2, 0), T0)
+    assert [row.total_tokens for row in await store.ledger("alice", [DAY])] == [2]
+    process = own_redis_server.process
+    assert process is not None
+    process.send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(StoreUnavailable, match="TimeoutError"):
+            await store.ledgers(["alice"], [DAY])
+    finally:
+        process.send_signal(signal.SIGCONT)
+    assert [row.total_tokens for row in await store.ledger("alice", [DAY])] == [2]
+    own_redis_server.restart()  # no persistence: the hash is gone, the socket too
+    assert await store.ledger("alice", [DAY]) == []
+    await store.close()
+
+    password = "bulk-Pa55"
+    server = RedisServer(tmp_path / "auth", 0, "--requirepass", password)
+    server.start()
+    try:
+        good = RedisStore.from_config(
+            StoreConfig(url=Secret(f"redis://:{password}@127.0.0.1:{server.port}/2"), timeout_s=1)
+        )
+        await good.settle([], LedgerEntry("bob", DAY, "opt", 3, 1, 4, 0), T0)
+        assert [row.total_tokens for row in await good.ledger("bob", [DAY])] == [4]
+        await good.close()
+        wrong = RedisStore.from_config(
+            StoreConfig(url=Secret(f"redis://:nope@127.0.0.1:{server.port}/2"), timeout_s=1)
+        )
+        with pytest.raises(StoreUnavailable) as refused:
+            await wrong.ledger("bob", [DAY])
+        assert password not in str(refused.value)
+        await wrong.close()
+    finally:
+        server.stop()
