@@ -19,6 +19,7 @@ import datetime as dt
 import os
 import platform
 import shlex
+import signal
 import socket
 import statistics
 import sys
@@ -30,7 +31,7 @@ import hiredis
 import httpx
 
 from bench import sections
-from bench.__main__ import ROOT, redis_server
+from bench.__main__ import ROOT, _interrupt, redis_server
 from extproc.authz.api_keys import ApiKeyIdentities
 from extproc.config import Secret, StoreConfig
 from extproc.observability.usage_api import UsageApi
@@ -303,6 +304,9 @@ def section(
 
 
 def main() -> int:
+    # Stopped from outside: unwind, so the redis-server this run started is stopped too.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--days", type=int, default=3)

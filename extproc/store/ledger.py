@@ -153,11 +153,8 @@ def rows(day: str, fields: dict[str, int]) -> list[LedgerRow]:
 def totals(hashes: Sequence[Sequence[int | bytes | str | None]]) -> LedgerRow | None:
     """The totals of a user's hashes (each the values of ``TOTAL_FIELDS``, None where missing)
     as one row of day and model "", or None when they hold nothing."""
-    sums = [0] * len(TOTAL_KINDS)
-    for values in hashes:
-        for index, value in enumerate(values):
-            if value is not None:
-                sums[index] += int(value)
+    found = [[0 if value is None else int(value) for value in values] for values in hashes]
+    sums = [sum(column) for column in zip(*found, strict=True)]
     if not any(sums):
         return None
     return _row("", "", NO_ATTRIBUTION, dict(zip(TOTAL_KINDS, sums, strict=True)))
