@@ -41,6 +41,7 @@ from extproc.envoy.inline_admission import InlineAdmission
 from extproc.envoy.proc_service import ExternalProcessorService
 from extproc.envoy.replies import HeaderPolicy
 from extproc.kuadrant.route_map import RouteDomains
+from extproc.limits.alerts import BudgetAlerts
 from extproc.limits.limiter import Limiter
 from extproc.logs import configure as configure_logging
 from extproc.observability.metrics import Metrics, serve_metrics
@@ -104,6 +105,14 @@ def build_inner_store(config: Config) -> CounterStore:
 def build_store(config: Config, metrics: Metrics) -> ResilientStore:
     """The serving store: the bare store wrapped in the failure policy and its charge spool."""
     return ResilientStore(build_inner_store(config), store_config(config), metrics)
+
+
+def build_alerts(config: Config, metrics: Metrics, store: ResilientStore) -> BudgetAlerts | None:
+    """Soft-limit events and shadow reports, when some budget has thresholds or a shadow mode."""
+    budgets = config.limits.budgets
+    if not any(b.soft or not b.enforce for b in budgets):
+        return None
+    return BudgetAlerts(store, metrics, config.limits.alerts, now_ms)
 
 
 def build_identities(config: Config, metrics: Metrics, kube: KubeConnector) -> IdentitySource:
@@ -265,6 +274,7 @@ class Sidecar:
     charger: Charger
     access_log: AccessLogService
     reporter: Reporter | None = None
+    alerts: BudgetAlerts | None = None
     policies: PolicyLimits | None = None
     routes: WatchedRoutes | None = None
 
@@ -287,7 +297,8 @@ class Sidecar:
         policies = build_policies(config, metrics, kube)
         domains, watched_routes = build_routes(config, metrics, kube)
         plans = build_plans(config, metrics, kube, domains, policies)
-        limiter = Limiter(store, policies or config.limits, now_ms)
+        alerts = build_alerts(config, metrics, store)
+        limiter = Limiter(store, policies or config.limits, now_ms, events=alerts)
         routes = RouteTable(config.routes)
         policy = HeaderPolicy(era, config.subscriptions.identity_headers)
         admission = Admission(
@@ -331,6 +342,7 @@ class Sidecar:
                 charger, metrics, config.accounting, max_count=config.limits.max_request_tokens
             ),
             reporter,
+            alerts,
             policies,
             watched_routes,
         )
@@ -349,6 +361,8 @@ class Sidecar:
         if self.reporter is not None:
             log.info("flushing the Kuadrant report queue")
             await self.reporter.close()  # after the drain: the last charges are queued by now
+        if self.alerts is not None:
+            await self.alerts.close()
         if self.policies is not None:
             await self.policies.close()
         if self.routes is not None:
