@@ -95,7 +95,8 @@ class UsageApi:
         self._today = today
         self._groups = groups  # the groupings ``group_by`` takes (the era's)
         # Listings of every user (admins) and of one user's keys are cached apart, so that many
-        # small listings never push out the snapshot an admin is paging through.
+        # small listings never push out the snapshot an admin is paging through. Two of every
+        # user at most: about 50 MB each at 100,000 users (docs/benchmarks.md).
         self._every_user = snapshots or SnapshotCache()
         self._one_user = SnapshotCache(max_snapshots=256)
         self._scanning = asyncio.Lock()  # one scan of every user at a time

@@ -132,7 +132,7 @@ class SnapshotCache:
         *,
         fresh_s: float = 10.0,
         keep_s: float = 300.0,
-        max_snapshots: int = 4,
+        max_snapshots: int = 2,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._fresh_s = fresh_s

@@ -84,7 +84,8 @@ PARAMS: dict[str, Param] = {
             "`next_page_token` of the previous page, with the same other parameters (`limit`"
             " may change). Pages come from one snapshot of the listing, taken with its first page,"
             " so writes meanwhile neither repeat nor skip a row; a token expires 5 minutes after"
-            " its snapshot was last read (`400`, start again).",
+            " its snapshot was last read, or once two other listings of every user were read"
+            " since (`400`, start again).",
             {"type": "string", "maxLength": MAX_TOKEN_CHARS},
             "",
         ),
