@@ -103,20 +103,32 @@ async def aggregate(
     read = store.ledgers if whole else store.ledger_totals
     # Whole hashes take longer to fold: smaller batches keep each turn of the event loop short.
     size = BATCH_USERS // 4 if whole else BATCH_USERS
-    for start in range(0, len(users), size):
-        batch = users[start : start + size]
-        for user, rows in zip(batch, await read(batch, query.days), strict=True):
-            for row in rows:
-                if not query.filters.admits(row):
-                    continue
-                names = (
-                    (user, row.attribution.key, row.attribution.subscription)
-                    if per_key
-                    else (user,)
-                )
-                amounts = amounts_of(row)
-                before = sums.get(names)
-                sums[names] = amounts if before is None else tuple(map(add, before, amounts))
+    batches = [users[start : start + size] for start in range(0, len(users), size)]
+    # The next batch is asked for before this one is folded: Redis reads while Python adds.
+    coming = asyncio.ensure_future(read(batches[0], query.days)) if batches else None
+    try:
+        for index, batch in enumerate(batches):
+            assert coming is not None
+            found = await coming
+            coming = None
+            if index + 1 < len(batches):
+                coming = asyncio.ensure_future(read(batches[index + 1], query.days))
+                await asyncio.sleep(0)  # it sends its commands before this turn folds
+            for user, rows in zip(batch, found, strict=True):
+                for row in rows:
+                    if not query.filters.admits(row):
+                        continue
+                    names = (
+                        (user, row.attribution.key, row.attribution.subscription)
+                        if per_key
+                        else (user,)
+                    )
+                    amounts = amounts_of(row)
+                    before = sums.get(names)
+                    sums[names] = amounts if before is None else tuple(map(add, before, amounts))
+    finally:
+        if coming is not None:
+            coming.cancel()
     entries = list(sums.items())
     totals = [sum(column) for column in zip(*sums.values(), strict=True)] or [0] * len(summed)
     return entries, dict(zip(summed, totals, strict=True))

@@ -84,6 +84,8 @@ class RedisStore:
         # The listings' batches of reads: a socket of their own, so they never queue before
         # (or behind) the hot path's commands.
         self._bulk = bulk
+        self._since: str | None = None  # see _totals_since
+        self._since_read = float("-inf")
         self._helpers = tuple(helpers)  # e.g. the Sentinel connections, closed with the store
         self._where = redact_url(url) if url else type(client).__name__
         self._secrets = _secrets(url)
@@ -369,8 +371,7 @@ class RedisStore:
     async def ledger_totals(
         self, userids: Sequence[str], days: Sequence[str]
     ) -> list[list[LedgerRow]]:
-        since = await self._call("ledger", self._client.get(keys.ledger_totals_since_key()))
-        since = str(since) if since is not None and _DAY.fullmatch(str(since)) else None
+        since = await self._totals_since()
         summed = [day for day in days if since is not None and day >= since]
         # Days before the totals: their hashes in full (they may hold amounts without totals).
         found = await self.ledgers(userids, [day for day in days if day not in summed])
@@ -388,6 +389,16 @@ class RedisStore:
                     rows.append(row)
         return found
 
+    async def _totals_since(self) -> str | None:
+        """The first day whose hashes carry their totals (None: no such day), read at most
+        every few seconds: a listing asks for it once a batch."""
+        now = time.monotonic()
+        if now - self._since_read > _SINCE_TTL_S:
+            since = await self._call("ledger", self._client.get(keys.ledger_totals_since_key()))
+            self._since = str(since) if since is not None and _DAY.fullmatch(str(since)) else None
+            self._since_read = now
+        return self._since
+
     async def _read_many(self, commands: Sequence[tuple[str, ...]]) -> list[Any]:
         """Replies to many read commands: pipelined on the bulk socket, else through redis-py."""
         if self._bulk is not None:
@@ -400,14 +411,17 @@ class RedisStore:
     async def ledger_users(self, days: Sequence[str]) -> list[str]:
         if not days:
             return []
-        # Day sets live on different slots; a pipeline asks each node once.
-        pipe = self._client.pipeline(transaction=False)
-        for day in days:
-            pipe.smembers(keys.ledger_users_key(day))
-        replies = await self._call("ledger_users", pipe.execute())
+        # A day's set can hold every user: read in chunks (SSCAN), so that no single reply holds
+        # the event loop (the usage API shares it with the gRPC services).
         users: set[str] = set()
-        for members in replies:
-            users |= {str(m) for m in members}
+        for day in days:
+            cursor = 0
+            while True:
+                reading = self._client.sscan(keys.ledger_users_key(day), cursor, count=_USERS_CHUNK)
+                cursor, members = await self._call("ledger_users", reading)
+                users.update(str(m) for m in members)
+                if not cursor:
+                    break
         return sorted(users)
 
     async def ping(self) -> None:
@@ -543,6 +557,8 @@ def _field(name: bytes) -> str:
 
 
 _DAY = re.compile(r"[0-9]{8}")
+_SINCE_TTL_S = 5.0
+_USERS_CHUNK = 5000
 
 
 @functools.lru_cache(maxsize=8)

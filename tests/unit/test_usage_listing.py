@@ -49,7 +49,7 @@ class Builds:
 
 async def test_a_snapshot_is_reused_while_fresh_then_taken_anew() -> None:
     clock, builds = Clock(), Builds()
-    cache = SnapshotCache(fresh_s=10, keep_s=300, clock=clock)
+    cache = SnapshotCache(fresh_s=10, keep_s=300, max_snapshots=4, clock=clock)
     first = await cache.take(query(), ("user",), builds)
     clock.now = 9
     assert await cache.take(query(), ("user",), builds) is first
