@@ -293,7 +293,9 @@ def section(
         "",
         f"Command: `{command}`. Written by `bench/usage_api.py`; `make bench` keeps this section.",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python"
-        f" {platform.python_version()}; a local redis-server, everything on the same machine.",
+        f" {platform.python_version()}; a local redis-server, everything on the same machine"
+        f" (load average {os.getloadavg()[0]:.1f} when the run ended: other work shared the"
+        " cores, so times are upper bounds).",
         "",
         f"Ledger: {users:,} users × {days} days × {models} models ({users * days * models:,} rows,"
         f" half of the users booked to a subscription with two API keys), loaded in {load_s:.0f} s"
