@@ -21,6 +21,7 @@ from extproc.authz.base import IdentitySource
 from extproc.domain import Identity
 from extproc.errors import ConfigError, Unavailable
 from extproc.observability.usage_listing import (
+    Entries,
     PageToken,
     Query,
     Snapshot,
@@ -34,6 +35,7 @@ from extproc.observability.usage_query import (
     Filters,
     GroupBy,
     Period,
+    Row,
     check_retention,
     check_span,
     parse_group_by,
@@ -262,9 +264,7 @@ class UsageApi:
     async def _snapshot(
         self, cache: SnapshotCache, selected: Query, route: Route, per_key: bool
     ) -> Snapshot:
-        async def build() -> tuple[
-            list[tuple[tuple[str, ...], tuple[int, ...]]], dict[str, str | int]
-        ]:
+        async def build() -> tuple[Entries, Row]:
             if selected.users is not None:
                 return await aggregate(self._store, selected.users, selected, per_key)
             async with self._scanning:

@@ -30,6 +30,7 @@ from extproc.store.base import CounterStore
 
 BATCH_USERS = 256  # users per round trip: short enough not to hold the event loop
 Names = tuple[str, ...]
+Entries = list[tuple[Names, tuple[int, ...]]]  # a listing's rows: names, then summed amounts
 SUMMED = tuple(zero_totals())  # the amounts a listing adds up, in this order
 
 
@@ -57,7 +58,7 @@ class Snapshot:
     id: str
     columns: tuple[str, ...]
     summed: tuple[str, ...]
-    entries: list[tuple[Names, tuple[int, ...]]]
+    entries: Entries
     totals: Row
     used: float
     _orders: dict[tuple[str, str], list[int]] = field(default_factory=dict)
@@ -90,7 +91,7 @@ class Snapshot:
 
 async def aggregate(
     store: CounterStore, users: Sequence[str], query: Query, per_key: bool
-) -> tuple[list[tuple[Names, tuple[int, ...]]], Row]:
+) -> tuple[Entries, Row]:
     """Per user (or per user, key and subscription) sums of the rows the filters admit.
 
     Users without an admitted row get no entry. Raises what the store raises (``Unavailable``).
@@ -158,7 +159,7 @@ class SnapshotCache:
         self,
         query: Query,
         columns: tuple[str, ...],
-        build: Callable[[], Awaitable[tuple[list[tuple[Names, tuple[int, ...]]], Row]]],
+        build: Callable[[], Awaitable[tuple[Entries, Row]]],
     ) -> Snapshot:
         """A snapshot of ``query`` taken within ``fresh_s``, or a new one."""
         now = self._clock()

@@ -9,7 +9,7 @@ import base64
 import pytest
 
 from extproc.errors import ConfigError
-from extproc.observability.usage_listing import PageToken, Query, SnapshotCache
+from extproc.observability.usage_listing import SUMMED, PageToken, Query, SnapshotCache
 from extproc.observability.usage_query import Filters, Row
 
 Entries = list[tuple[tuple[str, ...], tuple[int, ...]]]
@@ -38,7 +38,7 @@ class Builds:
     async def __call__(self) -> tuple[Entries, Row]:
         self.count += 1
         await self.gate.wait()
-        width = 7  # the amounts of zero_totals() today; only their order matters here
+        width = len(SUMMED)  # only their order matters here
         entries: Entries = [
             (("bob",), (5,) * width),
             (("alice",), (5,) * width),
