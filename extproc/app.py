@@ -298,7 +298,9 @@ class Sidecar:
         domains, watched_routes = build_routes(config, metrics, kube)
         plans = build_plans(config, metrics, kube, domains, policies)
         alerts = build_alerts(config, metrics, store)
-        limiter = Limiter(store, policies or config.limits, now_ms, events=alerts)
+        limiter = Limiter(
+            store, policies or config.limits, now_ms, events=alerts, prices=config.pricing
+        )
         routes = RouteTable(config.routes)
         policy = HeaderPolicy(era, config.subscriptions.identity_headers)
         admission = Admission(
@@ -318,7 +320,13 @@ class Sidecar:
             max_request_tokens=config.limits.max_request_tokens,
         )
         reporter = build_reporter(config, metrics, policies)
-        charger = Charger(limiter, metrics, reporter, wait_s=config.accounting.settle_wait_s)
+        charger = Charger(
+            limiter,
+            metrics,
+            reporter,
+            wait_s=config.accounting.settle_wait_s,
+            prices=config.pricing,
+        )
         return cls(
             config,
             metrics,

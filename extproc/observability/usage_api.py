@@ -40,6 +40,7 @@ from extproc.observability.usage_query import (
     check_span,
     parse_group_by,
     parse_period,
+    shown,
     summarize,
     to_csv,
     usage_document,
@@ -233,7 +234,7 @@ class UsageApi:
         view = snapshot.ordered(sort, order)
         if offset > len(view):
             raise _bad(ConfigError("page_token", "a next_page_token of a previous page"))
-        rows = [snapshot.row(i) for i in view[offset : offset + limit]]
+        rows = [shown(snapshot.row(i)) for i in view[offset : offset + limit]]
         following = offset + limit
         next_token = (
             PageToken(snapshot.id, following, fingerprint).encode()
@@ -256,7 +257,7 @@ class UsageApi:
             "limit": limit,
             "count": len(view),
             "rows": rows,
-            "totals": snapshot.totals,
+            "totals": shown(snapshot.totals),
             "next_page_token": next_token,
         }
         return web.json_response(document, headers=headers)

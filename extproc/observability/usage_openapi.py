@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from extproc import __version__
-from extproc.observability.usage_query import AMOUNTS, COLUMNS, GroupBy
+from extproc.observability.usage_query import AMOUNTS, COLUMNS, REPORTED_BY, GroupBy
 from extproc.observability.usage_routes import PARAMS, ROUTES, Route
 
 _ERRORS = {
@@ -33,12 +33,12 @@ def openapi_document(groups: tuple[GroupBy, ...]) -> dict[str, Any]:
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {
-                "Amounts": _object({name: {"type": "integer"} for name in AMOUNTS}),
+                "Amounts": _object({name: _amount(name) for name in AMOUNTS}),
                 "Row": {
                     "type": "object",
                     "properties": {
                         **{name: {"type": "string"} for name in names},
-                        **{name: {"type": "integer"} for name in AMOUNTS},
+                        **{name: _amount(name) for name in AMOUNTS},
                     },
                     "required": list(AMOUNTS),
                     "additionalProperties": False,
@@ -84,6 +84,13 @@ def openapi_document(groups: tuple[GroupBy, ...]) -> dict[str, Any]:
             },
         },
     }
+
+
+def _amount(name: str) -> dict[str, Any]:
+    """An amount column: null where no request of the row reported the kind (or was priced)."""
+    if name in REPORTED_BY:
+        return {"type": ["integer", "null"]}
+    return {"type": "integer"}
 
 
 def _object(properties: dict[str, Any]) -> dict[str, Any]:

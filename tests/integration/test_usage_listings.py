@@ -335,3 +335,28 @@ async def test_a_listing_of_every_user_spans_at_most_a_month(client: httpx.Async
     assert (
         await client.get("/v1/usage/keys", params={"from": start}, headers=ALICE)
     ).status_code == 200
+
+
+async def test_sorted_by_cost_with_null_where_nothing_was_priced(
+    client: httpx.AsyncClient, store: CounterStore
+) -> None:
+    priced = [
+        LedgerEntry("user-03", DAY, "opt", 1, 0, 1, 0, cost_micros=900, priced_requests=1),
+        LedgerEntry("user-05", DAY, "opt", 1, 0, 1, 0, cost_micros=2500, priced_requests=1),
+        LedgerEntry("bob", DAY, "opt", 1, 0, 1, 0, cached_tokens=1, cached_reported=1),
+    ]
+    await settle_all(store, priced)
+    params = {"sort": "cost_micros", "order": "desc", "limit": "3"}
+    body = (await client.get("/v1/usage/users", params=params, headers=ADMIN)).json()
+    assert [(r["user"], r["cost_micros"]) for r in body["rows"]] == [
+        ("user-05", 2500),
+        ("user-03", 900),
+        ("user-22", None),  # never priced: null, not 0, and ordered as 0 (ties by name)
+    ]
+    assert body["totals"]["cost_micros"] == 3400
+    cached = await client.get(
+        "/v1/usage/users", params={"sort": "cached_tokens", "order": "desc"}, headers=ADMIN
+    )
+    assert cached.json()["rows"][0]["user"] == "bob"
+    assert cached.json()["rows"][0]["cached_tokens"] == 1
+    assert cached.json()["rows"][1]["cached_tokens"] is None
