@@ -106,6 +106,9 @@ def charge_of(
     if billing is None:
         return None
     found = metadata.get(envoy_usage.NAMESPACE)
+    # Envoy's first downstream byte received to its last byte sent: the request's duration.
+    last_byte = "time_to_last_downstream_tx_byte"
+    duration_ms = getattr(common, last_byte).ToMilliseconds() if common.HasField(last_byte) else 0
     return finished(
         billing,
         lambda: {k: plain(v) for k, v in found.fields.items()} if found is not None else {},
@@ -115,6 +118,7 @@ def charge_of(
         config=config,
         max_count=max_count,
         broken=broken,
+        duration_ms=max(0, duration_ms),
     )
 
 
@@ -128,6 +132,7 @@ def finished(
     config: AccountingConfig,
     max_count: int,
     broken: Callable[[Exception], None] | None,
+    duration_ms: int = 0,
 ) -> Charge:
     """The charge of one finished request, whichever access log reported it: the usage Envoy
     read (``usage_fields``, namespace ``maas.usage`` as plain values), else the estimate with
@@ -149,7 +154,7 @@ def finished(
         cap=billing.reserved or None,
         who=(billing.userid, billing.model),
     )
-    return billing.charge(charged, status, disconnected=disconnected)
+    return billing.charge(charged, status, disconnected=disconnected, duration_ms=duration_ms)
 
 
 class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]

@@ -17,7 +17,7 @@ Each log record carries the attributes of the ``attributes`` list in filters.yam
 string as Envoy 1.40 formats them: ``authz`` (ext_authz's dynamic metadata namespace as JSON: the
 billing record), ``usage`` (namespace ``maas.usage`` as JSON, written by sse_to_metadata /
 json_to_metadata; ``-`` when empty), ``status``, ``flags`` (Envoy's short response flags, ``-``
-for none), ``bytes`` (body bytes sent), ``type`` (the access log type) and ``sample``
+for none), ``bytes`` (body bytes sent), ``duration`` (ms), ``type`` (the access log type) and ``sample``
 (``maas.sample``: the size of the first SSE event with text and the length of its text, written
 by the `lean` settle filter; the estimate of a stream without usage counts that share of the
 bytes sent as text). Typed values (a key-value list, an int) are read as well. Anything else in
@@ -143,6 +143,7 @@ def charge_of(
         usage_fields,
         status=_number(plain(attributes["status"])) if "status" in attributes else 0,
         body_bytes=text_share(sent, _json(attributes.get("sample"))),
+        duration_ms=_number(plain(attributes["duration"])) if "duration" in attributes else 0,
         disconnected=cut,
         config=config,
         max_count=max_count,
