@@ -8,6 +8,7 @@ from typing import Protocol
 
 from extproc.config import LimitsConfig
 from extproc.domain import Charge, Limits, Rate
+from extproc.export import record as charge_record
 from extproc.limits import windows
 from extproc.store import keys, ledger
 from extproc.store.base import NO_ATTRIBUTION, Adjustment, Attribution, CounterStore, WindowCounter
@@ -61,8 +62,11 @@ class Limiter:
         store: CounterStore,
         config: LimitsConfig | LimitsProvider,
         clock_ms: Callable[[], int],
+        *,
+        export: bool = False,
     ) -> None:
         self._store = store
+        self._export = export  # hand every settle its charge record (export.stream.enabled)
         self._limits = FixedLimits(config) if isinstance(config, LimitsConfig) else config
         self._clock_ms = clock_ms
         self._sliding = self._limits.current().window == "sliding"
@@ -276,4 +280,5 @@ class Limiter:
             now,
             request_id=charge.request_id,
             release=release,
+            record=charge_record.encode_charge(charge, now) if self._export else "",
         )

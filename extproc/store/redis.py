@@ -22,7 +22,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
-from extproc.config import StoreConfig, redact_url
+from extproc.config import ExportStreamConfig, StoreConfig, redact_url
 from extproc.errors import StoreUnavailable
 from extproc.limits import windows
 from extproc.store import keys, ledger
@@ -72,8 +72,13 @@ class RedisStore:
         helpers: Sequence[Redis] = (),
         dedupe_ttl_ms: int = 3_600_000,
         hot: PipelinedConnection | None = None,
+        export: ExportStreamConfig | None = None,
     ) -> None:
         self._client = client
+        # Charge records go to the export stream inside the settle script (settle.lua's end).
+        self._export = export or ExportStreamConfig(enabled=False)
+        self._cluster = isinstance(client, RedisCluster)
+        self._known_streams: set[str] = set()  # Cluster: slot streams registered by this process
         # admit and settle go through the pipelined connection when the URL allows one.
         self._hot = hot
         self._helpers = tuple(helpers)  # e.g. the Sentinel connections, closed with the store
@@ -86,8 +91,22 @@ class RedisStore:
         # (day -> users) already added to the day's users set by this process; see _remember_user.
         self._known_users: dict[str, set[str]] = {}
 
+    @property
+    def client(self) -> Client:
+        return self._client
+
+    @property
+    def export(self) -> ExportStreamConfig:
+        return self._export
+
+    @property
+    def cluster(self) -> bool:
+        return self._cluster
+
     @classmethod
-    def from_config(cls, config: StoreConfig) -> RedisStore:
+    def from_config(
+        cls, config: StoreConfig, export: ExportStreamConfig | None = None
+    ) -> RedisStore:
         """A store for ``config.url``: redis://, rediss://, redis[s]+cluster://, redis+sentinel://."""
         url = str(config.url)
         try:
@@ -99,7 +118,9 @@ class RedisStore:
             ) from None
         target = Target.from_url(url)
         hot = PipelinedConnection(target, config.timeout_s or None) if target else None
-        return cls(client, url, config.retention_days, helpers, config.dedupe_ttl_s * 1000, hot)
+        return cls(
+            client, url, config.retention_days, helpers, config.dedupe_ttl_s * 1000, hot, export
+        )
 
     def __repr__(self) -> str:
         return f"RedisStore({self._where!r})"
@@ -108,6 +129,8 @@ class RedisStore:
         """Load both scripts now so the first request does not pay for it (EVALSHA reloads anyway)."""
         for script in (self._admit, self._settle):
             await self._call("start", self._client.script_load(script.source))
+        if self._cluster and self._export.enabled:
+            keys.export_stream_key(self._export.key, "", cluster=True)  # solve the slot tags now
 
     async def admit(
         self,
@@ -159,6 +182,7 @@ class RedisStore:
         *,
         request_id: str = "",
         release: Hold | None = None,
+        record: str = "",
     ) -> bool:
         if not adjustments and entry is None and release is None:
             return True
@@ -196,6 +220,15 @@ class RedisStore:
         # KEYS[1] is the request's state; without an id, any key of the user holds its place.
         marker = keys.request_key(owner.userid, request_id) if marker_ttl and owner else ""
         script_keys.insert(0, marker or script_keys[0])
+        # The export part comes last in KEYS and ARGV (settle.lua reads it from the end).
+        if record and owner is not None and self._export.enabled:
+            stream = keys.export_stream_key(self._export.key, owner.userid, cluster=self._cluster)
+            if self._cluster:
+                await self._register_stream(stream)
+            script_keys.append(stream)
+            args += [self._export.maxlen, record]
+        else:
+            args += [0, ""]
         reply = await self._eval("settle", self._settle, script_keys, args)
         return int(cast(int, reply)) >= 0
 
@@ -269,6 +302,15 @@ class RedisStore:
                 del self._known_users[old]
         known.add(userid)
 
+    async def _register_stream(self, stream: str) -> None:
+        """Cluster: add a slot's stream to the set ``export`` reads, once per process.
+
+        As ``_remember_user``: it runs before the script, so a failure charges nothing yet."""
+        if stream in self._known_streams:
+            return
+        await self._call("settle", self._client.sadd(keys.EXPORT_STREAMS_KEY, stream))
+        self._known_streams.add(stream)
+
     async def _eval(
         self, op: str, script: _Script, script_keys: list[str], args: Sequence[int | str]
     ) -> list[Any]:
@@ -304,6 +346,7 @@ class RedisStore:
     def _unavailable(self, op: str, exc: BaseException) -> StoreUnavailable:
         """The error to raise, its message redacted; the cause is left off so it cannot leak."""
         self._known_users.clear()
+        self._known_streams.clear()
         detail = _scrub(str(exc), self._secrets)
         return StoreUnavailable(
             f"redis {op} failed at {self._where}: {type(exc).__name__}: {detail}"
