@@ -130,9 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from extproc import config as config_mod
-    from extproc import config_files
 
     if args.command == "check-config":
+        from extproc import config_files
+
         loaded = config_mod.load(args.file, os.environ)
         files = config_files.check(loaded)  # every file it names, read as serve reads it
         plans = (
@@ -171,6 +172,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from dataclasses import replace
 
+        from extproc import config_files
         from extproc.app import run
 
         loaded = config_mod.load(args.config, os.environ)
