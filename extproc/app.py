@@ -369,7 +369,7 @@ class Sidecar:
         if self.reporter is not None:
             self.reporter.start()
         if self.pusher is not None:
-            self.pusher.start()
+            await self.pusher.start()
 
     async def close(self) -> None:
         """Settle what is pending, flush the Kuadrant queue, then close the store (its spool)."""

@@ -83,7 +83,13 @@ class CloudEventsPusher:
         self._session: aiohttp.ClientSession | None = None
         self._failing = 0  # consecutive failed attempts: one log line when a streak starts
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Create the group before the first request, so no record of this run comes before it
+        (a new group starts at the newest record); a store down now leaves that to the task."""
+        try:
+            await self._reader.prepare()
+        except StoreUnavailable as exc:
+            log.warning("cloudevents: export stream unavailable at start: %s", exc)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="cloudevents")
 
     async def close(self) -> None:

@@ -304,6 +304,10 @@ class GroupReader:
     def streams(self) -> list[str]:
         return list(self._streams)
 
+    async def prepare(self) -> None:
+        """Find the streams and create the group on them now (``next_batch`` does it too)."""
+        await self._refresh()
+
     async def next_batch(self, block_ms: int) -> list[Entry]:
         """The next entries to handle; [] when nothing came within ``block_ms`` (0: no wait)."""
         await self._refresh()
