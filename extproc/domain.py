@@ -90,6 +90,10 @@ Tier = Plan  # the tier era's name for a plan: Tier(name, level, groups, display
 class Usage:
     """Tokens one response used. ``None`` means the upstream did not report that field.
 
+    ``prompt_tokens`` includes the cached (read) and cache-creation (written) input tokens, and
+    ``completion_tokens`` includes the reasoning tokens, as OpenAI reports them; the disjoint
+    kinds that are priced come from ``accounting.pricing.split``.
+
     "Not reported" is kept apart from 0 so that a missing field is never charged as free.
     ``estimated`` marks usage we computed ourselves because the upstream reported none.
     ``invalid`` says why the upstream reported numbers we cannot trust ("" when we can): a
@@ -100,8 +104,10 @@ class Usage:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
-    cached_tokens: int | None = None
-    reasoning_tokens: int | None = None
+    cached_tokens: int | None = None  # cached input read (part of prompt_tokens)
+    # Cache writes (Anthropic's cache_creation_input_tokens), part of prompt_tokens too.
+    cache_creation_tokens: int | None = None
+    reasoning_tokens: int | None = None  # part of completion_tokens
     estimated: bool = False
     invalid: str = ""  # one of UNTRUSTED_REASONS
 
@@ -129,6 +135,7 @@ class Usage:
             reasoning_tokens=_pick(newer.reasoning_tokens, self.reasoning_tokens),
             estimated=self.estimated or newer.estimated,
             invalid=self.invalid or newer.invalid,
+            cache_creation_tokens=_pick(newer.cache_creation_tokens, self.cache_creation_tokens),
         )
 
 
@@ -223,6 +230,10 @@ class Charge:
     organization_id: str = ""
     cost_center: str = ""
     rate_windows: tuple[int, ...] = ()
+    # Set once before the settle (accounting.pricing): the response's cost in micro-units of
+    # the configured currency, rounded up per request, and whether a price applied at all.
+    cost_micros: int = 0
+    priced: bool = False
 
     @property
     def plan(self) -> str:

@@ -25,7 +25,11 @@ def usage_of(raw: object) -> Usage | None:
         return None
     total = None if prompt is None or output is None else prompt + output
     return Usage(
-        prompt_tokens=prompt, completion_tokens=output, total_tokens=total, cached_tokens=read
+        prompt_tokens=prompt,
+        completion_tokens=output,
+        total_tokens=total,
+        cached_tokens=read,
+        cache_creation_tokens=written,
     )
 
 

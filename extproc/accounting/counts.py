@@ -57,12 +57,14 @@ def usage(
     total: object = None,
     *,
     cached: object = None,
+    cache_creation: object = None,
     reasoning: object = None,
 ) -> Usage | None:
     """The usage of raw JSON values; ``None`` when nothing is reported.
 
     A charged part (prompt, completion, total) that cannot be trusted makes the whole usage
-    untrusted. The informational parts (cached, reasoning) are only dropped when they are bad.
+    untrusted. The informational parts (cached, cache_creation, reasoning) are only dropped
+    ("not reported") when they are bad: the charge does not depend on them.
     """
     charged: list[int | None] = []
     for value in (prompt, completion, total):
@@ -77,6 +79,7 @@ def usage(
         completion_tokens=charged[1],
         total_tokens=charged[2],
         cached_tokens=count(cached)[0],
+        cache_creation_tokens=count(cache_creation)[0],
         reasoning_tokens=count(reasoning)[0],
     )
 
@@ -90,6 +93,7 @@ def within(found: Usage | None, bound: int = DEFAULT_MAX_REQUEST_TOKENS) -> Usag
         found.completion_tokens,
         found.total_tokens,
         found.cached_tokens,
+        found.cache_creation_tokens,
         found.reasoning_tokens,
     ):
         if part is not None and part > bound:

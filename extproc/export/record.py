@@ -76,11 +76,11 @@ def of(charge: Charge, time_ms: int) -> dict[str, Any]:
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
         "cached_tokens": usage.cached_tokens,
-        "cache_creation_tokens": getattr(usage, "cache_creation_tokens", None),
+        "cache_creation_tokens": usage.cache_creation_tokens,
         "reasoning_tokens": usage.reasoning_tokens,
         "charged_tokens": usage.total(),
-        "cost_micros": getattr(charge, "cost_micros", 0),
-        "priced": getattr(charge, "priced", False),
+        "cost_micros": charge.cost_micros,
+        "priced": charge.priced,
         "reserved_tokens": charge.reserved_tokens,
     }
 

@@ -80,7 +80,14 @@ NO_ATTRIBUTION = Attribution()
 
 @dataclass(frozen=True, slots=True)
 class LedgerEntry:
-    """One response's usage for the per-user, per-day, per-model ledger."""
+    """One response's usage for the per-user, per-day, per-model ledger.
+
+    The informational kinds (cached input read, cache creation, reasoning; each part of the
+    prompt or completion) come with how many of the entry's requests reported them (0 or 1 per
+    response), so a sum of 0 over requests that reported 0 stays apart from "not reported".
+    ``cost_micros`` is the exact integer cost (accounting.pricing); ``priced_requests`` counts
+    the requests a price applied to.
+    """
 
     userid: str
     day: str  # YYYYMMDD, UTC
@@ -91,6 +98,14 @@ class LedgerEntry:
     estimated_tokens: int  # the part of total_tokens that is an estimate
     requests: int = 1
     attribution: Attribution = NO_ATTRIBUTION
+    cached_tokens: int = 0
+    cache_creation_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_micros: int = 0
+    cached_reported: int = 0
+    cache_creation_reported: int = 0
+    reasoning_reported: int = 0
+    priced_requests: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +135,16 @@ class LedgerRow:
     unsettled_tokens: int = 0  # reservations of admitted requests not settled (yet)
     unsettled_requests: int = 0
     attribution: Attribution = NO_ATTRIBUTION
+    # As in LedgerEntry: sums of the informational kinds, how many requests reported each, the
+    # cost in micro-units and how many requests were priced.
+    cached_tokens: int = 0
+    cache_creation_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_micros: int = 0
+    cached_reported: int = 0
+    cache_creation_reported: int = 0
+    reasoning_reported: int = 0
+    priced_requests: int = 0
 
 
 class CounterStore(Protocol):

@@ -108,7 +108,23 @@ def _unescaped(match: re.Match[str]) -> str:
     return "%" if match[1] == "25" else "|"
 
 
-LEDGER_KINDS = ("prompt", "completion", "total", "estimated", "requests")
+LEDGER_KINDS = (
+    "prompt",
+    "completion",
+    "total",
+    "estimated",
+    "requests",
+    # Issue #16: the informational token kinds, the cost (micro-units), and how many requests
+    # reported each kind (``_n``) or were priced, so "not reported" stays apart from 0.
+    "cached",
+    "cache_creation",
+    "reasoning",
+    "cost",
+    "cached_n",
+    "cache_creation_n",
+    "reasoning_n",
+    "priced",
+)
 
 
 CLUSTER_SLOTS = 16384

@@ -1,7 +1,10 @@
 """The usage ledger's record format: one hash per (user, day), fields ``model|kind`` -> amount.
 
 Both stores (memory and Redis) write and read it through these helpers, so they cannot drift.
-Settled kinds (``keys.LEDGER_KINDS``) only ever grow. ``unsettled`` and ``open`` hold the
+Settled kinds (``keys.LEDGER_KINDS``) only ever grow. The five kinds every entry has (prompt,
+completion, total, estimated, requests) are always written; the later ones (token kinds, cost,
+reported counts) only when not 0, so traffic that reports none of them keeps the hash as small
+as before, and a missing field reads as 0. ``unsettled`` and ``open`` hold the
 reservations of admitted requests whose settle has not come yet: admission adds them, the settle
 takes them off again, so what stays there belongs to requests whose charge never arrived (the
 sidecar that followed the stream was killed).
@@ -20,6 +23,9 @@ UNSETTLED = "unsettled"  # reserved tokens of admitted requests not settled yet
 OPEN = "open"  # how many admitted requests are not settled yet
 
 
+ALWAYS_WRITTEN = 5  # the first kinds of keys.LEDGER_KINDS, written even when 0
+
+
 def entry_for(charge: Charge, now_ms: int) -> LedgerEntry:
     """The ledger entry one settled charge adds, on the day of ``now_ms``."""
     usage = charge.usage
@@ -33,6 +39,14 @@ def entry_for(charge: Charge, now_ms: int) -> LedgerEntry:
         total_tokens=total,
         estimated_tokens=total if usage.estimated else 0,
         attribution=attribution_of(charge),
+        cached_tokens=usage.cached_tokens or 0,
+        cache_creation_tokens=usage.cache_creation_tokens or 0,
+        reasoning_tokens=usage.reasoning_tokens or 0,
+        cost_micros=charge.cost_micros,
+        cached_reported=int(usage.cached_tokens is not None),
+        cache_creation_reported=int(usage.cache_creation_tokens is not None),
+        reasoning_reported=int(usage.reasoning_tokens is not None),
+        priced_requests=int(charge.priced),
     )
 
 
@@ -65,7 +79,7 @@ def model_of(model: str) -> str:
     return model or "unknown"
 
 
-def amounts(entry: LedgerEntry) -> tuple[int, int, int, int, int]:
+def amounts(entry: LedgerEntry) -> tuple[int, ...]:
     """The entry's numbers in ``keys.LEDGER_KINDS`` order."""
     return (
         entry.prompt_tokens,
@@ -73,15 +87,25 @@ def amounts(entry: LedgerEntry) -> tuple[int, int, int, int, int]:
         entry.total_tokens,
         entry.estimated_tokens,
         entry.requests,
+        entry.cached_tokens,
+        entry.cache_creation_tokens,
+        entry.reasoning_tokens,
+        entry.cost_micros,
+        entry.cached_reported,
+        entry.cache_creation_reported,
+        entry.reasoning_reported,
+        entry.priced_requests,
     )
 
 
 def entry_fields(entry: LedgerEntry) -> list[tuple[str, int]]:
-    """The (field, amount) pairs one settled entry adds, in ``keys.LEDGER_KINDS`` order."""
+    """The (field, amount) pairs one settled entry adds, in ``keys.LEDGER_KINDS`` order (the
+    later kinds only when not 0)."""
     parts = entry.attribution.parts()
     return [
         (keys.ledger_field(entry.model, kind, parts), amount)
-        for kind, amount in zip(keys.LEDGER_KINDS, amounts(entry), strict=True)
+        for index, (kind, amount) in enumerate(zip(keys.LEDGER_KINDS, amounts(entry), strict=True))
+        if amount or index < ALWAYS_WRITTEN
     ]
 
 
@@ -113,6 +137,14 @@ def rows(day: str, fields: dict[str, int]) -> list[LedgerRow]:
             unsettled_tokens=max(0, kinds.get(UNSETTLED, 0)),
             unsettled_requests=max(0, kinds.get(OPEN, 0)),
             attribution=Attribution.of(attribution),
+            cached_tokens=kinds.get("cached", 0),
+            cache_creation_tokens=kinds.get("cache_creation", 0),
+            reasoning_tokens=kinds.get("reasoning", 0),
+            cost_micros=kinds.get("cost", 0),
+            cached_reported=kinds.get("cached_n", 0),
+            cache_creation_reported=kinds.get("cache_creation_n", 0),
+            reasoning_reported=kinds.get("reasoning_n", 0),
+            priced_requests=kinds.get("priced", 0),
         )
         for (model, attribution), kinds in sorted(per_model.items())
         if any(kinds.values())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -15,6 +15,7 @@ from extproc.store import keys
 from extproc.store.base import (
     Adjustment,
     AdmitResult,
+    Attribution,
     CounterState,
     CounterStore,
     Hold,
@@ -206,6 +207,37 @@ async def test_ledger_rows_and_users(subject: Subject) -> None:
     assert await store.ledger_users([DAY, "20231115"]) == ["alice", "bob"]
     assert await store.ledger_users(["20231115"]) == ["alice"]
     assert await store.ledger_users(["20231116"]) == []
+
+
+async def test_ledger_keeps_token_kinds_cost_and_what_was_reported(subject: Subject) -> None:
+    """Issue #16: the informational kinds and the cost add up per row; the ``*_reported`` counts
+    keep "reported 0" apart from "not reported"; an entry without them leaves them at 0."""
+    store = subject.store
+    booked = Attribution("ns/gold", "key-1", "org", "cc")
+    kinds = LedgerEntry(
+        "alice", DAY, "granite", 100, 50, 150, 0,
+        attribution=booked, cached_tokens=60, cache_creation_tokens=10, reasoning_tokens=20,
+        cost_micros=2**53 + 1, cached_reported=1, cache_creation_reported=1,
+        reasoning_reported=1, priced_requests=1,
+    )  # fmt: skip
+    zeros = replace(
+        kinds, cached_tokens=0, cache_creation_tokens=0, reasoning_tokens=0, cost_micros=7,
+        cache_creation_reported=0, reasoning_reported=0,
+    )  # fmt: skip
+    await store.settle([], kinds, T0, request_id="r1")
+    await store.settle([], zeros, T0 + 1, request_id="r2")
+    await store.settle([], kinds, T0 + 2, request_id="r1")  # a replay changes nothing
+    await store.settle([], entry("alice", "granite", 4), T0 + 3)  # tier era: nothing reported
+    rows = await store.ledger("alice", [DAY])
+    assert rows == [
+        LedgerRow(DAY, "granite", 3, 1, 4, 0, 1),
+        LedgerRow(
+            DAY, "granite", 200, 100, 300, 0, 2,
+            attribution=booked, cached_tokens=60, cache_creation_tokens=10, reasoning_tokens=20,
+            cost_micros=2**53 + 8, cached_reported=2, cache_creation_reported=1,
+            reasoning_reported=1, priced_requests=2,
+        ),
+    ]  # fmt: skip
 
 
 async def test_settle_adjusts_and_records_together(subject: Subject) -> None:

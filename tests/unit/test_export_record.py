@@ -65,6 +65,22 @@ def test_the_subscription_era_fills_its_attribution() -> None:
     assert record.decode(record.encode(whole)) == whole
 
 
+def test_the_token_kinds_and_the_cost_reach_the_record() -> None:
+    usage = Usage(
+        prompt_tokens=100,
+        completion_tokens=50,
+        total_tokens=150,
+        cached_tokens=60,
+        cache_creation_tokens=20,
+        reasoning_tokens=30,
+    )
+    whole = record.of(charge(usage=usage, cost_micros=1_234_567, priced=True), T)
+    got = {k: whole[k] for k in ("cached_tokens", "cache_creation_tokens", "reasoning_tokens")}
+    assert got == {"cached_tokens": 60, "cache_creation_tokens": 20, "reasoning_tokens": 30}
+    assert (whole["cost_micros"], whole["priced"]) == (1_234_567, True)
+    assert record.decode(record.encode(whole)) == whole
+
+
 def test_the_stored_form_leaves_defaults_out() -> None:
     stored = json.loads(record.encode(record.of(charge(), T)))
     assert "time" not in stored
