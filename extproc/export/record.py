@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from extproc.domain import Charge
 
 VERSION = 1
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+_q = encode_basestring_ascii
 
 # Version 1's fields in order (the CSV columns), after the version field ``v``.
 FIELDS = (
@@ -121,11 +124,53 @@ def encode(record: dict[str, Any]) -> str:
         for name, value in record.items()
         if name != "time" and not _is_default(name, value)
     }
-    return json.dumps(stored, separators=(",", ":"))
+    return _dumps(stored)
 
 
 def encode_charge(charge: Charge, time_ms: int) -> str:
-    return encode(of(charge, time_ms))
+    """``encode(of(charge, time_ms))``, written straight from the charge: it runs on every
+    settle, where the whole record and ``json.dumps`` cost three times as much (about 15 µs
+    against 5; the unit tests hold the two equal). Strings go through json's own C escaper."""
+    usage = charge.usage
+    out = f'{{"v":{VERSION},"request_id":{_q(charge.request_id)},"time_ms":{time_ms}'
+    out += f',"user":{_q(charge.userid)}'
+    if charge.key_name:
+        out += f',"key_name":{_q(charge.key_name)}'
+    out += f',"plan":{_q(charge.plan)}'
+    if charge.subscription:
+        out += ',"era":"subscriptions"'
+    if charge.organization_id:
+        out += f',"organization_id":{_q(charge.organization_id)}'
+    if charge.cost_center:
+        out += f',"cost_center":{_q(charge.cost_center)}'
+    out += f',"model":{_q(charge.model)}'
+    if charge.route:
+        out += f',"route":{_q(charge.route)}'
+    out += f',"status":{int(charge.status)}'
+    if charge.disconnected:
+        out += ',"disconnected":true'
+    if usage.estimated:
+        out += ',"estimated":true'
+    if usage.invalid:
+        out += f',"invalid":{_q(usage.invalid)}'
+    for name, value in (
+        ("prompt_tokens", usage.prompt_tokens),
+        ("completion_tokens", usage.completion_tokens),
+        ("total_tokens", usage.total_tokens),
+        ("cached_tokens", usage.cached_tokens),
+        ("cache_creation_tokens", usage.cache_creation_tokens),
+        ("reasoning_tokens", usage.reasoning_tokens),
+    ):
+        if value is not None:
+            out += f',"{name}":{int(value)}'
+    out += f',"charged_tokens":{int(usage.total())}'
+    if charge.cost_micros:
+        out += f',"cost_micros":{int(charge.cost_micros)}'
+    if charge.priced:
+        out += ',"priced":true'
+    if charge.reserved_tokens:
+        out += f',"reserved_tokens":{int(charge.reserved_tokens)}'
+    return out + "}"
 
 
 class BadRecord(ValueError):

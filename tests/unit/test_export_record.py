@@ -81,6 +81,21 @@ def test_the_token_kinds_and_the_cost_reach_the_record() -> None:
     assert record.decode(record.encode(whole)) == whole
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"usage": Usage(total_tokens=0, estimated=True, invalid="negative"), "route": "ns/r"},
+        {"usage": Usage(0, 0, 0, 0, 0, 0), "disconnected": True, "reserved_tokens": 0},
+        {"tier": "", "subscription": "a/b", "key_name": "k", "organization_id": "o",
+         "cost_center": "c", "cost_micros": 5, "priced": True},
+    ],
+)  # fmt: skip
+def test_the_settles_fast_encoding_is_the_records_stored_form(kw: dict[str, object]) -> None:
+    c = charge(**kw)
+    assert record.encode_charge(c, T) == record.encode(record.of(c, T))
+
+
 def test_the_stored_form_leaves_defaults_out() -> None:
     stored = json.loads(record.encode(record.of(charge(), T)))
     assert "time" not in stored
