@@ -676,8 +676,13 @@ def _export(value: object) -> ExportConfig:
     raw = _mapping(value, "export")
     _no_unknown(raw, "export.", {"stream", "cloudevents"})
     stream = _section(ExportStreamConfig, {"export.stream": raw.get("stream")}, "export.stream")
-    events = _section(
-        CloudEventsConfig, {"export.cloudevents": raw.get("cloudevents")}, "export.cloudevents"
+    events_raw = dict(_mapping(raw.get("cloudevents"), "export.cloudevents"))
+    url = events_raw.pop("url", "")  # "" (off) is a valid value here, unlike store.url
+    if not isinstance(url, str):
+        raise ConfigError("export.cloudevents.url", "'' or an http:// or https:// URL", url)
+    events = replace(
+        _section(CloudEventsConfig, {"export.cloudevents": events_raw}, "export.cloudevents"),
+        url=Secret(url),
     )
     # The stream key is a prefix on Cluster (a hash tag follows it): braces would end the tag.
     if not stream.key or any(c in stream.key for c in "{}") or stream.key != stream.key.strip():

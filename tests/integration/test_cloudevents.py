@@ -142,13 +142,14 @@ async def test_an_event_the_receiver_refuses_is_dropped_and_counted(receiver: Re
     pusher = CloudEventsPusher(records, settings(receiver.url), metrics)
     await pusher.start()
     try:
+        records.append("not a record", 1)  # dropped as well: it never becomes an event
         await charge(store, "refused")
         await charge(store, "taken")
         await until(lambda: len(receiver.events) == 1)
     finally:
         await pusher.close()
     assert [e["id"] for e in receiver.events] == ["taken"]
-    assert count(metrics, "dropped") == 1
+    assert count(metrics, "dropped") == 2
 
 
 async def test_a_sidecar_restart_while_the_receiver_is_down_loses_nothing(

@@ -189,3 +189,22 @@ def test_a_dead_store_is_one_line_and_exit_1(
     assert "store unavailable" in err
     assert "Traceback" not in err
     assert err.count("\n") == 1
+
+
+def test_entries_that_are_not_records_are_skipped_with_one_line_each(
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    redis_server.cli_command("-n", str(DB), "flushdb")
+    good = record.encode_charge(Charge("bob", "premium", "m1", Usage(1, 2, 3), request_id="ok"), 5)
+    for fields in (("x", "1"), ("r", "not json"), ("r", '{"v": 0}'), ("r", good)):
+        redis_server.cli_command("-n", str(DB), "xadd", "maas:export", "*", *fields)
+    monkeypatch.setenv("MAAS_EXTPROC_STORE_URL", url_of(redis_server))
+    assert main(["export", "--group", "g", "--from-start"]) == 0
+    out, err = capsys.readouterr()
+    assert [r["request_id"] for r in lines(out)] == ["ok"]
+    assert err.count("skipped:") == 3
+    assert "Traceback" not in err
+    pending = redis_server.cli_command("-n", str(DB), "xpending", "maas:export", "g")
+    assert pending.split()[0] == "0"  # skipped ones are acknowledged too: they never become records
