@@ -45,6 +45,10 @@ class RecordStream(Protocol):
         """Create ``group`` at ``start`` (``0`` or ``$``) unless it exists; True if created."""
         ...
 
+    async def rewind(self, stream: str, group: str) -> None:
+        """Move ``group`` on ``stream`` back to its first entry (XGROUP SETID 0)."""
+        ...
+
     async def read(
         self, stream: str, group: str, consumer: str, after: str, count: int, block_ms: int
     ) -> list[Entry]:
@@ -92,6 +96,9 @@ class RedisRecords:
         except _FAILURES as exc:
             raise _unavailable("XGROUP CREATE", exc) from None
         return True
+
+    async def rewind(self, stream: str, group: str) -> None:
+        await self._call(self._client.xgroup_setid(stream, group, "0"))
 
     async def read(
         self, stream: str, group: str, consumer: str, after: str, count: int, block_ms: int
@@ -197,6 +204,10 @@ class MemoryRecords:
         self._groups[group] = _Group(self._last if start == "$" else (0, 0))
         return True
 
+    async def rewind(self, stream: str, group: str) -> None:
+        if group in self._groups:
+            self._groups[group].last = (0, 0)
+
     async def read(
         self, stream: str, group: str, consumer: str, after: str, count: int, block_ms: int
     ) -> list[Entry]:
@@ -272,8 +283,9 @@ class MemoryRecords:
 class GroupReader:
     """Reads the export streams as one consumer of one group; see the module docstring.
 
-    A stream first seen after the first round (Cluster: a slot's first record) is read from its
-    beginning, so nothing written to it before it was seen is skipped.
+    A new group starts at the newest record (or the oldest, ``from_start``). A stream the group
+    does not have yet while it has others (Cluster: a slot's first record, seen later or while
+    the reader was away) is read from its beginning, so nothing written to it is skipped.
     """
 
     def __init__(
@@ -357,13 +369,23 @@ class GroupReader:
         self._refreshed = time.monotonic()
         first = self._rounds == 0
         self._rounds += 1
+        created: list[str] = []
+        existed = False
         for stream in await self._source.streams():
             if stream in self._streams:
                 continue
             start = "0" if self._from_start or not first else "$"
-            await self._source.ensure_group(stream, self._group, start)
+            if await self._source.ensure_group(stream, self._group, start):
+                created.append(stream)
+            else:
+                existed = True
             self._streams.append(stream)
             self._pending_after[stream] = "0"
+        if first and existed and not self._from_start:
+            # The group is not new (a restart): a stream it lacked (Cluster: a slot first used
+            # while this reader was away) is read from its start, or those records are skipped.
+            for stream in created:
+                await self._source.rewind(stream, self._group)
 
 
 class _SentinelAware(RedisRecords):

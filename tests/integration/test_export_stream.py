@@ -187,3 +187,29 @@ async def test_another_consumer_takes_over_what_an_idle_one_left(subject: Subjec
     assert [e.id for e in claimed] == [e.id for e in taken]
     await other.ack(claimed)
     assert await GroupReader(subject.records, "g", "replica-1", claim_idle_ms=0).next_batch(0) == []
+
+
+async def test_a_slot_first_used_while_the_reader_was_away_is_read_whole(
+    redis_cluster: RedisClusterProcesses,
+) -> None:
+    url = redis_cluster.url
+    raw = RedisCluster(host="127.0.0.1", port=redis_cluster.ports[0], decode_responses=True)
+    await raw.flushall()
+    store = RedisStore.from_config(
+        StoreConfig(url=Secret(url), timeout_s=2.0), ExportStreamConfig()
+    )
+    records = redis_records(url, BASE, 5.0)
+    try:
+        await settle(store, charge_of("user-0", "first"))
+        assert [
+            r["request_id"] for r in await read_all(GroupReader(records, "g", "c", from_start=True))
+        ] == ["first"]
+        # The reader is away; new users bring records on slots whose streams did not exist.
+        for n in range(1, 12):
+            await settle(store, charge_of(f"user-{n}", f"r{n}"))
+        back = await read_all(GroupReader(records, "g", "c"))  # the group exists: a restart
+        assert sorted(r["request_id"] for r in back) == sorted(f"r{n}" for n in range(1, 12))
+    finally:
+        await store.close()
+        await records.close()
+        await raw.aclose()
