@@ -271,6 +271,7 @@ class CloudEventsConfig:
     group: str = "cloudevents"  # the stream's consumer group the pusher reads with
     consumer: str = ""  # "": the host name (stable across restarts of a pod's sidecar)
     timeout_s: float = 5.0  # per POST
+    concurrency: int = 8  # POSTs in flight at once (1: strictly in the stream's order)
     retry_initial_s: float = 0.5
     retry_max_s: float = 30.0
     spool_size: int = 1000  # records read ahead and held in memory; the stream keeps the rest
@@ -704,6 +705,8 @@ def _export(value: object) -> ExportConfig:
         raise ConfigError("export.cloudevents.retry_max_s", "a duration >= retry_initial_s")
     if events.spool_size < 1:
         raise ConfigError("export.cloudevents.spool_size", "a whole number >= 1")
+    if events.concurrency < 1:
+        raise ConfigError("export.cloudevents.concurrency", "a whole number >= 1")
     return ExportConfig(stream=stream, cloudevents=events)
 
 

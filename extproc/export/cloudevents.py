@@ -10,9 +10,10 @@ The pusher reads the stream with a consumer group of its own (``export.cloudeven
 the stream is the spool: a record is acknowledged only once the receiver took it (2xx) or refused
 its content for good (400, 413, 415, 422: dropped and counted). Anything else (no connection, a
 timeout, 408, 429, 5xx, and statuses that mean a wrong URL or credentials) is retried with
-exponential backoff, in order, for as long as the stream keeps the record; a sidecar that stops
-or dies leaves its unacknowledged records pending, and reads them first when it starts again.
-At most ``spool_size`` records are held in memory at once.
+exponential backoff, for as long as the stream keeps the record; a sidecar that stops or dies
+leaves its unacknowledged records pending, and reads them first when it starts again. At most
+``spool_size`` records are held in memory at once (read in batches of up to 100), and
+``concurrency`` POSTs are in flight (1: one at a time, in the stream's order).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def to_event(record: dict[str, Any], entry: Entry, settings: CloudEventsConfig) 
 
 
 class CloudEventsPusher:
-    """One background task: read, POST each record until it is taken or refused, acknowledge."""
+    """One background task: read a batch, POST each record until it is taken or refused (up to
+    ``concurrency`` at once), acknowledge each as it is done, read the next batch."""
 
     def __init__(
         self,
@@ -82,6 +84,7 @@ class CloudEventsPusher:
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._failing = 0  # consecutive failed attempts: one log line when a streak starts
+        self._slots = asyncio.Semaphore(settings.concurrency)  # POSTs in flight
 
     async def start(self) -> None:
         """Create the group before the first request, so no record of this run comes before it
@@ -130,10 +133,17 @@ class CloudEventsPusher:
                 continue
             delay = self._settings.retry_initial_s
             self._metrics.cloudevents_spool.set(len(entries))
-            for entry in entries:
-                await self._deliver(entry)
-                await self._ack(entry)
-                self._metrics.cloudevents_spool.dec()
+            if self._settings.concurrency == 1:
+                for entry in entries:
+                    await self._handle(entry)
+            else:
+                await asyncio.gather(*(self._handle(entry) for entry in entries))
+
+    async def _handle(self, entry: Entry) -> None:
+        async with self._slots:
+            await self._deliver(entry)
+            await self._ack(entry)
+            self._metrics.cloudevents_spool.dec()
 
     async def _deliver(self, entry: Entry) -> None:
         try:

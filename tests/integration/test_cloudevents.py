@@ -41,10 +41,22 @@ class Receiver:
     failures: list[int] = field(default_factory=list)  # statuses to answer, in order, first
     events: list[dict[str, Any]] = field(default_factory=list)  # accepted
     attempts: int = 0
+    delay_s: float = 0.0  # answer this late
+    in_flight: int = 0
+    most_in_flight: int = 0
     url: str = ""
 
     async def handle(self, request: web.Request) -> web.Response:
         self.attempts += 1
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.delay_s)
+            return await self._answer(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, request: web.Request) -> web.Response:
         body = await request.read()
         if self.failures:
             return web.Response(status=self.failures.pop(0))
@@ -79,6 +91,7 @@ def settings(url: str, **kw: Any) -> CloudEventsConfig:
     base: dict[str, Any] = {
         "url": Secret(url),
         "consumer": "sidecar-0",
+        "concurrency": 1,  # one at a time: the stream's order
         "retry_initial_s": 0.01,
         "retry_max_s": 0.05,
         "timeout_s": 10.0,  # a loaded test machine: a timed-out POST is sent again
@@ -182,3 +195,24 @@ async def test_a_sidecar_restart_while_the_receiver_is_down_loses_nothing(
     assert [e["id"] for e in receiver.events] == ["r0", "r1", "r2", "r3"]
     pending = redis_server.cli_command("-n", "5", "xpending", "maas:export", "cloudevents")
     assert pending.split()[0] == "0"
+
+
+async def test_several_events_are_in_flight_at_once_and_each_is_taken_once(
+    receiver: Receiver,
+) -> None:
+    records = MemoryRecords()
+    store = MemoryStore(records=records)
+    metrics = Metrics()
+    receiver.delay_s = 0.05
+    receiver.failures = [503, 503]
+    pusher = CloudEventsPusher(records, settings(receiver.url, concurrency=4), metrics)
+    await pusher.start()
+    try:
+        for n in range(12):
+            await charge(store, f"c{n}")
+        await until(lambda: len(receiver.events) == 12)
+    finally:
+        await pusher.close()
+    assert sorted(e["id"] for e in receiver.events) == sorted(f"c{n}" for n in range(12))
+    assert 1 < receiver.most_in_flight <= 4
+    assert count(metrics, "sent") == 12

@@ -51,6 +51,7 @@ def test_environment_overrides_reach_both_parts() -> None:
         ),
         ({"cloudevents": {"type": ""}}, "export.cloudevents.type"),
         ({"cloudevents": {"spool_size": 0}}, "export.cloudevents.spool_size"),
+        ({"cloudevents": {"concurrency": 0}}, "export.cloudevents.concurrency"),
         ({"cloudevents": {"retry_initial_s": "5s", "retry_max_s": "1s"}}, "export.cloudevents"),
         ({"nope": {}}, "export.nope"),
         ("text", "export"),
