@@ -68,6 +68,8 @@ UNRESOLVED_SUBSCRIPTION = Plan("unknown", era="subscriptions")
 # The request's completion bound, by the names the OpenAI, Anthropic and Responses APIs use;
 # the first one set (and above 0) is the bound, every one set must be a valid count.
 BOUND_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+# The limiter's refusing kind -> the outcome (replies.py maps each to its status).
+_REFUSALS = {"tokens": Outcome.TOKEN_LIMITED, "budget": Outcome.QUOTA_EXCEEDED}
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,6 +312,7 @@ class Admission:
                     http_route,
                     request_id=request_id,
                     now_ms=now,
+                    groups=identity.groups,
                 )
             else:
                 verdict = await self._limiter.admit(
@@ -323,6 +326,7 @@ class Admission:
                     ),
                     request_id=request_id,
                     now_ms=now,
+                    groups=identity.groups,
                 )
         except StoreUnavailable:
             if not self._store_fail_open:
@@ -330,12 +334,20 @@ class Admission:
             log.warning("counter store unavailable: admitting without a reservation")
             # The admission may still run late (a timeout, not a refusal): the settle releases
             # its hold if it did, and a late one after the settle is void (store/lua/admit.lua).
-            verdict = Verdict(allowed=True, reserved_tokens=reserve, admitted_ms=now)
+            verdict = Verdict(
+                allowed=True,
+                reserved_tokens=reserve,
+                admitted_ms=now,
+                budget_groups=self._limiter.budget_groups(identity.groups),
+            )
         if not verdict.allowed:
-            outcome = Outcome.TOKEN_LIMITED if verdict.kind == "tokens" else Outcome.RATE_LIMITED
+            outcome = _REFUSALS.get(verdict.kind, Outcome.RATE_LIMITED)
+            reason = f"{verdict.kind} limit of {verdict.limit} exceeded"
+            if verdict.budget:
+                reason = f"budget {verdict.budget} used up: limit {verdict.limit}"
             return Decision(
                 outcome,
-                f"{verdict.kind} limit of {verdict.limit} exceeded",
+                reason,
                 identity,
                 plan,
                 model,
@@ -366,6 +378,8 @@ class Admission:
             inject_usage=inject,
             prompt_estimate=prompt_estimate,
             path=route.path,
+            budgets_held=verdict.budgets_held,
+            budget_groups=verdict.budget_groups,
         )
 
 

@@ -42,6 +42,7 @@ from extproc.envoy.proc_service import ExternalProcessorService
 from extproc.envoy.replies import HeaderPolicy
 from extproc.export.stream import MemoryRecords
 from extproc.kuadrant.route_map import RouteDomains
+from extproc.limits.alerts import BudgetAlerts
 from extproc.limits.limiter import Limiter
 from extproc.logs import configure as configure_logging
 from extproc.observability.metrics import Metrics, serve_metrics
@@ -109,6 +110,14 @@ def build_inner_store(config: Config) -> CounterStore:
 def build_store(config: Config, metrics: Metrics) -> ResilientStore:
     """The serving store: the bare store wrapped in the failure policy and its charge spool."""
     return ResilientStore(build_inner_store(config), store_config(config), metrics)
+
+
+def build_alerts(config: Config, metrics: Metrics, store: ResilientStore) -> BudgetAlerts | None:
+    """Soft-limit events and shadow reports, when some budget has thresholds or a shadow mode."""
+    budgets = config.limits.budgets
+    if not any(b.soft or not b.enforce for b in budgets):
+        return None
+    return BudgetAlerts(store, metrics, config.limits.alerts, now_ms)
 
 
 def build_identities(config: Config, metrics: Metrics, kube: KubeConnector) -> IdentitySource:
@@ -289,6 +298,7 @@ class Sidecar:
     charger: Charger
     access_log: AccessLogService
     reporter: Reporter | None = None
+    alerts: BudgetAlerts | None = None
     policies: PolicyLimits | None = None
     routes: WatchedRoutes | None = None
     pusher: CloudEventsPusher | None = None
@@ -312,8 +322,13 @@ class Sidecar:
         policies = build_policies(config, metrics, kube)
         domains, watched_routes = build_routes(config, metrics, kube)
         plans = build_plans(config, metrics, kube, domains, policies)
+        alerts = build_alerts(config, metrics, store)
         limiter = Limiter(
-            store, policies or config.limits, now_ms, export=config.export.stream.enabled
+            store,
+            policies or config.limits,
+            now_ms,
+            events=alerts,
+            export=config.export.stream.enabled,
         )
         routes = RouteTable(config.routes)
         policy = HeaderPolicy(era, config.subscriptions.identity_headers)
@@ -358,6 +373,7 @@ class Sidecar:
                 charger, metrics, config.accounting, max_count=config.limits.max_request_tokens
             ),
             reporter,
+            alerts,
             policies,
             watched_routes,
             build_pusher(config, store, metrics),
@@ -381,6 +397,8 @@ class Sidecar:
             await self.reporter.close()  # after the drain: the last charges are queued by now
         if self.pusher is not None:  # what it has not acknowledged stays pending in the stream
             await self.pusher.close()
+        if self.alerts is not None:
+            await self.alerts.close()
         if self.policies is not None:
             await self.policies.close()
         if self.routes is not None:

@@ -18,6 +18,7 @@ import yaml
 
 from extproc.domain import Limits
 from extproc.errors import ConfigError
+from extproc.limits.budgets import AlertsConfig, Budget, check_era, parse_alerts, parse_budgets
 
 ENV_PREFIX = "MAAS_EXTPROC_"
 
@@ -172,6 +173,10 @@ class LimitsConfig:
     # The largest token count believed anywhere: a client's max_tokens above it is a 400, an
     # upstream's usage count above it is not trusted. Integers beyond it never reach a counter.
     max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS
+    # Budgets beside the rolling windows: calendar quotas, shared scopes, cost, soft and shadow
+    # (README "Budgets and quotas"); none configured costs admission nothing.
+    budgets: tuple[Budget, ...] = ()
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -521,6 +526,8 @@ def _limits(value: object) -> LimitsConfig:
         "default_reservation_tokens",
         "reservation_tokens",
         "max_request_tokens",
+        "budgets",
+        "alerts",
     }
     _no_unknown(raw, "limits.", allowed)
     defaults = LimitsConfig()
@@ -566,6 +573,8 @@ def _limits(value: object) -> LimitsConfig:
         default_reservation_tokens=default_reservation,
         reservation_tokens=reservations,
         max_request_tokens=bound,
+        budgets=parse_budgets(raw.get("budgets")),
+        alerts=parse_alerts(raw.get("alerts")),
     )
 
 
@@ -748,6 +757,7 @@ def _check(config: Config, serving: bool) -> None:
         raise ConfigError(
             "identity.api_keys_file", "a file path when identity.source (or .tokens) is api_keys"
         )
+    check_era(config.limits.budgets, config.maas.era)
     if config.maas.era == "subscriptions":
         _check_subscriptions(config)
     elif identity.source == "maas_api_keys":

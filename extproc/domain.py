@@ -167,6 +167,7 @@ class Outcome(enum.Enum):
     SPOOFED = "spoofed"  # 403: client sent X-MaaS-* headers (only when configured to reject)
     RATE_LIMITED = "rate_limited"  # 429: request limit
     TOKEN_LIMITED = "token_limited"  # 429: token limit
+    QUOTA_EXCEEDED = "quota_exceeded"  # 429: a budget (limits.budgets) is spent for its period
     BAD_REQUEST = "bad_request"  # 400: a token bound the client sent is not a count we accept
     UNAVAILABLE = "unavailable"  # 503: a dependency failed and policy is fail-closed
     INVALID_PATH = "invalid_path"  # 400: the path has no single reading (extproc.paths)
@@ -201,6 +202,10 @@ class Decision:
     admitted_ms: int = 0  # the admission clock (its day holds the reservation until settled)
     reason_code: str = ""  # MaaS's error code for a subscription refusal (x-ext-auth-reason)
     path: str = ""  # the normalized request path (extproc.paths) that names the model route
+    # Budgets (limits.budgets): whether admission reserved in them, and the caller's groups
+    # that group budgets name (the settle finds the same counters from them).
+    budgets_held: bool = False
+    budget_groups: tuple[str, ...] = ()
 
     @property
     def allowed(self) -> bool:
@@ -230,6 +235,8 @@ class Charge:
     organization_id: str = ""
     cost_center: str = ""
     rate_windows: tuple[int, ...] = ()
+    budgets_held: bool = False  # see Decision
+    budget_groups: tuple[str, ...] = ()
     # Set once before the settle (accounting.pricing): the response's cost in micro-units of
     # the configured currency, rounded up per request, and whether a price applied at all.
     cost_micros: int = 0

@@ -45,11 +45,14 @@ def local_config(environ: dict[str, str] | None = None) -> Config:
 
 
 def build_admission(
-    config: Config | None = None, clock: Callable[[], int] | None = None
+    config: Config | None = None,
+    clock: Callable[[], int] | None = None,
+    limiter: Limiter | None = None,
 ) -> tuple[Admission, Limiter, MemoryStore]:
+    """Admission over the local files; its limiter on a fresh memory store unless given one."""
     config = config or local_config()
     store = MemoryStore()
-    limiter = Limiter(store, config.limits, clock or Clock())
+    limiter = limiter or Limiter(store, config.limits, clock or Clock())
     admission = Admission(
         RouteTable(config.routes),
         ApiKeyIdentities.from_file(config.path(config.identity.api_keys_file)),

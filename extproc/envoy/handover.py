@@ -28,7 +28,7 @@ BILLING_KEY = "maas"  # our own record; "identity" beside it is for Kuadrant pre
 BILLING_HEADER = "x-maas-billing"
 _TEXT_KEYS = frozenset(
     ("id", "user", "tier", "model", "path", "reserved", "windows", "admitted", "inject")
-) | {"prompt_est", "route", "sub", "key", "org", "cc", "rate_windows"}
+) | {"prompt_est", "route", "sub", "key", "org", "cc", "rate_windows", "budgets", "bgroups"}
 _MAX_DIGITS = 20  # every count we hand over fits in 64 bits; longer text is not ours
 
 
@@ -55,6 +55,9 @@ class Billing:
     organization_id: str = ""
     cost_center: str = ""
     rate_windows: tuple[int, ...] = ()
+    # Budgets: whether admission reserved in them, and the caller's groups group budgets name.
+    budgets_held: bool = False
+    budget_groups: tuple[str, ...] = ()
 
     @classmethod
     def from_decision(cls, decision: Decision, path: str) -> Billing | None:
@@ -76,6 +79,8 @@ class Billing:
             inject=decision.inject_usage,
             prompt_estimate=decision.prompt_estimate,
             route=decision.route,
+            budgets_held=decision.budgets_held,
+            budget_groups=decision.budget_groups,
         )
         if plan.era == "tiers":
             return billing
@@ -109,6 +114,8 @@ class Billing:
             organization_id=self.organization_id,
             cost_center=self.cost_center,
             rate_windows=self.rate_windows,
+            budgets_held=self.budgets_held,
+            budget_groups=self.budget_groups,
         )
 
 
@@ -131,6 +138,9 @@ def write(fields: Any, billing: Billing) -> None:
         fields["org"].string_value = billing.organization_id
         fields["cc"].string_value = billing.cost_center
         fields["rate_windows"].string_value = ",".join(map(str, billing.rate_windows))
+    if billing.budgets_held or billing.budget_groups:  # records without budgets stay as they were
+        fields["budgets"].string_value = "1" if billing.budgets_held else "0"
+        fields["bgroups"].string_value = json.dumps(list(billing.budget_groups))
 
 
 def to_struct(billing: Billing) -> struct_pb2.Struct:
@@ -206,6 +216,8 @@ def _from_fields(fields: Any) -> Billing | None:
             organization_id=_optional(fields, "org"),
             cost_center=_optional(fields, "cc"),
             rate_windows=tuple(_count(v) for v in rate_windows.split(",")) if rate_windows else (),
+            budgets_held=_optional(fields, "budgets") == "1",
+            budget_groups=_groups(_optional(fields, "bgroups")),
         )
     except (KeyError, ValueError):
         return None
@@ -222,6 +234,19 @@ def _text(fields: Any, key: str) -> str:
 def _optional(fields: Any, key: str) -> str:
     """A text field only the subscription era writes: "" when absent."""
     return _text(fields, key) if key in fields else ""
+
+
+def _groups(text: str) -> tuple[str, ...]:
+    """``bgroups``: a JSON array of strings ("" when there is none)."""
+    if not text:
+        return ()
+    try:
+        groups = json.loads(text)
+    except RecursionError:
+        raise ValueError("bgroups") from None
+    if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+        raise ValueError("bgroups")
+    return tuple(groups)
 
 
 def _count(text: str) -> int:

@@ -29,6 +29,9 @@ _TABLE: dict[Outcome, tuple[int, int, str]] = {
     Outcome.SPOOFED: (403, code_pb2.PERMISSION_DENIED, "permission_error"),
     Outcome.RATE_LIMITED: (429, code_pb2.RESOURCE_EXHAUSTED, "rate_limit_exceeded"),
     Outcome.TOKEN_LIMITED: (429, code_pb2.RESOURCE_EXHAUSTED, "rate_limit_exceeded"),
+    # 429, not 403: the refusal ends with the period (Retry-After says when), as OpenAI answers
+    # "insufficient_quota" and MaaS/Kuadrant answer token limits (README "Budgets and quotas").
+    Outcome.QUOTA_EXCEEDED: (429, code_pb2.RESOURCE_EXHAUSTED, "insufficient_quota"),
     Outcome.BAD_REQUEST: (400, code_pb2.INVALID_ARGUMENT, "invalid_request_error"),
     Outcome.UNAVAILABLE: (503, code_pb2.UNAVAILABLE, "service_unavailable"),
     Outcome.INVALID_PATH: (400, code_pb2.INVALID_ARGUMENT, "invalid_request_error"),
@@ -37,6 +40,8 @@ _TABLE: dict[Outcome, tuple[int, int, str]] = {
 }
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+# A quota refusal lasting longer than this tells SDKs not to retry it (they wait at most 60 s).
+_SDK_RETRY_LIMIT_S = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +89,10 @@ def error_body(decision: Decision) -> bytes:
             f"{what} rate limit exceeded for {whose}: quota of {decision.limit} {what}s "
             f"per window used up; retry after {decision.retry_after_s}s"
         )
+        error["limit"] = decision.limit_kind
+        error["retry_after"] = decision.retry_after_s
+    elif decision.outcome is Outcome.QUOTA_EXCEEDED:
+        error["message"] = f"{decision.reason}; retry after {decision.retry_after_s}s"
         error["limit"] = decision.limit_kind
         error["retry_after"] = decision.retry_after_s
     else:
@@ -253,6 +262,10 @@ def _refusal_headers(decision: Decision) -> list[base_pb2.HeaderValueOption]:
         headers.append(_header("www-authenticate", 'Bearer realm="maas"'))
     if decision.retry_after_s:
         headers.append(_header("retry-after", str(decision.retry_after_s)))
+        quota = decision.outcome is Outcome.QUOTA_EXCEEDED
+        if quota and decision.retry_after_s > _SDK_RETRY_LIMIT_S:
+            # The OpenAI and Anthropic SDKs retry a 429 on their own unless told not to.
+            headers.append(_header("x-should-retry", "false"))
     headers.extend(_rate_headers(decision))
     return headers
 

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
+from extproc.accounting.pricing import NO_PRICES, PriceBook
 from extproc.config import LimitsConfig
 from extproc.domain import Charge, Limits, Rate
 from extproc.export import record as charge_record
-from extproc.limits import windows
+from extproc.limits import budget_counters, windows
+from extproc.limits.budget_counters import BudgetCounter, BudgetCounters, Caller
 from extproc.store import keys, ledger
-from extproc.store.base import NO_ATTRIBUTION, Adjustment, Attribution, CounterStore, WindowCounter
+from extproc.store.base import (
+    NO_ATTRIBUTION,
+    Adjustment,
+    AdmitResult,
+    Attribution,
+    CounterStore,
+    WindowCounter,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +34,19 @@ class Verdict:
     reserved_tokens: int = 0
     token_windows: tuple[int, ...] = ()  # start of each token window the reservation went into
     admitted_ms: int = 0  # when the store took the reservation (0: it did not, e.g. fail_open)
+    budget: str = ""  # the budget that refused (kind "budget")
+    budgets_held: bool = False  # the reservation went into the request's budgets too
+    budget_groups: tuple[str, ...] = ()
+
+
+class BudgetEvents(Protocol):
+    """Where soft-limit crossings and shadow budgets' would-refusals go (never blocking)."""
+
+    def would_refuse(self, counter: BudgetCounter, value: int) -> None: ...
+
+    def reached(
+        self, counter: BudgetCounter, threshold: int, period_key: str, value: int, end_ms: int
+    ) -> None: ...
 
 
 class LimitsProvider(Protocol):
@@ -63,9 +85,13 @@ class Limiter:
         config: LimitsConfig | LimitsProvider,
         clock_ms: Callable[[], int],
         *,
+        prices: PriceBook = NO_PRICES,
+        events: BudgetEvents | None = None,
         export: bool = False,
     ) -> None:
         self._store = store
+        self._budgets = BudgetCounters(prices)
+        self._events = events
         self._export = export  # hand every settle its charge record (export.stream.enabled)
         self._limits = FixedLimits(config) if isinstance(config, LimitsConfig) else config
         self._clock_ms = clock_ms
@@ -194,11 +220,13 @@ class Limiter:
         attribution: Attribution = NO_ATTRIBUTION,
         request_id: str = "",
         now_ms: int | None = None,
+        groups: tuple[str, ...] = (),
     ) -> Verdict:
         """Check and take the reservation; the ledger holds it as unsettled until the settle.
 
         With ``rates`` (the subscription era), ``tier`` is the subscription and the counters are
-        its rates for ``model``, all admitted in the same atomic step.
+        its rates for ``model``, all admitted in the same atomic step. ``groups`` are the
+        caller's, for group budgets.
         """
         if rates is None:
             plan = self._plan(userid, tier, model, route)
@@ -209,10 +237,28 @@ class Limiter:
         counters += [WindowCounter(k, lim, w, reserve, sliding) for k, lim, w in plan.tokens]
         kinds = ["requests"] * len(plan.requests) + ["tokens"] * len(plan.tokens)
         now = self._clock_ms() if now_ms is None else now_ms
+        budgets = self._config.budgets
+        spent: tuple[BudgetCounter, ...] = ()
+        caller = None
+        if budgets:  # nothing of this runs (or costs) without budgets
+            caller = Caller(
+                userid,
+                "" if rates is not None else tier,
+                tier if rates is not None else "",
+                model,
+                self.budget_groups(groups),
+                attribution.organization_id,
+            )
+            spent, budget_counters = self._budget_counters(caller, reserve, now)
+            counters += budget_counters
+            kinds += ["budget"] * len(budget_counters)
         hold = ledger.hold_for(userid, model, reserve, now, attribution)
         result = await self._store.admit(counters, now, hold, request_id=request_id)
         if not counters:
             return Verdict(allowed=True, reserved_tokens=reserve, admitted_ms=now)
+        first_budget = len(counters) - len(spent)
+        if spent:
+            self._report(spent, counters[first_budget:], result, first_budget, now)
         if not result.allowed:
             index = result.denied_index
             state, counter = result.states[index], counters[index]
@@ -223,21 +269,79 @@ class Limiter:
                 remaining=0,
                 reset_s=windows.retry_after_s(state.reset_ms),
                 retry_after_s=windows.retry_after_s(state.reset_ms),
+                budget=spent[index - first_budget].budget.name if index >= first_budget else "",
             )
-        # Report the tightest limit: the one with the least room left, as RateLimit-* headers do.
+        # Report the tightest limit: the one with the least room left, as RateLimit-* headers
+        # do; across units (tokens, requests, cost) the least room left as a share of its limit.
         pairs = list(zip(counters, result.states, kinds, strict=True))
-        counter, state, kind = min(pairs, key=lambda p: p[0].limit - p[1].value)
         token_windows = tuple(s.window_start_ms for c, s, k in pairs if k == "tokens")
-        return Verdict(
+        admitted = Verdict(
             allowed=True,
+            reserved_tokens=reserve,
+            token_windows=token_windows,
+            admitted_ms=now,
+            budgets_held=bool(spent),
+            budget_groups=caller.groups if caller is not None else (),
+        )
+        if spent:  # a shadow budget is never the one shown
+            pairs = [p for p in pairs if p[0].enforce and p[0].limit > 0]
+            if not pairs:
+                return admitted
+            counter, state, kind = min(pairs, key=lambda p: (p[0].limit - p[1].value) / p[0].limit)
+        else:
+            counter, state, kind = min(pairs, key=lambda p: p[0].limit - p[1].value)
+        return replace(
+            admitted,
             kind=kind,
             limit=counter.limit,
             remaining=max(0, counter.limit - state.value),
             reset_s=windows.retry_after_s(state.reset_ms),
-            reserved_tokens=reserve,
-            token_windows=token_windows,
-            admitted_ms=now,
         )
+
+    def budget_groups(self, groups: tuple[str, ...]) -> tuple[str, ...]:
+        """The caller's groups that some group budget names (the settle's way to its counters)."""
+        budgets = self._config.budgets
+        return self._budgets.budget_groups(budgets, groups) if budgets else ()
+
+    def _budget_counters(
+        self, caller: Caller, reserve: int, now: int
+    ) -> tuple[tuple[BudgetCounter, ...], list[WindowCounter]]:
+        """The request's budget counters and their store counters, in the same order."""
+        spent: list[BudgetCounter] = []
+        counters: list[WindowCounter] = []
+        for counter in self._budgets.of(self._config.budgets, caller):
+            amount = self._budgets.amount(counter.budget, reserve, caller)
+            if amount is not None:
+                spent.append(counter)
+                counters.append(budget_counters.window_counter(counter, amount, now))
+        return tuple(spent), counters
+
+    def _report(
+        self,
+        spent: tuple[BudgetCounter, ...],
+        counters: list[WindowCounter],
+        result: AdmitResult,
+        offset: int,
+        now: int,
+    ) -> None:
+        """Soft thresholds reached and shadow budgets that would refuse, to ``events``."""
+        events = self._events
+        if events is None:
+            return
+        for index, (budget_counter, counter) in enumerate(zip(spent, counters, strict=True)):
+            if offset + index >= len(result.states):
+                break
+            state = result.states[offset + index]
+            denied = not result.allowed and result.denied_index == offset + index
+            before = state.value if denied else state.value - counter.hits
+            if not counter.enforce and before >= counter.limit:
+                events.would_refuse(budget_counter, before)
+            if not result.allowed and not denied:
+                continue  # refused elsewhere: nothing was added here
+            for threshold in budget_counter.budget.soft:
+                if state.value * 100 >= threshold * counter.limit:
+                    end = budget_counters.period_end_ms(counter, state, now)
+                    events.reached(budget_counter, threshold, counter.key, state.value, end)
 
     async def settle(self, charge: Charge) -> bool:
         """Swap the reservation for the actual tokens, record the ledger entry, release the hold.
@@ -265,6 +369,8 @@ class Limiter:
                     sliding=self._sliding,
                 )
             )
+        if self._config.budgets:
+            adjustments += self._budget_adjustments(charge, now)
         release = None
         if charge.admitted_ms:
             release = ledger.hold_for(
@@ -282,3 +388,31 @@ class Limiter:
             release=release,
             record=charge_record.encode_charge(charge, now) if self._export else "",
         )
+
+    def _budget_adjustments(self, charge: Charge, now: int) -> list[Adjustment]:
+        """The settle of each budget the charge's request spends (found again from the charge)."""
+        caller = Caller(
+            charge.userid,
+            charge.tier,
+            charge.subscription,
+            charge.model,
+            charge.budget_groups,
+            charge.organization_id,
+        )
+        out = []
+        for counter in self._budgets.of(self._config.budgets, caller):
+            budget = counter.budget
+            reserved = self._budgets.amount(budget, charge.reserved_tokens, caller)
+            if reserved is None:
+                continue  # a cost budget, a model without prices: not counted
+            actual = self._actual(budget.unit, charge, caller)
+            held = reserved if charge.budgets_held else 0
+            out.append(budget_counters.adjustment(counter, held, actual, charge.admitted_ms, now))
+        return out
+
+    def _actual(self, unit: str, charge: Charge, caller: Caller) -> int:
+        if unit == "tokens":
+            return charge.usage.total()
+        if unit == "requests":
+            return 1
+        return self._budgets.actual_cost(charge, caller)

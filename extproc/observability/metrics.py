@@ -185,6 +185,27 @@ class Metrics:
         )
         for reason in UNTRUSTED_REASONS:
             self.usage_invalid.labels(reason)
+        # Budgets (limits.budgets): soft thresholds, shadow mode, and the events' webhook.
+        self.budget_threshold_crossed = Counter(
+            "maas_budget_threshold_crossed",
+            "Soft budget thresholds reached: once per budget, subject, period and threshold",
+            ["budget", "threshold"],
+            registry=r,
+        )
+        self.budget_would_refuse = Counter(
+            "maas_budget_would_refuse",
+            "Requests a budget in shadow mode would have refused (they were allowed)",
+            ["budget"],
+            registry=r,
+        )
+        self.budget_events = Counter(
+            "maas_budget_events",
+            "Soft-limit events for the webhook, by result (sent, failed, dropped)",
+            ["result"],
+            registry=r,
+        )
+        for result in ("sent", "failed", "dropped"):
+            self.budget_events.labels(result)
         self.cloudevents = Counter(
             "maas_export_cloudevents",
             "Charge records pushed as CloudEvents: sent; failed (an attempt, retried); "

@@ -15,6 +15,11 @@ class WindowCounter:
     denies when its current value has reached ``limit`` (``value + 1 > limit``, as Limitador checks);
     otherwise ``hits`` is added. ``hits`` is 1 for request counters and the reservation for token
     counters. ``sliding`` counters weigh the previous window by the share of it still in view.
+
+    A calendar period (``period_end_ms`` > 0) is a plain counter whose key names the period
+    (``keys.period_key``): it counts from ``period_start_ms`` to ``period_end_ms`` and expires a
+    little after its end. A counter that does not ``enforce`` (a budget in shadow mode) is
+    checked and bumped but never denies; its state tells whether it would have.
     """
 
     key: str
@@ -22,6 +27,9 @@ class WindowCounter:
     window_ms: int
     hits: int
     sliding: bool = False
+    period_start_ms: int = 0
+    period_end_ms: int = 0
+    enforce: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +53,11 @@ class Adjustment:
     If the counter is still in the window the reservation went into, it moves by
     ``actual - reserved``; if that window has ended, ``actual`` is charged to the current window
     (starting one if none is open), as Kuadrant charges after the response.
+
+    A calendar period (``period_end_ms`` > 0): ``key`` is the reserved period's counter,
+    ``current_key`` the current period's. While they are the same period the counter moves by
+    ``actual - reserved``; otherwise ``actual`` goes to the current period, which ends at
+    ``current_end_ms``.
     """
 
     key: str
@@ -53,6 +66,9 @@ class Adjustment:
     reserved: int
     actual: int
     sliding: bool = False
+    period_end_ms: int = 0
+    current_key: str = ""
+    current_end_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +203,13 @@ class CounterStore(Protocol):
         id (a replay whose first attempt did land) changes nothing and returns False; and the
         release applies only if the admission's hold did (an admission that timed out at the
         caller may or may not have run).
+        """
+        ...
+
+    async def claim(self, key: str, ttl_ms: int, now_ms: int) -> bool:
+        """Set ``key`` unless it is set (for ``ttl_ms``): True for the one caller that set it.
+
+        Soft-limit events are sent once across every replica by claiming their key first.
         """
         ...
 

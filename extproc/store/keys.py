@@ -59,6 +59,42 @@ def _route(route: str) -> str:
     return f":r:{escape(route)}" if route else ""
 
 
+# A budget shared by many users has its own hash tag: the scope's letter, a colon, the subject.
+# An escaped value never holds a raw ':', so no shared tag is ever a user's tag.
+_SHARED_TAGS = {"group": "g", "subscription": "s", "organization": "o", "model": "m"}
+
+
+def budget_key(name: str, scope: str, subject: str) -> str:
+    """The counter of budget ``name`` for ``subject``: a user's under the user's own tag (the
+    same Redis Cluster slot as the user's windows), a shared one under the subject's tag."""
+    shared = "{" + _SHARED_TAGS.get(scope, "") + ":" + escape(subject) + "}"
+    return f"{PREFIX}:{_tag(subject) if scope == 'user' else shared}:bud:{escape(name)}"
+
+
+def period_key(key: str, label: str) -> str:
+    """The counter of one calendar period (``d20261201``, ``w20261130``, ``m202612``)."""
+    return f"{key}:{label}"
+
+
+def alert_key(counter_key: str, threshold: int) -> str:
+    """Claimed once per (budget, subject, period, threshold) before a soft-limit event goes out."""
+    return f"{counter_key}:soft:{threshold}"
+
+
+def hash_tag(key: str) -> str:
+    """The part of a key Redis Cluster hashes: between the first ``{`` and the next ``}``."""
+    start = key.find("{")
+    end = key.find("}", start + 1)
+    if start < 0 or end <= start + 1:
+        return key
+    return key[start + 1 : end]
+
+
+def tagged_request_key(tag: str, request_id: str) -> str:
+    """``request_key`` in the slot of ``tag`` (a shared budget's), for its own once-only state."""
+    return f"{PREFIX}:{{{tag}}}:rq:{escape(request_id)}"
+
+
 def sliding_bucket_key(key: str, bucket: int) -> str:
     """The key of one aligned sub-window of a sliding counter."""
     return f"{key}:w{bucket}"
@@ -74,7 +110,7 @@ def request_key(userid: str, request_id: str) -> str:
     A settle whose id is already ``settled`` is a replay and is ignored; an admission that runs
     after its own settle is void.
     """
-    return f"{PREFIX}:{_tag(userid)}:rq:{escape(request_id)}"
+    return tagged_request_key(escape(userid), request_id)
 
 
 def ledger_users_key(day: str) -> str:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from extproc.export.stream import MemoryRecords
 from extproc.limits import windows
+from extproc.limits.periods import PERIOD_GRACE_MS
 from extproc.store import keys, ledger
 from extproc.store.base import (
     Adjustment,
@@ -23,6 +24,7 @@ from extproc.store.base import (
 class _Window:
     value: int
     start_ms: int
+    expires_ms: int = 0  # calendar periods: an hour after the period's end (store/lua/windows.lua)
 
 
 class MemoryStore:
@@ -40,6 +42,7 @@ class MemoryStore:
         self._ledger: dict[str, dict[str, int]] = {}
         self._users: dict[str, set[str]] = {}
         self._requests: dict[str, tuple[str, int]] = {}  # request_key -> (state, expiry ms)
+        self._claims: dict[str, int] = {}  # claimed key -> expiry ms
         self._retention_days = retention_days
         self._dedupe_ttl_ms = dedupe_ttl_ms
 
@@ -56,15 +59,23 @@ class MemoryStore:
             return AdmitResult(True, tuple(CounterState(0, now_ms, 0) for _ in counters))
         states: list[CounterState] = []
         for index, counter in enumerate(counters):
-            value, start, reset = self._read(
-                counter.key, counter.window_ms, counter.sliding, now_ms
-            )
-            if value >= counter.limit:
+            if counter.period_end_ms:
+                period = self._period(counter.key, now_ms)
+                value = period.value if period else 0
+                start, reset = counter.period_start_ms, counter.period_end_ms - now_ms
+            else:
+                value, start, reset = self._read(
+                    counter.key, counter.window_ms, counter.sliding, now_ms
+                )
+            if value >= counter.limit and counter.enforce:
                 states.append(CounterState(value, start, reset))
                 return AdmitResult(False, tuple(states), index)
             states.append(CounterState(value + counter.hits, start, reset))
         for counter in counters:
-            self._add(counter.key, counter.window_ms, counter.sliding, counter.hits, now_ms)
+            if counter.period_end_ms:
+                self._add_period(counter.key, counter.period_end_ms, counter.hits, now_ms)
+            else:
+                self._add(counter.key, counter.window_ms, counter.sliding, counter.hits, now_ms)
         if hold is not None:
             self._hold(hold, 1, now_ms)
         if state_key:
@@ -91,6 +102,13 @@ class MemoryStore:
             held = state == "held"
             self._set_state(state_key, "settled", now_ms)
         for adj in adjustments:
+            if adj.period_end_ms:
+                period = self._period(adj.key, now_ms)
+                if period and adj.key == adj.current_key and now_ms < adj.period_end_ms:
+                    period.value = max(0, period.value + adj.actual - adj.reserved)
+                elif adj.actual:
+                    self._add_period(adj.current_key, adj.current_end_ms, adj.actual, now_ms)
+                continue
             if adj.sliding:
                 bucket_key = keys.sliding_bucket_key(adj.key, adj.window_start_ms // adj.window_ms)
                 window = self._windows.get(bucket_key)
@@ -114,8 +132,16 @@ class MemoryStore:
             self._record(entry, now_ms)
         if release is not None and held:
             self._hold(release, -1, now_ms)
-        if record and owner is not None and self.records is not None:
+        if record and entry is not None and self.records is not None:
             self.records.append(record, now_ms)
+        return True
+
+    async def claim(self, key: str, ttl_ms: int, now_ms: int) -> bool:
+        if self._claims.get(key, 0) > now_ms:
+            return False
+        if len(self._claims) >= 100_000:
+            self._claims = {k: v for k, v in self._claims.items() if v > now_ms}
+        self._claims[key] = now_ms + max(1, ttl_ms)
         return True
 
     async def ledger(self, userid: str, days: Sequence[str]) -> list[LedgerRow]:
@@ -149,6 +175,19 @@ class MemoryStore:
         if window is None or windows.fixed_expired(window.start_ms, window_ms, now_ms):
             return 0, now_ms, window_ms
         return window.value, window.start_ms, window.start_ms + window_ms - now_ms
+
+    def _period(self, key: str, now_ms: int) -> _Window | None:
+        """A calendar period's counter, unless it expired."""
+        window = self._windows.get(key)
+        return window if window is not None and window.expires_ms > now_ms else None
+
+    def _add_period(self, key: str, end_ms: int, hits: int, now_ms: int) -> None:
+        window = self._period(key, now_ms)
+        if window is None:
+            expires = now_ms + max(1, end_ms - now_ms) + PERIOD_GRACE_MS
+            self._windows[key] = _Window(hits, now_ms, expires)
+        else:
+            window.value += hits
 
     def _value(self, key: str, ttl_ms: int, now_ms: int) -> int:
         window = self._windows.get(key)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import datetime as dt
 import functools
 import hashlib
 import logging
 import urllib.parse
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
@@ -86,6 +87,7 @@ class RedisStore:
         self._secrets = _secrets(url)
         self._retention_ms = retention_days * _DAY_MS
         self._dedupe_ttl_ms = dedupe_ttl_ms
+        self._cluster = isinstance(client, RedisCluster)
         self._admit = _Script.load("admit")
         self._settle = _Script.load("settle")
         # (day -> users) already added to the day's users set by this process; see _remember_user.
@@ -142,19 +144,32 @@ class RedisStore:
     ) -> AdmitResult:
         if not counters and hold is None:
             return AdmitResult(True, ())
+        main_tag = keys.hash_tag(keys.ledger_key(hold.userid, hold.day)) if hold else ""
+        if self._cluster and _spans_slots(main_tag, (c.key for c in counters)):
+            return await self._admit_split(counters, now_ms, hold, request_id, main_tag)
+        state_key = keys.request_key(hold.userid, request_id) if request_id and hold else ""
+        return await self._admit_one(counters, now_ms, hold, state_key)
+
+    async def _admit_one(
+        self, counters: Sequence[WindowCounter], now_ms: int, hold: Hold | None, state_key: str
+    ) -> AdmitResult:
+        """admit.lua on one slot: the counters, the hold and the request's state."""
         script_keys: list[str] = []
         args: list[int | str] = [now_ms, len(counters)]
         for counter in counters:
-            bucket_start = 0
-            if counter.sliding:
+            start = end = mode = 0
+            if counter.period_end_ms:
+                mode, start, end = 2, counter.period_start_ms, counter.period_end_ms
+                script_keys.append(counter.key)
+            elif counter.sliding:
                 bucket = windows.bucket_of(now_ms, counter.window_ms)
-                bucket_start = bucket * counter.window_ms
+                mode, start = 1, bucket * counter.window_ms
                 script_keys.append(keys.sliding_bucket_key(counter.key, bucket))
                 script_keys.append(keys.sliding_bucket_key(counter.key, bucket - 1))
             else:
                 script_keys.append(counter.key)
-            args += [counter.limit, counter.window_ms, counter.hits, int(counter.sliding)]
-            args.append(bucket_start)
+            args += [counter.limit, counter.window_ms, counter.hits, mode, start, end]
+            args.append(int(counter.enforce))
         if hold is None:
             args += [0, 0]
         else:
@@ -162,8 +177,8 @@ class RedisStore:
             await self._remember_user(hold.userid, hold.day, ttl_ms, "admit")
             script_keys.append(keys.ledger_key(hold.userid, hold.day))
             args += _ledger_part(ttl_ms, ledger.hold_fields(hold, 1))
-        if request_id and hold is not None:
-            script_keys.append(keys.request_key(hold.userid, request_id))
+        if state_key:
+            script_keys.append(state_key)
             args.append(self._dedupe_ttl_ms)
         else:
             args.append(0)
@@ -173,6 +188,90 @@ class RedisStore:
             for i in range(2, len(reply), 3)
         )
         return AdmitResult(reply[0] == 1, states, int(reply[1]))
+
+    async def _admit_split(
+        self,
+        counters: Sequence[WindowCounter],
+        now_ms: int,
+        hold: Hold | None,
+        request_id: str,
+        main_tag: str,
+    ) -> AdmitResult:
+        """Redis Cluster, counters on several slots: one admit.lua per slot, all at once.
+
+        Each slot's script is atomic on its own, with its own request state (so a late
+        admission after the settle is void there too). When one slot refuses, or fails, the
+        reservations the others took are given back (``_give_back``); until then they hold
+        room that another request may be refused for (README "Budgets on Redis Cluster").
+        """
+        slots = _by_slot(counters, main_tag)
+        calls = []
+        for tag, indexes in slots.items():
+            part = [counters[i] for i in indexes]
+            if tag == main_tag and hold is not None:
+                state_key = keys.request_key(hold.userid, request_id) if request_id else ""
+                calls.append(self._admit_one(part, now_ms, hold, state_key))
+            else:
+                state_key = keys.tagged_request_key(tag, request_id) if request_id else ""
+                calls.append(self._admit_one(part, now_ms, None, state_key))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        states = [CounterState(0, now_ms, 0)] * len(counters)
+        denied = -1
+        for indexes, result in zip(slots.values(), results, strict=True):
+            if isinstance(result, AdmitResult):
+                for index, state in zip(indexes, result.states, strict=False):
+                    states[index] = state
+                if not result.allowed:
+                    first = indexes[result.denied_index]
+                    denied = first if denied < 0 else min(denied, first)
+        failure = next((r for r in results if isinstance(r, BaseException)), None)
+        if failure is None and denied < 0:
+            return AdmitResult(True, tuple(states))
+        await self._give_back(slots, results, counters, now_ms, hold, request_id, main_tag)
+        if failure is not None:
+            if isinstance(failure, StoreUnavailable):
+                raise failure
+            raise self._unavailable("admit", failure)
+        return AdmitResult(False, tuple(states), denied)
+
+    async def _give_back(
+        self,
+        slots: dict[str, list[int]],
+        results: Sequence[AdmitResult | BaseException],
+        counters: Sequence[WindowCounter],
+        now_ms: int,
+        hold: Hold | None,
+        request_id: str,
+        main_tag: str,
+    ) -> None:
+        """Release what the slots that admitted reserved: their settle with nothing used."""
+        calls = []
+        for (tag, indexes), result in zip(slots.items(), results, strict=True):
+            if not isinstance(result, AdmitResult) or not result.allowed:
+                continue
+            adjustments = [
+                _unreserve(counters[i], state)
+                for i, state in zip(indexes, result.states, strict=True)
+            ]
+            main = tag == main_tag and hold is not None
+            owner = hold.userid if hold is not None else ""
+            state_key = ""
+            if request_id:
+                state_key = (
+                    keys.request_key(owner, request_id)
+                    if main
+                    else keys.tagged_request_key(tag, request_id)
+                )
+            release = hold if main else None
+            calls.append(self._settle_one(adjustments, None, now_ms, state_key, release))
+        for outcome in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                # The reservation stays until its window or period ends: logged, never raised.
+                log.warning("redis give-back failed store=%s error=%s", self._where, outcome)
+
+    async def claim(self, key: str, ttl_ms: int, now_ms: int) -> bool:
+        reply = self._client.set(key, "1", nx=True, px=max(1, ttl_ms))
+        return bool(await self._call("claim", reply))
 
     async def settle(
         self,
@@ -187,12 +286,47 @@ class RedisStore:
         if not adjustments and entry is None and release is None:
             return True
         owner = entry or release
-        marker_ttl = self._dedupe_ttl_ms if request_id and owner is not None else 0
+        state_key = keys.request_key(owner.userid, request_id) if request_id and owner else ""
+        main_tag = keys.hash_tag(keys.ledger_key(owner.userid, "")) if owner else ""
+        if self._cluster and _spans_slots(main_tag, (a.key for a in adjustments)):
+            slots = _by_slot(adjustments, main_tag)
+            calls = []
+            for tag, indexes in slots.items():
+                part = [adjustments[i] for i in indexes]
+                if tag == main_tag:
+                    calls.append(self._settle_one(part, entry, now_ms, state_key, release, record))
+                else:
+                    side = keys.tagged_request_key(tag, request_id) if request_id else ""
+                    calls.append(self._settle_one(part, None, now_ms, side, None))
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    # Replayed whole from the spool: each slot applies its part at most once.
+                    raise outcome
+            return all(outcomes) if main_tag not in slots else bool(outcomes[0])
+        return await self._settle_one(adjustments, entry, now_ms, state_key, release, record)
+
+    async def _settle_one(
+        self,
+        adjustments: Sequence[Adjustment],
+        entry: LedgerEntry | None,
+        now_ms: int,
+        state_key: str,
+        release: Hold | None,
+        record: str = "",
+    ) -> bool:
+        """settle.lua on one slot; ``state_key`` "" applies it without the at-most-once check."""
+        marker_ttl = self._dedupe_ttl_ms if state_key else 0
         script_keys: list[str] = []
         args: list[int | str] = [now_ms, len(adjustments), marker_ttl]
         for adj in adjustments:
             current_start = 0
             reserved_start = adj.window_start_ms
+            if adj.period_end_ms:
+                script_keys += [adj.key, adj.current_key]
+                same = int(adj.key == adj.current_key and now_ms < adj.period_end_ms)
+                args += [2, adj.current_end_ms, same, 0, adj.reserved, adj.actual]
+                continue
             if adj.sliding:
                 reserved_bucket = adj.window_start_ms // adj.window_ms
                 current_bucket = windows.bucket_of(now_ms, adj.window_ms)
@@ -217,12 +351,12 @@ class RedisStore:
             script_keys.append(keys.ledger_key(release.userid, release.day))
             ttl_ms = self._ledger_ttl_ms(release.day, now_ms)
             args += _ledger_part(ttl_ms, ledger.hold_fields(release, -1))
-        # KEYS[1] is the request's state; without an id, any key of the user holds its place.
-        marker = keys.request_key(owner.userid, request_id) if marker_ttl and owner else ""
-        script_keys.insert(0, marker or script_keys[0])
-        # The export part comes last in KEYS and ARGV (settle.lua reads it from the end).
-        if record and owner is not None and self._export.enabled:
-            stream = keys.export_stream_key(self._export.key, owner.userid, cluster=self._cluster)
+        # KEYS[1] is the request's state; without an id, any key of the slot holds its place.
+        script_keys.insert(0, state_key or script_keys[0])
+        # The export part comes last in KEYS and ARGV (settle.lua reads it from the end); only
+        # the user's slot (the one with the ledger entry) carries the record.
+        if record and entry is not None and self._export.enabled:
+            stream = keys.export_stream_key(self._export.key, entry.userid, cluster=self._cluster)
             if self._cluster:
                 await self._register_stream(stream)
             script_keys.append(stream)
@@ -354,6 +488,36 @@ class RedisStore:
 
 
 _FAILURES = (RedisError, OSError, TimeoutError)
+
+_Keyed = TypeVar("_Keyed", WindowCounter, Adjustment)
+
+
+def _spans_slots(main_tag: str, counter_keys: Iterable[str]) -> bool:
+    """Whether some key lies outside the user's slot (Redis Cluster then needs one call per slot)."""
+    return any(keys.hash_tag(key) != main_tag for key in counter_keys)
+
+
+def _by_slot(items: Sequence[_Keyed], main_tag: str) -> dict[str, list[int]]:
+    """Indexes of ``items`` per hash tag, the user's tag first (it holds the hold and the entry)."""
+    slots: dict[str, list[int]] = {main_tag: []} if main_tag else {}
+    for index, item in enumerate(items):
+        slots.setdefault(keys.hash_tag(item.key), []).append(index)
+    return slots
+
+
+def _unreserve(counter: WindowCounter, state: CounterState) -> Adjustment:
+    """The adjustment that gives back what ``counter`` reserved (nothing was used)."""
+    return Adjustment(
+        key=counter.key,
+        window_ms=counter.window_ms,
+        window_start_ms=state.window_start_ms,
+        reserved=counter.hits,
+        actual=0,
+        sliding=counter.sliding,
+        period_end_ms=counter.period_end_ms,
+        current_key=counter.key,
+        current_end_ms=counter.period_end_ms,
+    )
 
 
 @functools.lru_cache(maxsize=8)

@@ -27,7 +27,7 @@ from extproc.store.base import (
 log = logging.getLogger("extproc.store.resilient")
 
 _T = TypeVar("_T")
-_OPS = ("admit", "settle", "ledger", "ledger_users", "ping")
+_OPS = ("admit", "settle", "claim", "ledger", "ledger_users", "ping")
 
 
 @runtime_checkable
@@ -156,6 +156,9 @@ class ResilientStore:
         if not applied:
             self._metrics.settle_duplicates.inc()
         return applied
+
+    async def claim(self, key: str, ttl_ms: int, now_ms: int) -> bool:
+        return await self._timed("claim", self._inner.claim(key, ttl_ms, now_ms))
 
     async def ledger(self, userid: str, days: Sequence[str]) -> list[LedgerRow]:
         return await self._timed("ledger", self._inner.ledger(userid, days))

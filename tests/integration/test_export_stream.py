@@ -18,7 +18,7 @@ from extproc.domain import Charge, Usage
 from extproc.export import record
 from extproc.export.stream import GroupReader, MemoryRecords, RecordStream, redis_records
 from extproc.store import keys, ledger
-from extproc.store.base import CounterStore
+from extproc.store.base import Adjustment, CounterStore
 from extproc.store.memory import MemoryStore
 from extproc.store.redis import RedisStore
 from tests.redis_fixtures import RedisClusterProcesses, RedisServer
@@ -213,3 +213,38 @@ async def test_a_slot_first_used_while_the_reader_was_away_is_read_whole(
         await store.close()
         await records.close()
         await raw.aclose()
+
+
+async def test_a_settle_spanning_two_slots_adds_one_record_on_the_users(
+    redis_cluster: RedisClusterProcesses,
+) -> None:
+    """A shared budget's counter on another slot: its part of the settle carries no record."""
+    raw = RedisCluster(host="127.0.0.1", port=redis_cluster.ports[0], decode_responses=True)
+    await raw.flushall()
+    store = RedisStore.from_config(
+        StoreConfig(url=Secret(redis_cluster.url), timeout_s=2.0), ExportStreamConfig()
+    )
+    shared = keys.tokens_key("team-budget", "shared")
+    assert key_slot(shared.encode()) != key_slot(keys.ledger_key("bob", "x").encode())
+    c = charge_of("bob", "span-1")
+    adjustment = Adjustment(key=shared, window_ms=60_000, window_start_ms=-1, reserved=0, actual=7)
+    try:
+        for applied in (True, False):  # then a replay of the same settle
+            assert (await subject_settle(store, c, [adjustment])) is applied
+        streams = await raw.smembers(keys.EXPORT_STREAMS_KEY)
+        assert streams == {keys.export_stream_key(BASE, "bob", cluster=True)}
+        assert await raw.xlen(next(iter(streams))) == 1
+        assert int(await raw.hget(shared, "v") or 0) == 7  # the other slot's part did apply
+    finally:
+        await store.close()
+        await raw.aclose()
+
+
+async def subject_settle(store: CounterStore, c: Charge, adjustments: list[Adjustment]) -> bool:
+    return await store.settle(
+        adjustments,
+        ledger.entry_for(c, NOW),
+        NOW,
+        request_id=c.request_id,
+        record=record.encode_charge(c, NOW),
+    )

@@ -3,9 +3,13 @@
 -- KEYS, per counter in order:
 --   fixed   -> 1 key: the window hash {v = value, t0 = window start ms}, TTL = window
 --   sliding -> 2 keys: the current aligned bucket, then the previous one (integers, TTL = 2 x window)
+--   period  -> 1 key: the calendar period's counter, named after the period (an integer, TTL =
+--              until an hour after the period's end)
 -- ARGV[1] now_ms (the caller's clock, so every replica and the memory store agree)
--- ARGV[2] number of counters, then 5 values per counter:
---   limit, window_ms, hits, sliding (0 or 1), bucket_start_ms (sliding: current bucket; else 0)
+-- ARGV[2] number of counters, then 7 values per counter:
+--   limit, window_ms, hits, mode (0 fixed, 1 sliding, 2 period),
+--   start_ms (sliding: the current bucket's start; period: the period's start; else 0),
+--   end_ms (period: its end; else 0), enforce (1; 0: shadow, counted but never denying)
 -- then the hold: ttl_ms (0: none), number of pairs, then field, amount pairs added to the
 -- ledger hash of (user, day), the key after the counters', only when every counter admits (the
 -- request's unsettled reservation, released by settle.lua);
@@ -17,10 +21,11 @@
 --          then value, window_start_ms, reset_ms for every counter checked}.
 -- A counter denies when its value has reached its limit (value + 1 > limit, as Limitador checks);
 -- the value returned is after this admission's hits when allowed, before them when denied.
+-- A shadow counter never denies: the caller reads "would deny" from its value.
 
 -- now, count, open_window, add_fixed and add_bucket come from windows.lua, prepended at load.
 
-local h = 2 + count * 5 + 1
+local h = 2 + count * 7 + 1
 local hold_ttl = tonumber(ARGV[h])
 local hold_pairs = tonumber(ARGV[h + 1])
 local state_ttl = tonumber(ARGV[h + 2 + 2 * hold_pairs])
@@ -38,12 +43,17 @@ end
 
 local k = 1
 for i = 1, count do
-  local base = 2 + (i - 1) * 5
+  local base = 2 + (i - 1) * 7
   local limit = tonumber(ARGV[base + 1])
   local window = tonumber(ARGV[base + 2])
   local hits = tonumber(ARGV[base + 3])
+  local mode = ARGV[base + 4]
   local value, start, reset
-  if ARGV[base + 4] == '1' then
+  if mode == '2' then
+    value = tonumber(redis.call('GET', KEYS[k]) or '0')
+    start, reset = tonumber(ARGV[base + 5]), tonumber(ARGV[base + 6]) - now
+    k = k + 1
+  elseif mode == '1' then
     local bucket_start = tonumber(ARGV[base + 5])
     local current = tonumber(redis.call('GET', KEYS[k]) or '0')
     local previous = tonumber(redis.call('GET', KEYS[k + 1]) or '0')
@@ -59,7 +69,7 @@ for i = 1, count do
     end
     k = k + 1
   end
-  if value >= limit then
+  if value >= limit and ARGV[base + 7] == '1' then
     reply[1], reply[2] = 0, i - 1
     table.insert(reply, value)
     table.insert(reply, start)
@@ -73,10 +83,14 @@ end
 
 k = 1
 for i = 1, count do
-  local base = 2 + (i - 1) * 5
+  local base = 2 + (i - 1) * 7
   local window = tonumber(ARGV[base + 2])
   local hits = tonumber(ARGV[base + 3])
-  if ARGV[base + 4] == '1' then
+  local mode = ARGV[base + 4]
+  if mode == '2' then
+    add_period(KEYS[k], tonumber(ARGV[base + 6]), hits)
+    k = k + 1
+  elseif mode == '1' then
     add_bucket(KEYS[k], window, hits)
     k = k + 2
   else

@@ -32,3 +32,12 @@ local function add_bucket(key, window, amount)
   end
 end
 
+
+-- Add to a calendar period's counter (its key names the period); it expires an hour after the
+-- period ends at end_ms, an allowance for replicas whose clocks differ.
+local function add_period(key, end_ms, amount)
+  redis.call('INCRBY', key, amount)
+  if redis.call('PTTL', key) == -1 then
+    redis.call('PEXPIRE', key, math.max(1, end_ms - now) + 3600000)
+  end
+end
