@@ -30,7 +30,7 @@ import aiohttp
 from extproc.config import CloudEventsConfig, redact_url
 from extproc.errors import StoreUnavailable
 from extproc.export import record as charge_record
-from extproc.export.stream import Entry, GroupReader, RecordStream
+from extproc.export.stream import Entry, GroupReader, NoGroup, RecordStream
 from extproc.observability.metrics import Metrics
 
 log = logging.getLogger("extproc.export.cloudevents")
@@ -203,6 +203,8 @@ class CloudEventsPusher:
             try:
                 await self._reader.ack([entry])
                 return
+            except NoGroup:
+                return  # the group went with the stream (a Redis without persistence restarted)
             except StoreUnavailable as exc:
                 log.warning("cloudevents: acknowledge failed (retrying): %s", exc)
                 await asyncio.sleep(delay)

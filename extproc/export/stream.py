@@ -29,6 +29,14 @@ NEW = ">"  # XREADGROUP: entries never delivered to the group
 RECORD_FIELD = "r"  # the stream entry's one field: the record's JSON (settle.lua writes it)
 
 
+class NoGroup(StoreUnavailable):
+    """The stream lost the group (Redis restarted without persistence, or was flushed)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(f"NOGROUP: the export stream {stream!r} has no such consumer group")
+        self.stream = stream
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     stream: str
@@ -106,7 +114,8 @@ class RedisRecords:
         reply = await self._call(
             self._client.xreadgroup(
                 group, consumer, {stream: after}, count=count, block=block_ms or None
-            )
+            ),
+            stream,
         )
         out: list[Entry] = []
         for _name, entries in _by_stream(reply):
@@ -117,22 +126,27 @@ class RedisRecords:
         self, stream: str, group: str, consumer: str, min_idle_ms: int, count: int
     ) -> list[Entry]:
         reply = await self._call(
-            self._client.xautoclaim(stream, group, consumer, min_idle_ms, "0-0", count=count)
+            self._client.xautoclaim(stream, group, consumer, min_idle_ms, "0-0", count=count),
+            stream,
         )
         # [next cursor, [(id, fields)...], [deleted ids]]: Redis drops the deleted ones itself.
         return [_entry(stream, entry_id, fields) for entry_id, fields in reply[1] if entry_id]
 
     async def ack(self, stream: str, group: str, ids: Sequence[str]) -> None:
         if ids:
-            await self._call(self._client.xack(stream, group, *ids))
+            await self._call(self._client.xack(stream, group, *ids), stream)
 
     async def close(self) -> None:
         with contextlib.suppress(*_FAILURES):
             await self._client.aclose()
 
-    async def _call(self, pending: Any) -> Any:
+    async def _call(self, pending: Any, stream: str = "") -> Any:
         try:
             return await pending
+        except ResponseError as exc:
+            if stream and str(exc).startswith("NOGROUP"):
+                raise NoGroup(stream) from None
+            raise _unavailable("export read", exc) from None
         except _FAILURES as exc:
             raise _unavailable("export read", exc) from None
 
@@ -213,7 +227,7 @@ class MemoryRecords:
     ) -> list[Entry]:
         state = self._groups.get(group)
         if state is None:
-            raise StoreUnavailable(f"NOGROUP: no consumer group {group!r}")
+            raise NoGroup(stream)
         if after != NEW:
             start = _id_key(after)
             ids = [
@@ -321,7 +335,21 @@ class GroupReader:
         await self._refresh()
 
     async def next_batch(self, block_ms: int) -> list[Entry]:
-        """The next entries to handle; [] when nothing came within ``block_ms`` (0: no wait)."""
+        """The next entries to handle; [] when nothing came within ``block_ms`` (0: no wait).
+
+        A stream that lost the group (a Redis restarted without persistence) is dropped and
+        found again: the group is made anew at its first record, so nothing written since is
+        skipped."""
+        try:
+            return await self._next_batch(block_ms)
+        except NoGroup as gone:
+            if gone.stream in self._streams:
+                self._streams.remove(gone.stream)
+            self._pending_after.pop(gone.stream, None)
+            self._refreshed = -1e9
+            return []
+
+    async def _next_batch(self, block_ms: int) -> list[Entry]:
         await self._refresh()
         # 1. What this consumer was given and never acknowledged (it crashed or stopped).
         for stream, cursor in list(self._pending_after.items()):

@@ -248,3 +248,26 @@ async def subject_settle(store: CounterStore, c: Charge, adjustments: list[Adjus
         request_id=c.request_id,
         record=record.encode_charge(c, NOW),
     )
+
+
+async def test_a_group_lost_with_the_data_is_made_again_and_nothing_new_is_skipped(
+    redis_server: RedisServer,
+) -> None:
+    raw = Redis.from_url(redis_server.url, decode_responses=True)
+    await raw.flushall()
+    store = RedisStore.from_config(StoreConfig(url=Secret(redis_server.url)), ExportStreamConfig())
+    records = redis_records(redis_server.url, BASE, 5.0)
+    try:
+        reader = GroupReader(records, "g", "c", from_start=True)
+        await settle(store, charge_of("bob", "before"))
+        assert [r["request_id"] for r in await read_all(reader)] == ["before"]
+        await raw.flushall()  # what a Redis without persistence is after a restart
+        await settle(store, charge_of("bob", "after"))
+        got: list[dict[str, Any]] = []
+        for _ in range(3):  # the first read meets NOGROUP; the next makes the group again
+            got += await read_all(reader)
+        assert [r["request_id"] for r in got] == ["after"]
+    finally:
+        await store.close()
+        await records.close()
+        await raw.aclose()
