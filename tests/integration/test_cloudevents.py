@@ -216,3 +216,25 @@ async def test_several_events_are_in_flight_at_once_and_each_is_taken_once(
     assert sorted(e["id"] for e in receiver.events) == sorted(f"c{n}" for n in range(12))
     assert 1 < receiver.most_in_flight <= 4
     assert count(metrics, "sent") == 12
+
+
+async def test_the_sidecars_pusher_reads_the_memory_stores_stream(receiver: Receiver) -> None:
+    from extproc.app import build_pusher, build_store
+    from extproc.config import parse
+
+    config = parse(
+        {"export": {"cloudevents": {"url": receiver.url, "retry_initial_s": 0.01}}},
+        serving=False,
+    )
+    metrics = Metrics()
+    store = build_store(config, metrics)  # memory://, behind the failure policy
+    pusher = build_pusher(config, store, metrics)
+    assert pusher is not None
+    await pusher.start()
+    try:
+        await charge(store, "wired")
+        await until(lambda: len(receiver.events) == 1)
+    finally:
+        await pusher.close()
+        await store.close()
+    assert receiver.events[0]["id"] == "wired"
