@@ -96,9 +96,16 @@ async def follow(
 
     Returns (records written, entries skipped: trimmed before they were read, or not records).
     """
-    written = skipped = 0
+    written = skipped = reported = 0
     while not stop.is_set():
         entries = await reader.next_batch(_BLOCK_MS if forever else 0)
+        if reader.trimmed > reported:
+            print(
+                f"maas-extproc export: {reader.trimmed - reported} records were trimmed "
+                "(export.stream.maxlen) before this group read them",
+                file=sys.stderr,
+            )
+            reported = reader.trimmed
         if not entries:
             if forever:
                 continue

@@ -84,6 +84,7 @@ class CloudEventsPusher:
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._failing = 0  # consecutive failed attempts: one log line when a streak starts
+        self._trimmed = 0  # of the reader's trimmed records, those counted already
         self._slots = asyncio.Semaphore(settings.concurrency)  # POSTs in flight
 
     async def start(self) -> None:
@@ -132,6 +133,10 @@ class CloudEventsPusher:
                 delay = min(delay * 2, self._settings.retry_max_s)
                 continue
             delay = self._settings.retry_initial_s
+            if self._reader.trimmed > self._trimmed:
+                lost, self._trimmed = self._reader.trimmed - self._trimmed, self._reader.trimmed
+                self._metrics.cloudevents.labels("dropped").inc(lost)
+                log.error("cloudevents: %d records trimmed before they were pushed", lost)
             self._metrics.cloudevents_spool.set(len(entries))
             if self._settings.concurrency == 1:
                 for entry in entries:

@@ -57,6 +57,11 @@ class RecordStream(Protocol):
         """Move ``group`` on ``stream`` back to its first entry (XGROUP SETID 0)."""
         ...
 
+    async def trimmed_unread(self, stream: str, group: str) -> int:
+        """Records trimmed (``MAXLEN``) before ``group`` read them: a reader that lagged past
+        the stream's retention (0 when none, or when it cannot tell)."""
+        ...
+
     async def read(
         self, stream: str, group: str, consumer: str, after: str, count: int, block_ms: int
     ) -> list[Entry]:
@@ -107,6 +112,23 @@ class RedisRecords:
 
     async def rewind(self, stream: str, group: str) -> None:
         await self._call(self._client.xgroup_setid(stream, group, "0"))
+
+    async def trimmed_unread(self, stream: str, group: str) -> int:
+        # Redis 7: entries added minus entries the group read is what it has not read; once
+        # the oldest entry kept is past what it read, all of that not kept was trimmed.
+        groups = await self._call(self._client.xinfo_groups(stream), stream)
+        state = next((g for g in groups if str(g.get("name")) == group), None)
+        if state is None:
+            return 0
+        last = _id_key(str(state["last-delivered-id"]))
+        read = state.get("entries-read")
+        if read is None and last != (0, 0):
+            return 0  # Redis cannot tell how many the group read
+        info = await self._call(self._client.xinfo_stream(stream), stream)
+        first, added = info.get("first-entry"), info.get("entries-added")
+        if not first or added is None or _id_key(str(first[0])) <= last:
+            return 0
+        return max(0, int(added) - int(read or 0) - int(info.get("length", 0)))
 
     async def read(
         self, stream: str, group: str, consumer: str, after: str, count: int, block_ms: int
@@ -222,6 +244,9 @@ class MemoryRecords:
         if group in self._groups:
             self._groups[group].last = (0, 0)
 
+    async def trimmed_unread(self, stream: str, group: str) -> int:
+        return 0  # one process: a reader that lags behind is read again from where it is
+
     async def read(
         self, stream: str, group: str, consumer: str, after: str, count: int, block_ms: int
     ) -> list[Entry]:
@@ -325,6 +350,9 @@ class GroupReader:
         self._refreshed = -1e9
         self._claimed = -1e9
         self._rounds = 0
+        # Records trimmed before this group read them, found when it came back (a lag past
+        # export.stream.maxlen); the caller reports them.
+        self.trimmed = 0
 
     @property
     def streams(self) -> list[str]:
@@ -407,6 +435,7 @@ class GroupReader:
                 created.append(stream)
             else:
                 existed = True
+                self.trimmed += await self._source.trimmed_unread(stream, self._group)
             self._streams.append(stream)
             self._pending_after[stream] = "0"
         if first and existed and not self._from_start:

@@ -238,3 +238,31 @@ async def test_the_sidecars_pusher_reads_the_memory_stores_stream(receiver: Rece
         await pusher.close()
         await store.close()
     assert receiver.events[0]["id"] == "wired"
+
+
+async def test_records_trimmed_before_they_were_pushed_are_counted_dropped(
+    receiver: Receiver, redis_server: RedisServer
+) -> None:
+    url = f"redis://127.0.0.1:{redis_server.port}/6"
+    redis_server.cli_command("-n", "6", "flushdb")
+    store = RedisStore.from_config(StoreConfig(url=Secret(url)), ExportStreamConfig(maxlen=0))
+    first = CloudEventsPusher(
+        redis_records(url, "maas:export", 5.0), settings(receiver.url), Metrics()
+    )
+    await first.start()  # makes the group, then the sidecar is gone for a while
+    await first.close()
+    for n in range(30):
+        await charge(store, f"t{n}")
+    await store.close()
+    redis_server.cli_command("-n", "6", "xtrim", "maas:export", "MAXLEN", "10")
+    metrics = Metrics()
+    second = CloudEventsPusher(
+        redis_records(url, "maas:export", 5.0), settings(receiver.url), metrics
+    )
+    await second.start()
+    try:
+        await until(lambda: len(receiver.events) == 10)
+    finally:
+        await second.close()
+    assert [e["id"] for e in receiver.events] == [f"t{n}" for n in range(20, 30)]
+    assert count(metrics, "dropped") == 20

@@ -208,3 +208,28 @@ def test_entries_that_are_not_records_are_skipped_with_one_line_each(
     assert "Traceback" not in err
     pending = redis_server.cli_command("-n", str(DB), "xpending", "maas:export", "g")
     assert pending.split()[0] == "0"  # skipped ones are acknowledged too: they never become records
+
+
+def test_a_group_that_lagged_past_the_retention_is_told_how_many_records_it_lost(
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import redis
+
+    redis_server.cli_command("-n", str(DB), "flushdb")
+    client = redis.Redis.from_url(url_of(redis_server), decode_responses=True)
+    good = record.encode_charge(Charge("bob", "premium", "m1", Usage(1, 2, 3), request_id="r"), 5)
+    try:
+        client.xadd("maas:export", {"r": good})
+        monkeypatch.setenv("MAAS_EXTPROC_STORE_URL", url_of(redis_server))
+        assert main(["export", "--group", "g", "--from-start"]) == 0
+        capsys.readouterr()
+        for _ in range(300):  # while the group is away, the stream keeps only the last 100
+            client.xadd("maas:export", {"r": good}, maxlen=100, approximate=False)
+        assert main(["export", "--group", "g"]) == 0
+        out, err = capsys.readouterr()
+        assert len(out.splitlines()) == 100
+        assert "200 records were trimmed (export.stream.maxlen) before this group read them" in err
+    finally:
+        client.close()
