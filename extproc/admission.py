@@ -327,6 +327,7 @@ class Admission:
                     request_id=request_id,
                     now_ms=now,
                     groups=identity.groups,
+                    billing_rate=plan.billing_rate,
                 )
         except StoreUnavailable:
             if not self._store_fail_open:

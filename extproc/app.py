@@ -328,6 +328,7 @@ class Sidecar:
             policies or config.limits,
             now_ms,
             events=alerts,
+            prices=config.pricing,
             export=config.export.stream.enabled,
         )
         routes = RouteTable(config.routes)
@@ -349,7 +350,13 @@ class Sidecar:
             max_request_tokens=config.limits.max_request_tokens,
         )
         reporter = build_reporter(config, metrics, policies)
-        charger = Charger(limiter, metrics, reporter, wait_s=config.accounting.settle_wait_s)
+        charger = Charger(
+            limiter,
+            metrics,
+            reporter,
+            wait_s=config.accounting.settle_wait_s,
+            prices=config.pricing,
+        )
         return cls(
             config,
             metrics,

@@ -13,6 +13,7 @@ import asyncio
 import logging
 from typing import Protocol
 
+from extproc.accounting.pricing import NO_PRICES, PriceBook, priced
 from extproc.domain import Charge
 from extproc.limits.limiter import Limiter
 from extproc.observability.metrics import Metrics
@@ -34,16 +35,19 @@ class Charger:
         reports: ChargeSink | None = None,
         *,
         wait_s: float = 0.1,
+        prices: PriceBook = NO_PRICES,
     ) -> None:
         self._limiter = limiter
+        self._prices = prices
         self._metrics = metrics
         self._reports = reports
         self._wait_s = wait_s
         self._tasks: set[asyncio.Task[None]] = set()
 
     def start(self, charge: Charge) -> asyncio.Task[None]:
-        """Settle ``charge`` in a task that outlives the caller; returns at once."""
-        task = asyncio.get_running_loop().create_task(self._settle(charge))
+        """Price ``charge`` (once, here), then settle it in a task that outlives the caller;
+        returns at once."""
+        task = asyncio.get_running_loop().create_task(self._settle(priced(charge, self._prices)))
         self._tasks.add(task)
         self._metrics.charges_pending.inc()
         task.add_done_callback(self._done)

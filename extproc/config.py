@@ -16,6 +16,13 @@ from typing import Any, Literal, TypeVar, cast
 
 import yaml
 
+from extproc.accounting.pricing import (
+    BILLED_KINDS,
+    ModelPrices,
+    PriceBook,
+    Prices,
+    per_million_micros,
+)
 from extproc.domain import Limits
 from extproc.errors import ConfigError
 from extproc.limits.budgets import AlertsConfig, Budget, check_era, parse_alerts, parse_budgets
@@ -304,6 +311,7 @@ class Config:
     accounting: AccountingConfig = field(default_factory=AccountingConfig)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     kuadrant: KuadrantConfig = field(default_factory=KuadrantConfig)
+    pricing: PriceBook = field(default_factory=PriceBook)  # README "Token kinds and cost"
     export: ExportConfig = field(default_factory=ExportConfig)
     base_dir: str = "."  # relative file paths resolve against the config file's folder
 
@@ -355,6 +363,7 @@ def parse(raw: Mapping[str, Any], base_dir: str = ".", *, serving: bool = True) 
         accounting=_section(AccountingConfig, raw, "accounting"),
         observability=_section(ObservabilityConfig, raw, "observability"),
         kuadrant=_kuadrant(raw.get("kuadrant")),
+        pricing=_pricing(raw.get("pricing")),
         export=_export(raw.get("export")),
         base_dir=base_dir,
     )
@@ -680,6 +689,52 @@ def _kuadrant(value: object) -> KuadrantConfig:
     if config.queue_size < 1:
         raise ConfigError("kuadrant.queue_size", "a whole number >= 1", config.queue_size)
     return config
+
+
+def _pricing(value: object) -> PriceBook:
+    """``pricing``: per model (and a ``default`` for the rest), a price per million tokens for
+    each token kind, with per-plan (tier, or ``<namespace>/<name>`` subscription) overrides."""
+    raw = _mapping(value, "pricing")
+    _no_unknown(raw, "pricing.", {"models", "default"})
+    models = {
+        str(model): _model_prices(f"pricing.models.{model}", spec)
+        for model, spec in _mapping(raw.get("models"), "pricing.models").items()
+    }
+    default = raw.get("default")
+    return PriceBook(
+        models, _model_prices("pricing.default", default) if default is not None else None
+    )
+
+
+def _model_prices(key: str, value: object) -> ModelPrices:
+    spec = dict(_mapping(value, key))
+    _no_unknown(spec, f"{key}.", {*BILLED_KINDS, "plans"})
+    plans = _mapping(spec.pop("plans", None), f"{key}.plans")
+    for kind in ("input", "output"):  # the kinds every other one falls back to
+        if kind not in spec:
+            raise ConfigError(f"{key}.{kind}", 'a price per million tokens, e.g. "2.50"')
+    prices = _prices(key, spec)
+    return ModelPrices(
+        prices,
+        {str(plan): _prices(f"{key}.plans.{plan}", p).over(prices) for plan, p in plans.items()},
+    )
+
+
+def _prices(key: str, value: object) -> Prices:
+    spec = _mapping(value, key)
+    _no_unknown(spec, f"{key}.", set(BILLED_KINDS))
+    out: dict[str, int] = {}
+    for kind, price in spec.items():
+        expected = 'a price per million tokens as a plain decimal string, e.g. "2.50"'
+        if isinstance(price, bool) or not isinstance(price, int | str):
+            raise ConfigError(
+                f"{key}.{kind}", expected + " (quoted: YAML floats are binary)", price
+            )
+        try:
+            out[kind] = per_million_micros(str(price))
+        except ValueError as exc:
+            raise ConfigError(f"{key}.{kind}", f"{expected} ({exc})", price) from None
+    return Prices(out)
 
 
 def _export(value: object) -> ExportConfig:

@@ -66,6 +66,8 @@ class Plan:
     organization_id: str = ""  # subscriptions: spec.tokenMetadata.organizationId
     cost_center: str = ""  # subscriptions: spec.tokenMetadata.costCenter
     route: str = ""  # subscriptions: the model's HTTPRoute, which its rate limit policy targets
+    # subscriptions: the modelRef's billingRate.perToken, in micro-units per million tokens
+    billing_rate: int | None = None
 
     @property
     def subscription(self) -> str:
@@ -241,6 +243,8 @@ class Charge:
     # the configured currency, rounded up per request, and whether a price applied at all.
     cost_micros: int = 0
     priced: bool = False
+    # The subscription era: the plan's billingRate.perToken (micro-units per million tokens).
+    billing_rate: int | None = None
 
     @property
     def plan(self) -> str:

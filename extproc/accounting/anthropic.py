@@ -1,4 +1,12 @@
-"""Anthropic Messages API: usage and generated-text size from JSON bodies and SSE."""
+"""Anthropic Messages API: usage and generated-text size from JSON bodies and SSE.
+
+The ``usage`` object (``Usage`` and ``MessageDeltaUsage`` of anthropics/anthropic-sdk-python,
+generated from Anthropic's OpenAPI spec; ``src/anthropic/types/usage.py`` at 0c20cf40,
+``message_delta_usage.py`` at 385c568d): ``input_tokens`` (not read from or written to a cache),
+``cache_read_input_tokens``, ``cache_creation_input_tokens``, ``output_tokens``, and
+``output_tokens_details.thinking_tokens`` ("always <= output_tokens": our reasoning tokens).
+``message_delta`` counts are cumulative, so the latest value of each field wins.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +14,9 @@ from extproc.accounting import counts
 from extproc.accounting.sse import SseEvent, dig, event_type, load_json, string_chars
 from extproc.domain import Usage
 
+# Charged: every one is part of the prompt or the completion.
 FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+THINKING = "output_tokens_details.thinking_tokens"  # informational: a part of output_tokens
 USAGE_EVENTS = frozenset({"message_start", "message_delta"})
 TEXT_DELTA = "content_block_delta"
 
@@ -30,6 +40,7 @@ def usage_of(raw: object) -> Usage | None:
         total_tokens=total,
         cached_tokens=read,
         cache_creation_tokens=written,
+        reasoning_tokens=counts.count(dig(raw, *THINKING.split(".")))[0],
     )
 
 
@@ -48,7 +59,8 @@ class Stream:
     """Counts text deltas; usage from ``message_start``, then ``message_delta`` (latest wins)."""
 
     def __init__(self) -> None:
-        self.fields: dict[str, object] = {}  # latest raw value of each field, checked in usage_of
+        # The latest raw value of each field, as a usage object (checked in usage_of).
+        self.fields: dict[str, object] = {}
         self.chars = 0
         self.errors = 0
 
@@ -70,3 +82,6 @@ class Stream:
                 value = dig(raw, name)
                 if value is not None:
                     self.fields[name] = value
+            thinking = dig(raw, *THINKING.split("."))
+            if thinking is not None:
+                self.fields["output_tokens_details"] = {"thinking_tokens": thinking}

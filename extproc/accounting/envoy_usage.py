@@ -27,6 +27,7 @@ OPENAI_FIELDS = (
     "completion_tokens",
     "total_tokens",
     "prompt_tokens_details.cached_tokens",
+    "prompt_tokens_details.cache_write_tokens",
     "completion_tokens_details.reasoning_tokens",
 )
 RESPONSES_FIELDS = (
@@ -34,9 +35,10 @@ RESPONSES_FIELDS = (
     "output_tokens",
     "total_tokens",
     "input_tokens_details.cached_tokens",
+    "input_tokens_details.cache_write_tokens",
     "output_tokens_details.reasoning_tokens",
 )
-ANTHROPIC_FIELDS = anthropic.FIELDS
+ANTHROPIC_FIELDS = (*anthropic.FIELDS, anthropic.THINKING)
 FIELDS = frozenset((*OPENAI_FIELDS, *RESPONSES_FIELDS, *ANTHROPIC_FIELDS))
 
 UsageOf = Callable[[object], Usage | None]

@@ -71,6 +71,7 @@ def completed(
         completion_tokens=completion,
         total_tokens=prompt + completion,
         cached_tokens=usage.cached_tokens,
+        cache_creation_tokens=usage.cache_creation_tokens,
         reasoning_tokens=usage.reasoning_tokens,
         estimated=usage.estimated or estimated,
         invalid=usage.invalid,

@@ -11,7 +11,12 @@ COMPLETION_KEYS = (b'"text"',)  # choices[*].text
 
 
 def usage_of(raw: object) -> Usage | None:
-    """Map an OpenAI ``usage`` object; ``None`` if it is absent, null or reports nothing."""
+    """Map an OpenAI ``usage`` object; ``None`` if it is absent, null or reports nothing.
+
+    ``CompletionUsage`` in openai/openai-openapi ``openapi.yaml`` (f85dbe22): the cached
+    (``cached_tokens``) and cache-written (``cache_write_tokens``) prompt tokens, and the
+    ``reasoning_tokens`` of the completion, each a part of the prompt or completion count.
+    """
     if not isinstance(raw, dict):
         return None
     return counts.usage(
@@ -19,6 +24,7 @@ def usage_of(raw: object) -> Usage | None:
         raw.get("completion_tokens"),
         raw.get("total_tokens"),
         cached=dig(raw, "prompt_tokens_details", "cached_tokens"),
+        cache_creation=dig(raw, "prompt_tokens_details", "cache_write_tokens"),
         reasoning=dig(raw, "completion_tokens_details", "reasoning_tokens"),
     )
 

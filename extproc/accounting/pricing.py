@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from extproc.domain import Usage
+from extproc.domain import Charge, Usage
 
 BILLED_KINDS = ("input", "cached_input", "cache_creation", "output", "reasoning")
 # A kind without a price of its own costs what its parent kind costs.
@@ -41,9 +41,14 @@ _DECIMAL = re.compile(r"([0-9]+)(?:\.([0-9]+))?\Z")
 def split(usage: Usage) -> dict[str, int]:
     """The disjoint token counts of ``BILLED_KINDS`` (see the module docstring); they sum to the
     prompt plus the completion."""
+    return dict(zip(BILLED_KINDS, _parts(usage), strict=True))
+
+
+def _parts(usage: Usage) -> tuple[int, int, int, int, int]:
+    """``split``'s counts in ``BILLED_KINDS`` order (no dict: it runs on every priced charge)."""
     prompt, completion = usage.prompt_tokens, usage.completion_tokens
     if prompt is None and completion is None:
-        return {**dict.fromkeys(BILLED_KINDS, 0), "input": usage.total()}
+        return usage.total(), 0, 0, 0, 0
     if completion is None:
         completion = max(0, usage.total() - (prompt or 0))
     if prompt is None:
@@ -51,13 +56,7 @@ def split(usage: Usage) -> dict[str, int]:
     cached = min(usage.cached_tokens or 0, prompt)
     written = min(usage.cache_creation_tokens or 0, prompt - cached)
     reasoning = min(usage.reasoning_tokens or 0, completion)
-    return {
-        "input": prompt - cached - written,
-        "cached_input": cached,
-        "cache_creation": written,
-        "output": completion - reasoning,
-        "reasoning": reasoning,
-    }
+    return prompt - cached - written, cached, written, completion - reasoning, reasoning
 
 
 def decimal_units(text: str, decimals: int) -> int:
@@ -98,6 +97,11 @@ class Prices:
     """
 
     micros_per_million: Mapping[str, int] = field(default_factory=dict)
+    # Every kind's price after the fallbacks, in BILLED_KINDS order (worked out once).
+    in_order: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "in_order", tuple(self.of(kind) for kind in BILLED_KINDS))
 
     def of(self, kind: str) -> int:
         """The price of one kind, after the fallbacks."""
@@ -112,8 +116,8 @@ class Prices:
 
     @classmethod
     def flat(cls, micros_per_million: int) -> Prices:
-        """One price for every kind."""
-        return cls(dict.fromkeys(BILLED_KINDS, checked_price(micros_per_million)))
+        """One price for every kind (never raises: check it first, ``checked_price``)."""
+        return cls(dict.fromkeys(BILLED_KINDS, micros_per_million))
 
     @classmethod
     def parse_per_token(cls, text: str) -> Prices:
@@ -130,10 +134,15 @@ class Prices:
             if kind not in BILLED_KINDS:
                 raise ValueError(f"{kind}: not one of {', '.join(BILLED_KINDS)}")
             try:
-                parsed[kind] = checked_price(decimal_units(text, 6))
+                parsed[kind] = per_million_micros(text)
             except ValueError as exc:
                 raise ValueError(f"{kind}: {exc}") from None
         return cls(parsed)
+
+
+def per_million_micros(text: str) -> int:
+    """A decimal price per million tokens as micro-units per million (``"2.50"`` -> 2500000)."""
+    return checked_price(decimal_units(text, 6))
 
 
 def per_token_micros(text: str) -> int:
@@ -143,7 +152,7 @@ def per_token_micros(text: str) -> int:
 
 def cost_micros(usage: Usage, prices: Prices) -> int:
     """The cost of one response: exact integer sum over the kinds, rounded up to a micro-unit."""
-    exact = sum(tokens * prices.of(kind) for kind, tokens in split(usage).items())
+    exact = sum(n * price for n, price in zip(_parts(usage), prices.in_order, strict=True))
     return -(-exact // MILLION)
 
 
@@ -180,3 +189,18 @@ class PriceBook:
 
 
 NO_PRICES = PriceBook()
+
+
+def priced(charge: Charge, book: PriceBook) -> Charge:
+    """``charge`` with its cost, when a price applies (``PriceBook.prices_for``); else as it is.
+
+    The subscription era's ``billingRate.perToken`` comes with the charge (``billing_rate``);
+    the model is the one the ledger books (``"unknown"`` when the request named none).
+    """
+    rate = charge.billing_rate
+    prices = book.prices_for(
+        charge.model or "unknown", charge.plan, None if rate is None else Prices.flat(rate)
+    )
+    if prices is None:
+        return charge
+    return replace(charge, cost_micros=cost_micros(charge.usage, prices), priced=True)

@@ -11,7 +11,12 @@ TEXT_DELTA = "response.output_text.delta"
 
 
 def usage_of(raw: object) -> Usage | None:
-    """Map a Responses ``usage`` object (input/output naming) to prompt/completion."""
+    """Map a Responses ``usage`` object (input/output naming) to prompt/completion.
+
+    ``ResponseUsage`` in openai/openai-openapi ``openapi.yaml`` (f85dbe22):
+    ``input_tokens_details.{cached_tokens,cache_write_tokens}`` and
+    ``output_tokens_details.reasoning_tokens``, parts of the input and output counts.
+    """
     if not isinstance(raw, dict):
         return None
     return counts.usage(
@@ -19,6 +24,7 @@ def usage_of(raw: object) -> Usage | None:
         raw.get("output_tokens"),
         raw.get("total_tokens"),
         cached=dig(raw, "input_tokens_details", "cached_tokens"),
+        cache_creation=dig(raw, "input_tokens_details", "cache_write_tokens"),
         reasoning=dig(raw, "output_tokens_details", "reasoning_tokens"),
     )
 

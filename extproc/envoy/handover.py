@@ -28,7 +28,7 @@ BILLING_KEY = "maas"  # our own record; "identity" beside it is for Kuadrant pre
 BILLING_HEADER = "x-maas-billing"
 _TEXT_KEYS = frozenset(
     ("id", "user", "tier", "model", "path", "reserved", "windows", "admitted", "inject")
-) | {"prompt_est", "route", "sub", "key", "org", "cc", "rate_windows", "budgets", "bgroups"}
+) | {"prompt_est", "route", "sub", "key", "org", "cc", "rate_windows", "rate", "budgets", "bgroups"}
 _MAX_DIGITS = 20  # every count we hand over fits in 64 bits; longer text is not ours
 
 
@@ -55,6 +55,8 @@ class Billing:
     organization_id: str = ""
     cost_center: str = ""
     rate_windows: tuple[int, ...] = ()
+    # The subscription's billingRate.perToken for the model, in micro-units per million tokens.
+    billing_rate: int | None = None
     # Budgets: whether admission reserved in them, and the caller's groups group budgets name.
     budgets_held: bool = False
     budget_groups: tuple[str, ...] = ()
@@ -92,6 +94,7 @@ class Billing:
             organization_id=plan.organization_id,
             cost_center=plan.cost_center,
             rate_windows=tuple(rate.window_s for rate in plan.rates),
+            billing_rate=plan.billing_rate,
         )
 
     def charge(self, usage: Usage, status: int, *, disconnected: bool = False) -> Charge:
@@ -114,6 +117,7 @@ class Billing:
             organization_id=self.organization_id,
             cost_center=self.cost_center,
             rate_windows=self.rate_windows,
+            billing_rate=self.billing_rate,
             budgets_held=self.budgets_held,
             budget_groups=self.budget_groups,
         )
@@ -138,6 +142,8 @@ def write(fields: Any, billing: Billing) -> None:
         fields["org"].string_value = billing.organization_id
         fields["cc"].string_value = billing.cost_center
         fields["rate_windows"].string_value = ",".join(map(str, billing.rate_windows))
+        if billing.billing_rate is not None:
+            fields["rate"].string_value = str(billing.billing_rate)
     if billing.budgets_held or billing.budget_groups:  # records without budgets stay as they were
         fields["budgets"].string_value = "1" if billing.budgets_held else "0"
         fields["bgroups"].string_value = json.dumps(list(billing.budget_groups))
@@ -216,6 +222,7 @@ def _from_fields(fields: Any) -> Billing | None:
             organization_id=_optional(fields, "org"),
             cost_center=_optional(fields, "cc"),
             rate_windows=tuple(_count(v) for v in rate_windows.split(",")) if rate_windows else (),
+            billing_rate=_count(_text(fields, "rate")) if "rate" in fields else None,
             budgets_held=_optional(fields, "budgets") == "1",
             budget_groups=_groups(_optional(fields, "bgroups")),
         )

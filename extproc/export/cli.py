@@ -38,7 +38,7 @@ def json_line(entry: Entry, record: dict[str, Any]) -> str:
     return json.dumps({"stream": entry.stream, "stream_id": entry.id, **record}) + "\n"
 
 
-def _cell(value: object) -> str | int:
+def _cell(value: object) -> str | int | None:
     if value is None:
         return ""  # not reported: an empty cell, never 0
     if isinstance(value, bool):

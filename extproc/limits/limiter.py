@@ -221,12 +221,14 @@ class Limiter:
         request_id: str = "",
         now_ms: int | None = None,
         groups: tuple[str, ...] = (),
+        billing_rate: int | None = None,
     ) -> Verdict:
         """Check and take the reservation; the ledger holds it as unsettled until the settle.
 
         With ``rates`` (the subscription era), ``tier`` is the subscription and the counters are
         its rates for ``model``, all admitted in the same atomic step. ``groups`` are the
-        caller's, for group budgets.
+        caller's, for group budgets; ``billing_rate`` the subscription's billingRate.perToken
+        (micro-units per million tokens), for cost budgets.
         """
         if rates is None:
             plan = self._plan(userid, tier, model, route)
@@ -248,6 +250,7 @@ class Limiter:
                 model,
                 self.budget_groups(groups),
                 attribution.organization_id,
+                billing_rate,
             )
             spent, budget_counters = self._budget_counters(caller, reserve, now)
             counters += budget_counters
@@ -398,6 +401,7 @@ class Limiter:
             charge.model,
             charge.budget_groups,
             charge.organization_id,
+            charge.billing_rate,
         )
         out = []
         for counter in self._budgets.of(self._config.budgets, caller):

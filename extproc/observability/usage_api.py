@@ -25,6 +25,7 @@ from extproc.observability.usage_query import (
     check_retention,
     parse_group_by,
     parse_period,
+    shown,
     summarize,
     to_csv,
     usage_document,
@@ -135,7 +136,8 @@ class UsageApi:
                 for ledger_row in await self._ledger(user, period):
                     add_amounts(row, ledger_row)
                 add_amounts(totals, row)
-                rows.append(row)
+                rows.append(shown(row))
+            totals = shown(totals)
         except _Refusal as refusal:
             return _refused(refusal)
         if fmt == "csv":

@@ -26,7 +26,23 @@ AMOUNTS = (
     # Reservations of admitted requests whose charge has not come (see store/ledger.py).
     "unsettled_tokens",
     "unsettled_requests",
+    # Issue #16: the informational token kinds (parts of prompt or completion), the cost in
+    # micro-units of the pricing's currency and how many requests a price applied to.
+    "cached_tokens",
+    "cache_creation_tokens",
+    "reasoning_tokens",
+    "cost_micros",
+    "priced_requests",
 )
+# An amount shown as null when no request of the row reported it (or was priced): summed along
+# with the amounts, then dropped by ``shown``.
+REPORTED_BY = {
+    "cached_tokens": "cached_reported",
+    "cache_creation_tokens": "cache_creation_reported",
+    "reasoning_tokens": "reasoning_reported",
+    "cost_micros": "priced_requests",
+}
+_SUMMED = (*AMOUNTS, *(n for n in REPORTED_BY.values() if n not in AMOUNTS))
 # The columns that name a row, per grouping: the subscription era's rows carry the subscription
 # with its tokenMetadata (organization id, cost center), or the API key with its subscription.
 COLUMNS: dict[str, tuple[str, ...]] = {
@@ -36,7 +52,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "key": ("key", "subscription"),
 }
 
-Row = dict[str, str | int]
+Row = dict[str, str | int | None]
 
 
 def utc_today() -> dt.date:
@@ -126,13 +142,24 @@ def iso_day(day: str) -> str:
 
 
 def zero_totals() -> Row:
-    return dict.fromkeys(AMOUNTS, 0)
+    """Every summed amount at 0 (``shown`` makes it what is answered)."""
+    return dict.fromkeys(_SUMMED, 0)
 
 
-def add_amounts(into: Row, row: LedgerRow | Mapping[str, str | int]) -> None:
-    for name in AMOUNTS:
+def add_amounts(into: Row, row: LedgerRow | Mapping[str, str | int | None]) -> None:
+    for name in _SUMMED:
         amount = row[name] if isinstance(row, Mapping) else getattr(row, name)
-        into[name] = int(into[name]) + int(amount)
+        into[name] = int(into[name] or 0) + int(amount or 0)
+
+
+def shown(row: Row) -> Row:
+    """A summed row as answered: a kind no request reported (a cost no request was priced for)
+    is null, not 0; the reported counts behind that are left out."""
+    out = {name: value for name, value in row.items() if name in AMOUNTS or name not in _SUMMED}
+    for name, counter in REPORTED_BY.items():
+        if not row.get(counter):
+            out[name] = None
+    return out
 
 
 def _names(row: LedgerRow, group_by: GroupBy) -> tuple[str, ...]:
@@ -158,7 +185,7 @@ def summarize(rows: Iterable[LedgerRow], group_by: GroupBy) -> tuple[list[Row], 
         )
         add_amounts(group, row)
         add_amounts(totals, row)
-    return [groups[names] for names in sorted(groups)], totals
+    return [shown(groups[names]) for names in sorted(groups)], shown(totals)
 
 
 def usage_document(
@@ -186,7 +213,7 @@ def to_json(document: Mapping[str, object]) -> str:
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
-def spreadsheet_safe(cell: str | int) -> str | int:
+def spreadsheet_safe(cell: str | int | None) -> str | int | None:
     """A text cell that cannot start a formula: OWASP's advice, a leading single quote."""
     if isinstance(cell, str) and cell.startswith(_FORMULA_START):
         return "'" + cell
@@ -200,6 +227,7 @@ def columns_of(key: str) -> tuple[str, ...]:
 
 def to_csv(rows: Sequence[Row], key: str) -> str:
     """A header line and one line per row; totals are left out so that columns sum cleanly.
+    A null amount (not reported) is an empty cell.
 
     The one CSV writer of the usage API and the CLI: every text cell is ``spreadsheet_safe``.
     Lines end in CRLF (RFC 4180, Python's default), so a cell holding a bare CR is quoted too:
@@ -213,14 +241,18 @@ def to_csv(rows: Sequence[Row], key: str) -> str:
     return out.getvalue()
 
 
+def _cell(value: str | int | None) -> str:
+    return "-" if value is None else str(value)  # "-": not reported
+
+
 def to_table(rows: Sequence[Row], totals: Row, key: str) -> str:
     """Aligned columns for a terminal, with a ``total`` line at the end."""
     names = columns_of(key)
     lines = [[*names, *AMOUNTS]]
     lines += [
-        [*(str(row[n]) for n in names), *(str(row[name]) for name in AMOUNTS)] for row in rows
+        [*(str(row[n]) for n in names), *(_cell(row[name]) for name in AMOUNTS)] for row in rows
     ]
-    lines.append(["total", *([""] * (len(names) - 1)), *(str(totals[name]) for name in AMOUNTS)])
+    lines.append(["total", *([""] * (len(names) - 1)), *(_cell(totals[name]) for name in AMOUNTS)])
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     return "\n".join(
         "  ".join(

@@ -288,6 +288,14 @@ class MaasApiStandIn:
             ]
             if limits:
                 item["token_rate_limits"] = limits
+            # selector.go parseModelRef: a billingRate mapping gives billing_rate, its perToken
+            # only when a string (types.go ModelRefInfo.BillingRate, `json:"per_token"`).
+            rate = ref.get("billingRate")
+            if isinstance(rate, dict):
+                per_token = rate.get("perToken")
+                item["billing_rate"] = {
+                    "per_token": per_token if isinstance(per_token, str) else ""
+                }
             refs.append(item)
         answer: Json = {
             "name": _name(sub),

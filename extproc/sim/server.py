@@ -1,7 +1,21 @@
 """An aiohttp app imitating OpenAI/Anthropic model servers that records everything it serves.
 
 Per-request ``x-sim-*`` headers script it: ``status``, ``completion-tokens``, ``delay-ms``,
-``abort-after``, ``omit-usage``; and, to play a misbehaving upstream:
+``abort-after``, ``omit-usage``; the token kinds a provider reports besides input and output:
+
+- ``x-sim-cached-tokens: N``: N prompt tokens were read from a cache; ``x-sim-cache-write-tokens:
+  N``: N were written to one; ``x-sim-reasoning-tokens: N``: N more completion tokens were spent
+  reasoning (not sent as text). The prompt grows to hold the cached and written tokens. Each API
+  reports them as its documentation says: OpenAI chat/completions in
+  ``prompt_tokens_details.{cached_tokens,cache_write_tokens}`` and
+  ``completion_tokens_details.reasoning_tokens`` (``CompletionUsage``), the Responses API in
+  ``input_tokens_details`` and ``output_tokens_details`` (``ResponseUsage``; both
+  openai/openai-openapi ``openapi.yaml`` at f85dbe22), Anthropic in ``cache_read_input_tokens``,
+  ``cache_creation_input_tokens`` (``input_tokens`` is then the rest of the prompt) and
+  ``output_tokens_details.thinking_tokens`` (anthropic-sdk-python ``types/usage.py`` at
+  0c20cf40); the kinds not asked for are left out as before;
+
+and, to play a misbehaving upstream:
 
 - ``x-sim-usage: <JSON object>``: the response's ``usage`` object is this text, verbatim (so a
   400-digit literal or ``1e308`` reaches the client unchanged): in JSON bodies of every API and
@@ -124,6 +138,17 @@ class _Hostile:
         return response
 
 
+def _kinds(headers: Mapping[str, str]) -> tuple[int | None, int | None, int | None]:
+    """x-sim-cached-tokens, x-sim-cache-write-tokens, x-sim-reasoning-tokens (None: absent)."""
+    out: list[int | None] = []
+    for name in ("x-sim-cached-tokens", "x-sim-cache-write-tokens", "x-sim-reasoning-tokens"):
+        value = _int_header(headers, name)
+        if value is not None and not 0 <= value <= 10**9:
+            raise _BadRequestError(f"header {name} must be from 0 to 1000000000")
+        out.append(value)
+    return out[0], out[1], out[2]
+
+
 def _int_header(headers: Mapping[str, str], name: str) -> int | None:
     value = headers.get(name)
     if value is None:
@@ -147,6 +172,15 @@ class _Gen:
     usage: bool  # False when x-sim-omit-usage asks for no usage at all
     include_usage: bool  # chat/completions streams: stream_options.include_usage
     hostile: _Hostile = _Hostile()
+    # x-sim-cached-tokens, x-sim-cache-write-tokens, x-sim-reasoning-tokens (None: not reported)
+    cached: int | None = None
+    cache_write: int | None = None
+    reasoning: int | None = None
+
+    @property
+    def output(self) -> int:
+        """The completion tokens reported: the text sent plus the reasoning."""
+        return self.completion + (self.reasoning or 0)
 
 
 def _dumps(obj: object) -> str:
@@ -190,11 +224,22 @@ def _lenient_path(path: str) -> str:
 
 
 def _openai_usage(g: _Gen) -> Json:
-    return {
+    out: Json = {
         "prompt_tokens": g.prompt,
-        "completion_tokens": g.completion,
-        "total_tokens": g.prompt + g.completion,
+        "completion_tokens": g.output,
+        "total_tokens": g.prompt + g.output,
     }
+    prompt_details = _details(cached_tokens=g.cached, cache_write_tokens=g.cache_write)
+    if prompt_details:
+        out["prompt_tokens_details"] = prompt_details
+    if g.reasoning is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": g.reasoning}
+    return out
+
+
+def _details(**counts: int | None) -> Json:
+    """The counts that were asked for."""
+    return {name: n for name, n in counts.items() if n is not None}
 
 
 # --- OpenAI chat completions and legacy completions -----------------------------------------
@@ -274,8 +319,20 @@ def _messages_json(g: _Gen) -> Json:
         "stop_sequence": None,
     }
     if g.usage:
-        usage = {"input_tokens": g.prompt, "output_tokens": g.completion}
-        out["usage"] = g.hostile.usage_of(usage)
+        out["usage"] = g.hostile.usage_of(_anthropic_usage(g, g.output))
+    return out
+
+
+def _anthropic_usage(g: _Gen, output: int, *, thinking: bool = True) -> Json:
+    """Anthropic's usage: ``input_tokens`` is the prompt neither read from nor written to a cache."""
+    read, written = g.cached or 0, g.cache_write or 0
+    out: Json = {
+        "input_tokens": g.prompt - read - written,
+        **_details(cache_creation_input_tokens=g.cache_write, cache_read_input_tokens=g.cached),
+        "output_tokens": output,
+    }
+    if g.reasoning is not None and thinking:
+        out["output_tokens_details"] = {"thinking_tokens": g.reasoning}
     return out
 
 
@@ -284,8 +341,10 @@ def _messages_stream(g: _Gen) -> Parts:
     stop = {"stop_reason": "max_tokens" if g.hit_limit else "end_turn", "stop_sequence": None}
     delta: Json = {"type": "message_delta", "delta": stop}
     if g.usage:
-        message["usage"] = {"input_tokens": g.prompt, "output_tokens": 1}
-        delta["usage"] = {"output_tokens": g.completion}
+        message["usage"] = _anthropic_usage(g, 1, thinking=False)
+        delta["usage"] = {"output_tokens": g.output}
+        if g.reasoning is not None:
+            delta["usage"]["output_tokens_details"] = {"thinking_tokens": g.reasoning}
     block = {"type": "text", "text": ""}
     head = [
         _sse({"type": "message_start", "message": message}, "message_start"),
@@ -332,10 +391,13 @@ def _responses_json(g: _Gen, done: bool = True) -> Json:
         out["usage"] = g.hostile.usage_of(
             {
                 "input_tokens": g.prompt,
-                "input_tokens_details": {"cached_tokens": 0},
-                "output_tokens": g.completion,
-                "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": g.prompt + g.completion,
+                "input_tokens_details": {
+                    "cached_tokens": g.cached or 0,
+                    **_details(cache_write_tokens=g.cache_write),
+                },
+                "output_tokens": g.output,
+                "output_tokens_details": {"reasoning_tokens": g.reasoning or 0},
+                "total_tokens": g.prompt + g.output,
             }
         )
     return out
@@ -462,6 +524,9 @@ class SimServer:
             "prompt_tokens": 0,
             "completion_tokens": 0,
             "total_tokens": 0,
+            "cached_tokens": None,  # the kinds scripted with x-sim-*-tokens (None: not reported)
+            "cache_write_tokens": None,
+            "reasoning_tokens": None,
             "status": 200,
             "completed": True,
             "finished": True,  # false while a stream is still being written
@@ -506,7 +571,8 @@ class SimServer:
         if api == "models":
             return _json(self._models(path_model))
 
-        prompt = prompt_tokens(api, body)
+        kinds = _kinds(headers)
+        prompt = max(prompt_tokens(api, body), (kinds[0] or 0) + (kinds[1] or 0))
         completion, hit = (0, False)
         if api != "embeddings":
             default = self.config.default_completion_tokens
@@ -521,9 +587,14 @@ class SimServer:
             usage=not omit_usage,
             include_usage=include_usage,
             hostile=hostile,
+            cached=kinds[0],
+            cache_write=kinds[1],
+            reasoning=kinds[2] if api != "embeddings" else None,
         )
-        rec.update(prompt_tokens=prompt, completion_tokens=completion)
-        rec["total_tokens"] = prompt + completion
+        rec.update(prompt_tokens=prompt, completion_tokens=g.output)
+        rec.update(cached_tokens=g.cached, cache_write_tokens=g.cache_write)
+        rec.update(reasoning_tokens=g.reasoning)
+        rec["total_tokens"] = prompt + g.output
         if not stream:
             rec["usage_sent"] = g.usage
             if api == "chat":

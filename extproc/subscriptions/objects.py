@@ -7,6 +7,10 @@ the same commit: ``maas-api/internal/subscription/selector.go`` (``parseSubscrip
 ``parseModelRef``, ``parseTokenMetadata``) and ``maas-api/internal/authpolicy/checker.go``
 (``AuthorizedModels``, ``policyMatchesSubject``). Like them, a field of the wrong type reads as
 absent; only a subscription without ``spec`` is left out.
+
+``spec.modelRefs[].billingRate.perToken`` (``BillingRate{PerToken string}``, "the cost per
+token", in ``maassubscription_types.go``) is read as ``parseModelRef`` reads it, at
+c0639b1b9baecf95fb836e00ba3f79178833781b: a string, else absent.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from extproc.accounting import pricing
 from extproc.domain import Rate
 
 GROUP = "maas.opendatahub.io"
@@ -48,11 +53,13 @@ class ModelRate:
 
 @dataclass(frozen=True, slots=True)
 class SubscriptionModel:
-    """``spec.modelRefs[]``: one model of a subscription and its token rates."""
+    """``spec.modelRefs[]``: one model of a subscription, its token rates and its
+    ``billingRate.perToken`` as written ("" when absent or not a string)."""
 
     namespace: str
     name: str
     rates: tuple[ModelRate, ...] = ()
+    per_token: str = ""
 
     @property
     def ref(self) -> str:
@@ -137,6 +144,18 @@ def enforced_rates(model: SubscriptionModel) -> tuple[Rate, ...] | None:
     return tuple(rates)
 
 
+def billing_rate(model: SubscriptionModel) -> int | None:
+    """The model's ``billingRate.perToken`` as micro-units per million tokens; None when it is
+    not set or not a price we read exactly (``pricing.per_token_micros``: a plain decimal, at
+    most 12 decimals, no sign or exponent). The controller does not validate it (a free string)."""
+    if not model.per_token:
+        return None
+    try:
+        return pricing.per_token_micros(model.per_token)
+    except ValueError:
+        return None
+
+
 def _map(value: object) -> Json:
     return value if isinstance(value, Mapping) else {}
 
@@ -187,6 +206,7 @@ def subscription(obj: Json) -> Subscription | None:
                 for r in _list(ref.get("tokenRateLimits"))
                 if isinstance(r, Mapping)
             ),
+            _text(_map(ref.get("billingRate")).get("perToken")),
         )
         for ref in _list(spec.get("modelRefs"))
         if isinstance(ref, Mapping)

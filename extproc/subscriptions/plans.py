@@ -11,6 +11,7 @@ of 0 tokens (``DEFAULT_DENY``).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -24,6 +25,8 @@ from extproc.subscriptions import objects
 from extproc.subscriptions.maas_api import Json, MaasApi
 from extproc.subscriptions.select import PHASES, Refusal, Selected
 from extproc.subscriptions.watch import WatchedSubscriptions
+
+log = logging.getLogger("extproc.subscriptions")
 
 DEFAULT_DENY = (Rate(0, 60),)  # gateway-default-deny: limit 0 per 1m
 UNSUBSCRIBED = Plan("", era="subscriptions", rates=DEFAULT_DENY)
@@ -141,6 +144,7 @@ def selection_of(answer: Json) -> Selected | Refusal:
             continue
         if ref.get("name") == model_name or (resolved and ref.get("model_name") == resolved):
             limits = ref.get("token_rate_limits")
+            rate = ref.get("billing_rate")  # ModelRefInfo.BillingRate{PerToken `per_token`}
             entry = objects.SubscriptionModel(
                 entry.namespace or "",
                 _text(ref, "name") or model_name,
@@ -149,6 +153,7 @@ def selection_of(answer: Json) -> Selected | Refusal:
                     for r in (limits if isinstance(limits, list) else [])
                     if isinstance(r, dict)
                 ),
+                _text(rate, "per_token") if isinstance(rate, dict) else "",
             )
             break
     subscription = objects.Subscription(
@@ -184,6 +189,7 @@ class SubscriptionPlans:
         self._metrics = metrics
         self._route_of = route_of  # (namespace, name) of a model -> its HTTPRoute (route map)
         self._declared = declared  # selected key -> the rates a watched policy declares
+        self._bad_rates: set[str] = set()  # selected keys whose billingRate was logged as bad
 
     async def plan_for(self, query: PlanQuery) -> Plan | PlanRefusal | None:
         if not query.model:
@@ -213,7 +219,17 @@ class SubscriptionPlans:
             organization_id=sub.organization_id,
             cost_center=sub.cost_center,
             route=route,
+            billing_rate=self._billing_rate(key, entry),
         )
+
+    def _billing_rate(self, key: str, entry: objects.SubscriptionModel) -> int | None:
+        """The entry's billingRate; a bad one is not used and logged once per selected key."""
+        rate = objects.billing_rate(entry)
+        bad = rate is None and entry.per_token
+        if bad and key not in self._bad_rates and len(self._bad_rates) < MAX_ENTRIES:
+            self._bad_rates.add(key)
+            log.warning("billingRate.perToken of %s is not a plain decimal price: not used", key)
+        return rate
 
     async def close(self) -> None:
         await self._selector.close()

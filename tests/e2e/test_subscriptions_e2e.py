@@ -167,6 +167,11 @@ def test_ledger_rows_carry_the_subscription_and_the_key(stack: LocalStack) -> No
     assert int(str(premium["total_tokens"])) > 0
     keys = {(r["key"], r["subscription"]) for r in rows("key")}
     assert ("bob-ci", PREMIUM) in keys
+    # premium-subscription's billingRate.perToken "0.000002" (deploy/local/subscriptions): two
+    # micro-units a token, for every kind, and every request of it priced (issue #16).
+    assert premium["cost_micros"] == 2 * int(str(premium["total_tokens"]))
+    assert premium["priced_requests"] == premium["requests"]
+    assert by_sub.get(FREE, {}).get("cost_micros") is None  # no billingRate, no pricing: null
     assert sample(stack, "maas_tokens_total", subscription=PREMIUM, kind="total") > 0
 
 

@@ -51,4 +51,5 @@ def test_usage_of_requests_through_envoy(stack: LocalStack) -> None:
         as_csv = api.get(
             "/v1/usage", params={"user": "bob"}, headers={**ADMIN, "Accept": "text/csv"}
         )
-        assert as_csv.text.splitlines()[1].endswith(f",{bob_tokens},0,1,0,0")
+        # ... then the token kinds (none reported: empty cells), the cost (not priced) and 0 priced.
+        assert as_csv.text.splitlines()[1].endswith(f",{bob_tokens},0,1,0,0,,,,,0")

@@ -208,6 +208,36 @@ async def test_a_cost_budget_reserves_at_the_dearest_kind_and_settles_the_actual
     assert not unpriced.budgets_held
 
 
+async def test_a_subscriptions_billing_rate_prices_its_cost_budget(subject: Subject) -> None:
+    """No pricing configured: the subscription's billingRate.perToken (2 micro-units a token,
+    handed to admission and to the settle) is what a cost budget counts."""
+    cost = {"name": "spend", "unit": "cost", "limit": 10_000, "period": "month"}
+    limiter = Limiter(subject.store, limits(cost), Clock(ms("2026-06-01T08:00:00+00:00")))
+    rates = (Rate(10**6, 60),)
+    booked = Attribution("ns/gold", "", "", "")
+    first = await limiter.admit(
+        "alice", "ns/gold", MODEL, 1000, rates=rates, attribution=booked, request_id="b1",
+        billing_rate=2_000_000,
+    )  # fmt: skip
+    assert (first.allowed, first.remaining) == (True, 10_000 - 2000)
+    used = Usage(prompt_tokens=100, completion_tokens=200, total_tokens=300)
+    settled = Charge(
+        "alice", "", MODEL, used, first.reserved_tokens, first.token_windows,
+        request_id="b1", admitted_ms=first.admitted_ms, subscription="ns/gold",
+        rate_windows=(60,), billing_rate=2_000_000, budgets_held=first.budgets_held,
+    )  # fmt: skip
+    assert await limiter.settle(settled)
+    probe = await limiter.admit(
+        "alice", "ns/gold", MODEL, 0, rates=rates, attribution=booked, request_id="b2",
+        billing_rate=2_000_000,
+    )  # fmt: skip
+    assert probe.remaining == 10_000 - 600
+    unpriced = await limiter.admit(
+        "bob", "ns/gold", MODEL, 10**6, rates=rates, attribution=booked, request_id="b3"
+    )
+    assert (unpriced.allowed, unpriced.budgets_held) == (True, False)
+
+
 async def test_a_shadow_budget_counts_and_reports_but_never_refuses(subject: Subject) -> None:
     shadow = {"name": "trial", "limit": 100, "period": "day", "mode": "shadow"}
     clock = Clock(ms("2026-06-01T08:00:00+00:00"))

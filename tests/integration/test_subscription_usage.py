@@ -71,7 +71,7 @@ async def client(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncCli
 ALICE = {"Authorization": f"Bearer {KEYS['free']}"}
 
 
-def amounts(prompt: int, requests: int) -> dict[str, int]:
+def amounts(prompt: int, requests: int) -> dict[str, int | None]:
     return {
         "prompt_tokens": prompt,
         "completion_tokens": requests,
@@ -80,6 +80,11 @@ def amounts(prompt: int, requests: int) -> dict[str, int]:
         "requests": requests,
         "unsettled_tokens": 0,
         "unsettled_requests": 0,
+        "cached_tokens": None,  # not reported by any request (issue #16)
+        "cache_creation_tokens": None,
+        "reasoning_tokens": None,
+        "cost_micros": None,
+        "priced_requests": 0,
     }
 
 

@@ -7,6 +7,7 @@ import datetime as dt
 import io
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -26,6 +27,14 @@ TODAY = utc_today()
 YESTERDAY = TODAY - dt.timedelta(days=1)
 ADMIN_KEY = "demo-admin-key"
 REDIS_DB = 5  # a database of its own on the shared server, flushed by each test
+# No seeded request reported the informational token kinds or was priced: null, not 0.
+NOT_REPORTED = {
+    "cached_tokens": None,
+    "cache_creation_tokens": None,
+    "reasoning_tokens": None,
+    "cost_micros": None,
+    "priced_requests": 0,
+}
 
 
 def entry(user: str, day: dt.date, model: str, prompt: int, completion: int) -> LedgerEntry:
@@ -124,10 +133,10 @@ async def test_own_usage_by_day_with_totals(client: httpx.AsyncClient) -> None:
     assert body["rows"] == [
         {"day": YESTERDAY.isoformat(), "prompt_tokens": 10, "completion_tokens": 5,
          "total_tokens": 15, "estimated_tokens": 0, "requests": 1,
-         "unsettled_tokens": 0, "unsettled_requests": 0},
+         "unsettled_tokens": 0, "unsettled_requests": 0, **NOT_REPORTED},
         {"day": TODAY.isoformat(), "prompt_tokens": 4, "completion_tokens": 5,
          "total_tokens": 9, "estimated_tokens": 0, "requests": 2,
-         "unsettled_tokens": 40, "unsettled_requests": 1},
+         "unsettled_tokens": 40, "unsettled_requests": 1, **NOT_REPORTED},
     ]  # fmt: skip
     assert body["totals"] == {
         "prompt_tokens": 14,
@@ -137,6 +146,7 @@ async def test_own_usage_by_day_with_totals(client: httpx.AsyncClient) -> None:
         "requests": 3,
         "unsettled_tokens": 40,
         "unsettled_requests": 1,
+        **NOT_REPORTED,
     }
 
 
@@ -205,7 +215,10 @@ async def test_an_admin_reads_everyone_and_lists_users(client: httpx.AsyncClient
     ]
     assert body["totals"]["total_tokens"] == 174
     as_csv = await client.get("/v1/usage/users", params={"format": "csv"}, headers=as_(ADMIN_KEY))
-    assert as_csv.text.splitlines()[1:] == ["alice,4,5,9,0,2,40,1", "bob,100,50,150,0,1,0,0"]
+    assert as_csv.text.splitlines()[1:] == [
+        "alice,4,5,9,0,2,40,1,,,,,0",
+        "bob,100,50,150,0,1,0,0,,,,,0",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -237,7 +250,7 @@ async def test_an_empty_period_is_200_with_no_rows_and_zero_totals(
     response = await client.get("/v1/usage", params={"from": day, "to": day}, headers=ALICE)
     assert response.status_code == 200
     assert response.json()["rows"] == []
-    assert set(response.json()["totals"].values()) == {0}
+    assert set(response.json()["totals"].values()) == {0, None}
     nobody = await client.get(
         "/v1/usage/users", params={"from": day, "to": day}, headers=as_(ADMIN_KEY)
     )
@@ -313,3 +326,29 @@ async def test_csv_cells_never_start_a_formula(
     )
     document = (await client.get("/v1/usage/users", headers=as_(ADMIN_KEY))).json()
     assert {row["user"] for row in document["rows"]} >= set(HOSTILE)  # JSON keeps them as they are
+
+
+async def test_token_kinds_and_cost_by_model_as_json_and_csv(
+    store: CounterStore, client: httpx.AsyncClient
+) -> None:
+    """Issue #16: the kinds a response reported and its exact cost; a model whose requests
+    reported none of them shows null (JSON) or an empty cell (CSV), never 0."""
+    priced = replace(
+        entry("alice", TODAY, "granite", 1000, 300),
+        cached_tokens=800, cache_creation_tokens=0, reasoning_tokens=100, cost_micros=4503,
+        cached_reported=1, cache_creation_reported=1, reasoning_reported=1, priced_requests=1,
+    )  # fmt: skip
+    await store.settle([], priced, time.time_ns() // 1_000_000)
+    query = {"group_by": "model"}
+    body = (await client.get("/v1/usage", params=query, headers=ALICE)).json()
+    kinds = ("cached_tokens", "cache_creation_tokens", "reasoning_tokens", "cost_micros")
+    by_model = {row["model"]: [row[k] for k in (*kinds, "priced_requests")] for row in body["rows"]}
+    assert by_model == {
+        "granite": [800, 0, 100, 4503, 1],
+        "llama": [None, None, None, None, 0],
+        "opt": [None, None, None, None, 0],
+    }
+    assert [body["totals"][k] for k in kinds] == [800, 0, 100, 4503]
+    as_csv = await client.get("/v1/usage", params={**query, "format": "csv"}, headers=ALICE)
+    assert as_csv.text.splitlines()[1] == "granite,1000,300,1300,0,1,0,0,800,0,100,4503,1"
+    assert as_csv.text.splitlines()[2].endswith(",,,,,0")

@@ -87,11 +87,11 @@ async def test_table_and_csv(redis_server: RedisServer, seeded: RedisStore) -> N
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert lines[0].split()[0] == "day"
-    assert lines[-1].split() == ["total", "14", "10", "24", "0", "3", "40", "1"]
+    assert lines[-1].split() == ["total", "14", "10", "24", "0", "3", "40", "1", *"----", "0"]
     as_csv = usage_cli(redis_server, "--user", "alice", *period, "--format", "csv")
     assert as_csv.stdout.splitlines()[1:] == [
-        f"{YESTERDAY.isoformat()},10,5,15,0,1,0,0",
-        f"{TODAY.isoformat()},4,5,9,0,2,40,1",
+        f"{YESTERDAY.isoformat()},10,5,15,0,1,0,0,,,,,0",
+        f"{TODAY.isoformat()},4,5,9,0,2,40,1,,,,,0",
     ]
 
 

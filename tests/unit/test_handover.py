@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from google.protobuf import struct_pb2
 
-from extproc.domain import Decision, Identity, Outcome, Tier
+from extproc.domain import Decision, Identity, Outcome, Tier, Usage
 from extproc.envoy import handover
 from extproc.envoy.handover import METADATA_NAMESPACE, Billing
 from extproc.envoy.replies import CheckReplies, check_response
@@ -105,6 +107,7 @@ SUBSCRIBED = Billing(
     organization_id="org-demo",
     cost_center="cc-4242",
     rate_windows=(60, 86_400),
+    billing_rate=2 * 10**15 + 1,  # beyond a double's exact integers, as every count here
 )
 
 
@@ -115,7 +118,26 @@ def test_the_subscription_and_key_round_trip() -> None:
 def test_a_tier_record_carries_no_subscription_fields() -> None:
     struct = handover.to_struct(Billing("r", "u", "free", "m", "/p", 1, (2,)))
     written = set(struct.fields[handover.BILLING_KEY].struct_value.fields)
-    assert not written & {"sub", "key", "org", "cc", "rate_windows"}
+    assert not written & {"sub", "key", "org", "cc", "rate_windows", "rate"}
+
+
+def test_a_subscription_without_billing_rate_hands_over_none() -> None:
+    unpriced = replace(SUBSCRIBED, billing_rate=None)
+    assert "rate" not in handover.to_struct(unpriced).fields[handover.BILLING_KEY].struct_value
+    assert roundtrip(unpriced) == unpriced
+    assert text_roundtrip(unpriced) == unpriced
+
+
+@pytest.mark.parametrize("bad", ["", "-1", "0.5", "1e6", "9" * 21])
+def test_a_billing_rate_that_is_not_a_count_is_not_ours(bad: str) -> None:
+    struct = handover.to_struct(SUBSCRIBED)
+    struct.fields[handover.BILLING_KEY].struct_value.fields["rate"].string_value = bad
+    assert handover.read({METADATA_NAMESPACE: struct}) is None
+
+
+def test_the_billing_rate_reaches_the_charge() -> None:
+    charge = SUBSCRIBED.charge(Usage(1, 2, 3), 200)
+    assert (charge.billing_rate, charge.cost_micros, charge.priced) == (2 * 10**15 + 1, 0, False)
 
 
 @pytest.mark.parametrize("bad", ["60,,3600", "-60", "1m", "9" * 21])

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
+from extproc import config
 from extproc.accounting import pricing
 from extproc.accounting.pricing import BILLED_KINDS, ModelPrices, PriceBook, Prices
 from extproc.domain import Charge, Usage
+from extproc.errors import ConfigError
 from extproc.store import ledger
 
 
@@ -152,3 +156,102 @@ def test_the_ledger_entry_keeps_not_reported_apart_from_zero() -> None:
     }
     plain = ledger.entry_for(Charge("u", "free", "m", Usage(1, 1, 2)), 0)
     assert len(ledger.entry_fields(plain)) == 5  # a hash as small as before issue #16
+
+
+# --- the configured price book and the charge's cost --------------------------------------
+
+PRICING = {
+    "models": {
+        "granite": {
+            "input": "3",
+            "cached_input": "0.30",
+            "cache_creation": "3.75",
+            "output": "15.00",
+            "plans": {"premium": {"input": "2.4"}, "ns/gold": {"output": 12}},
+        },
+    },
+    "default": {"input": "0.5", "output": "1.5"},
+}
+
+
+def test_pricing_config_is_read_into_integer_prices() -> None:
+    book = config.parse({"pricing": PRICING}, serving=False).pricing
+    granite = book.prices_for("granite", "free")
+    assert granite is not None
+    assert [granite.of(k) for k in BILLED_KINDS] == [
+        3_000_000, 300_000, 3_750_000, 15_000_000, 15_000_000
+    ]  # fmt: skip
+    premium = book.prices_for("granite", "premium")
+    assert premium is not None
+    assert [premium.of(k) for k in BILLED_KINDS] == [
+        2_400_000,
+        300_000,
+        3_750_000,
+        15_000_000,
+        15_000_000,
+    ]  # fmt: skip: the override keeps the model's other kinds
+    gold = book.prices_for("granite", "ns/gold", Prices.flat(1))
+    assert gold is not None
+    assert gold.of("output") == 12_000_000
+    other = book.prices_for("other", "free")
+    assert other is not None
+    assert (other.of("cached_input"), other.of("reasoning")) == (500_000, 1_500_000)
+    assert config.parse({}, serving=False).pricing == PriceBook()
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"models": {"m": {"input": "1"}}}, "pricing.models.m.output"),
+        ({"models": {"m": {"input": 1.5, "output": "1"}}}, "pricing.models.m.input"),
+        ({"models": {"m": {"input": "-1", "output": "1"}}}, "pricing.models.m.input"),
+        ({"models": {"m": {"input": "1e3", "output": "1"}}}, "pricing.models.m.input"),
+        ({"models": {"m": {"input": "nan", "output": "1"}}}, "pricing.models.m.input"),
+        ({"models": {"m": {"input": True, "output": "1"}}}, "pricing.models.m.input"),
+        ({"models": {"m": {"input": "0.0000001", "output": "1"}}}, "pricing.models.m.input"),
+        ({"models": {"m": {"input": "1", "output": "9" * 30}}}, "pricing.models.m.output"),
+        ({"models": {"m": {"input": "1", "output": "1", "audio": "1"}}}, "pricing.models.m.audio"),
+        (
+            {"models": {"m": {"input": "1", "output": "1", "plans": {"p": {"x": 1}}}}},
+            "pricing.models.m.plans.p.x",
+        ),
+        (
+            {"models": {"m": {"input": "1", "output": "1", "plans": {"p": "1"}}}},
+            "pricing.models.m.plans.p",
+        ),
+        ({"models": ["m"]}, "pricing.models"),
+        ({"currency": "EUR"}, "pricing.currency"),
+        ({"default": {"output": "1"}}, "pricing.default.input"),
+    ],
+)
+def test_bad_pricing_config_names_the_key(raw: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.parse({"pricing": raw}, serving=False)
+    assert caught.value.key == key
+
+
+def test_a_charge_is_priced_by_model_plan_and_billing_rate() -> None:
+    book = config.parse({"pricing": PRICING}, serving=False).pricing
+    usage = Usage(1000, 100, 1100, cached_tokens=800, reasoning_tokens=40)
+    tier = pricing.priced(Charge("u", "free", "granite", usage), book)
+    assert (tier.cost_micros, tier.priced) == (200 * 3 + 800 * 3 // 10 + 100 * 15, True)
+    rate = 2_000_000  # billingRate.perToken "0.000002": 2 micro-units a token
+    sub = Charge("u", "", "ns/llm", usage, subscription="ns/silver", billing_rate=rate)
+    assert pricing.priced(sub, book).cost_micros == 1100 * 2
+    unpriced = pricing.priced(Charge("u", "free", "other", usage), PriceBook())
+    assert (unpriced.cost_micros, unpriced.priced) == (0, False)
+    # A charge that names no model is booked (and priced) as "unknown".
+    unknown = PriceBook({"unknown": ModelPrices(Prices.flat(10**6))})
+    assert pricing.priced(Charge("u", "free", "", usage), unknown).cost_micros == 1100
+
+
+def test_the_readme_example_is_true() -> None:
+    """README "Token kinds and cost": its pricing block parses, and its worked example holds."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Token kinds and cost", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    book = config.parse(yaml.safe_load(block), serving=False).pricing
+    usage = Usage(1000, 300, 1300, cached_tokens=800, reasoning_tokens=100)
+    charge = pricing.priced(Charge("u", "free", "granite-3-8b", usage), book)
+    assert (charge.cost_micros, charge.priced) == (5340, True)
+    assert "5,340 micro-units (0.00534)" in " ".join(section.split())

@@ -541,6 +541,9 @@ async def test_records_endpoint(sim: SimServer, base: str, http: aiohttp.ClientS
         "prompt_tokens",
         "completion_tokens",
         "total_tokens",
+        "cached_tokens",
+        "cache_write_tokens",
+        "reasoning_tokens",
         "status",
         "completed",
         "finished",
@@ -553,3 +556,83 @@ async def test_records_endpoint(sim: SimServer, base: str, http: aiohttp.ClientS
     assert sim.records == []
     async with http.get(f"{base}/_sim/records") as resp:
         assert await resp.json() == []
+
+
+# --- token kinds (issue #16) ------------------------------------------------------------------
+
+KINDS = {
+    "x-sim-cached-tokens": "40",
+    "x-sim-cache-write-tokens": "8",
+    "x-sim-reasoning-tokens": "5",
+}
+
+
+async def test_chat_reports_cached_and_reasoning_tokens(
+    sim: SimServer, client: openai.AsyncOpenAI
+) -> None:
+    """The OpenAI SDK reads them where its documented CompletionUsage keeps them."""
+    r = await client.chat.completions.create(
+        model="m", messages=CHAT, max_tokens=3, extra_headers=KINDS
+    )
+    usage = r.usage
+    assert usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (48, 8, 56)
+    assert usage.prompt_tokens_details is not None
+    assert usage.prompt_tokens_details.cached_tokens == 40
+    assert usage.completion_tokens_details is not None
+    assert usage.completion_tokens_details.reasoning_tokens == 5
+    assert r.choices[0].message.content == completion_text(3)  # reasoning is not sent as text
+    stream = await client.chat.completions.create(
+        model="m", messages=CHAT, max_tokens=3, stream=True,
+        stream_options={"include_usage": True}, extra_headers=KINDS,
+    )  # fmt: skip
+    last = [chunk async for chunk in stream][-1]
+    assert last.usage is not None
+    assert last.usage.completion_tokens_details is not None
+    assert (
+        last.usage.completion_tokens,
+        last.usage.completion_tokens_details.reasoning_tokens,
+    ) == (8, 5)
+    plain = await client.chat.completions.create(model="m", messages=CHAT, max_tokens=3)
+    assert plain.usage is not None
+    assert plain.usage.prompt_tokens_details is None  # not asked for: not reported
+    assert (sim.records[0]["cached_tokens"], sim.records[0]["reasoning_tokens"]) == (40, 5)
+
+
+async def test_responses_report_cached_and_reasoning_tokens(client: openai.AsyncOpenAI) -> None:
+    r = await client.responses.create(
+        model="m", input="a b c", max_output_tokens=4, extra_headers=KINDS
+    )
+    assert r.usage is not None
+    assert (r.usage.input_tokens, r.usage.output_tokens, r.usage.total_tokens) == (48, 9, 57)
+    assert r.usage.input_tokens_details.cached_tokens == 40
+    assert r.usage.output_tokens_details.reasoning_tokens == 5
+
+
+async def test_anthropic_reports_cache_reads_writes_and_thinking(
+    base: str, http: aiohttp.ClientSession
+) -> None:
+    """input_tokens is the prompt neither read from nor written to the cache (Anthropic's Usage)."""
+    _, raw = await post(http, f"{base}/v1/messages", ANTHROPIC, **KINDS)
+    assert json.loads(raw)["usage"] == {
+        "input_tokens": 0,
+        "cache_creation_input_tokens": 8,
+        "cache_read_input_tokens": 40,
+        "output_tokens": 12,
+        "output_tokens_details": {"thinking_tokens": 5},
+    }
+    _, raw = await post(http, f"{base}/v1/messages", {**ANTHROPIC, "stream": True}, **KINDS)
+    datas = {e: json.loads(d) for e, d in sse(raw)}
+    start = datas["message_start"]["message"]["usage"]
+    assert (start["cache_read_input_tokens"], start["cache_creation_input_tokens"]) == (40, 8)
+    assert datas["message_delta"]["usage"] == {
+        "output_tokens": 12,
+        "output_tokens_details": {"thinking_tokens": 5},
+    }
+
+
+async def test_bad_kind_counts_are_refused(base: str, http: aiohttp.ClientSession) -> None:
+    for value in ("-1", "x", "1000000001"):
+        status, raw = await post(http, f"{base}/v1/messages", ANTHROPIC, x_sim_cached_tokens=value)
+        assert status == 400, value
+        assert "x-sim-cached-tokens" in raw

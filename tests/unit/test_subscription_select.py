@@ -41,6 +41,7 @@ def sub(
     ready: dict[str, bool] | None = None,
     deleting: bool = False,
     metadata: Json | None = None,
+    billing: Json | None = None,
 ) -> Json:
     spec: Json = {
         "owner": {"groups": [{"name": g} for g in owners], "users": users or []},
@@ -48,6 +49,10 @@ def sub(
             {"namespace": ns, "name": n, "tokenRateLimits": rates} for ns, n, rates in models
         ],
     }
+    for ref in spec["modelRefs"]:
+        # maassubscription_types.go at c0639b1b: ModelSubscriptionRef.BillingRate{PerToken string}
+        if billing and ref["name"] in billing:
+            ref["billingRate"] = billing[ref["name"]]
     if priority is not None:
         spec["priority"] = priority
     if metadata:
@@ -122,8 +127,27 @@ CRAFTED = [
         metadata={"organizationId": "org-1", "costCenter": "cc-9"},
     ),
     {"kind": "MaaSSubscription", "metadata": {"name": "no-spec", "namespace": "x"}},
+    sub("priced", ["pay"], [("llm", "m1", PER_MINUTE)], billing={"m1": {"perToken": "0.000002"}}),
+    sub("priced-bad", ["pay2"], [("llm", "m1", PER_MINUTE)], billing={"m1": {"perToken": "x"}}),
+    sub("priced-int", ["pay3"], [("llm", "m1", PER_MINUTE)], billing={"m1": {"perToken": 5}}),
+    sub("priced-odd", ["pay4"], [("llm", "m1", PER_MINUTE)], billing={"m1": "0.1"}),
     policy(
-        "all", ["everyone", "gold", "tie", "late", "late2", "deg", "deg2", "deg3"], [("llm", "m1")]
+        "all",
+        [
+            "everyone",
+            "gold",
+            "tie",
+            "late",
+            "late2",
+            "deg",
+            "deg2",
+            "deg3",
+            "pay",
+            "pay2",
+            "pay3",
+            "pay4",
+        ],
+        [("llm", "m1")],
     ),
     policy("two", ["everyone", "deg4", "badw", "meta", "going"], [("llm", "m2"), ("llm", "m1")]),
     policy("tie", ["tie"], [("llm", "m3")]),
@@ -148,6 +172,10 @@ CALLERS = [
     ("nick", ["nopol"]),
     ("bea", ["badw"]),
     ("mia", ["meta"]),
+    ("pat", ["pay"]),
+    ("pam", ["pay2"]),
+    ("pip", ["pay3"]),
+    ("poe", ["pay4"]),
     ("", []),
 ]
 ASKED = [
@@ -191,6 +219,7 @@ def outcome(choice: Selected | Refusal) -> tuple[object, ...]:
         entry.rates,
         choice.subscription.organization_id,
         choice.subscription.cost_center,
+        entry.per_token,
     )
 
 
@@ -329,3 +358,22 @@ def test_objects_of_the_wrong_shape_read_as_maas_api_reads_them() -> None:
     assert objects.auth_policy({"spec": {"subjects": "x", "modelRefs": [{"name": ""}]}}) == (
         objects.AuthPolicy()
     )
+
+
+@pytest.mark.parametrize(
+    ("user", "group", "rate"),
+    [
+        ("pat", "pay", 2_000_000),
+        ("pam", "pay2", None),
+        ("pip", "pay3", None),
+        ("poe", "pay4", None),
+    ],
+)
+def test_billing_rates_are_read_exactly_or_not_at_all(
+    user: str, group: str, rate: int | None
+) -> None:
+    """billingRate.perToken "0.000002" (currency units a token) is 2,000,000 micro-units per
+    million tokens; text that is not a plain decimal, or not a string, prices nothing."""
+    choice = view_of(CRAFTED).select([group], user, "", "llm/m1")
+    assert isinstance(choice, Selected)
+    assert objects.billing_rate(choice.model) == rate

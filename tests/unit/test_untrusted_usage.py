@@ -134,6 +134,39 @@ def test_informational_counts_are_dropped_not_distrusted() -> None:
     assert extractor.finish() == Usage(prompt_tokens=3, total_tokens=5)
 
 
+@pytest.mark.parametrize(
+    ("path", "usage"),
+    [
+        ("/v1/chat/completions", {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
+         "prompt_tokens_details": {"cached_tokens": -1, "cache_write_tokens": 1.5},
+         "completion_tokens_details": {"reasoning_tokens": "2"}}),
+        ("/v1/responses", {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5,
+         "input_tokens_details": {"cached_tokens": True, "cache_write_tokens": [1]},
+         "output_tokens_details": {"reasoning_tokens": float("nan")}}),
+        ("/v1/messages", {"input_tokens": 3, "output_tokens": 2,
+         "output_tokens_details": {"thinking_tokens": -4}}),
+    ],
+)  # fmt: skip
+def test_bad_kind_counts_read_as_not_reported_in_every_schema(
+    path: str, usage: dict[str, object]
+) -> None:
+    """A kind is informational (a part of prompt or completion): a bad one is dropped to "not
+    reported" (null in the usage API), the charge stands on the trusted counts."""
+    extractor = extractor_for(JSON, path)
+    extractor.feed(json.dumps({"usage": usage}).encode())
+    assert extractor.finish() == Usage(3, 2, 5)
+
+
+def test_a_kind_above_the_bound_distrusts_the_usage() -> None:
+    """As a charged count: a number no single request can have is not believed at all."""
+    raw = {"input_tokens": 3, "output_tokens": 2, "output_tokens_details": {"thinking_tokens": 9}}
+    extractor = extractor_for(JSON, "/v1/messages", max_count=8)
+    extractor.feed(json.dumps({"usage": raw}).encode())
+    usage = extractor.finish()
+    assert usage is not None
+    assert usage.invalid == "too_large"
+
+
 def test_an_integral_float_is_a_count() -> None:
     assert counts.count(12.0) == (12, "")
     assert counts.count(2.0**53 + 2) == (None, "too_large")

@@ -20,6 +20,14 @@ from extproc.observability.usage_query import (
 from extproc.store.base import LedgerRow
 
 TODAY = dt.date(2025, 3, 10)
+# No request reported the informational kinds or was priced: null, not 0 (issue #16).
+NOT_REPORTED = {
+    "cached_tokens": None,
+    "cache_creation_tokens": None,
+    "reasoning_tokens": None,
+    "cost_micros": None,
+    "priced_requests": 0,
+}
 ROWS = [
     LedgerRow("20250309", "llama", 10, 5, 15, 0, 1),
     LedgerRow("20250309", "opt", 3, 4, 7, 7, 2),
@@ -87,6 +95,7 @@ def test_rows_group_by_day_and_by_model_with_the_same_totals() -> None:
             "requests": 4,
             "unsettled_tokens": 0,
             "unsettled_requests": 0,
+            **NOT_REPORTED,
         }
     )
 
@@ -94,27 +103,31 @@ def test_rows_group_by_day_and_by_model_with_the_same_totals() -> None:
 def test_an_empty_period_has_no_rows_and_zero_totals() -> None:
     document = usage_document("alice", parse_period(None, None, TODAY), "day", [])
     assert document["rows"] == []
-    assert document["totals"] == dict.fromkeys(
-        (
-            "prompt_tokens",
-            "completion_tokens",
-            "total_tokens",
-            "estimated_tokens",
-            "requests",
-            "unsettled_tokens",
-            "unsettled_requests",
+    assert document["totals"] == {
+        **dict.fromkeys(
+            (
+                "prompt_tokens",
+                "completion_tokens",
+                "total_tokens",
+                "estimated_tokens",
+                "requests",
+                "unsettled_tokens",
+                "unsettled_requests",
+            ),
+            0,
         ),
-        0,
-    )
+        **NOT_REPORTED,
+    }
 
 
 def test_csv_and_table_render_the_grouped_rows() -> None:
     grouped, totals = summarize(ROWS, "model")
     assert to_csv(grouped, "model").splitlines() == [
         "model,prompt_tokens,completion_tokens,total_tokens,estimated_tokens,requests,"
-        "unsettled_tokens,unsettled_requests",
-        "llama,10,5,15,0,1,0,0",
-        "opt,4,5,9,7,3,0,0",
+        "unsettled_tokens,unsettled_requests,cached_tokens,cache_creation_tokens,"
+        "reasoning_tokens,cost_micros,priced_requests",
+        "llama,10,5,15,0,1,0,0,,,,,0",
+        "opt,4,5,9,7,3,0,0,,,,,0",
     ]
     table = to_table(grouped, totals, "model").splitlines()
     assert table[0].split() == [
@@ -126,5 +139,28 @@ def test_csv_and_table_render_the_grouped_rows() -> None:
         "requests",
         "unsettled_tokens",
         "unsettled_requests",
+        "cached_tokens",
+        "cache_creation_tokens",
+        "reasoning_tokens",
+        "cost_micros",
+        "priced_requests",
     ]
-    assert table[-1].split() == ["total", "14", "10", "24", "7", "4", "0", "0"]
+    assert table[-1].split() == ["total", "14", "10", "24", "7", "4", "0", "0", *"----", "0"]
+
+
+def test_kinds_and_cost_are_null_only_where_nothing_reported_them() -> None:
+    day = "20250310"
+    rows = [
+        LedgerRow(day, "opt", 10, 5, 15, 0, 1, cached_tokens=0, cached_reported=1),
+        LedgerRow(day, "opt", 8, 4, 12, 0, 1, reasoning_tokens=3, reasoning_reported=1,
+                  cost_micros=2**60 + 1, priced_requests=1),
+        LedgerRow(day, "llama", 1, 1, 2, 0, 1),
+    ]  # fmt: skip
+    by_model, totals = summarize(rows, "model")
+    llama, opt = by_model
+    kinds = ("cached_tokens", "cache_creation_tokens", "reasoning_tokens", "cost_micros")
+    assert [llama[k] for k in kinds] == [None, None, None, None]
+    assert [opt[k] for k in kinds] == [0, None, 3, 2**60 + 1]  # exact, however large
+    assert [totals[k] for k in kinds] == [0, None, 3, 2**60 + 1]
+    assert (opt["priced_requests"], llama["priced_requests"]) == (1, 0)
+    assert not any(name.endswith("_reported") for name in totals)
