@@ -271,3 +271,25 @@ async def test_a_group_lost_with_the_data_is_made_again_and_nothing_new_is_skipp
         await store.close()
         await records.close()
         await raw.aclose()
+
+
+async def test_the_charger_prices_the_charge_before_its_record_is_written() -> None:
+    from extproc.charger import Charger
+    from extproc.config import LimitsConfig, parse
+    from extproc.limits.limiter import Limiter
+    from extproc.observability.metrics import Metrics
+
+    prices = parse(
+        {"pricing": {"default": {"input": "2.00", "output": "10.00"}}}, serving=False
+    ).pricing
+    records = MemoryRecords(BASE)
+    limiter = Limiter(MemoryStore(records=records), LimitsConfig(), lambda: NOW, export=True)
+    charger = Charger(limiter, Metrics(), prices=prices, wait_s=0)
+    usage = Usage(prompt_tokens=1000, completion_tokens=500, total_tokens=1500, cached_tokens=0)
+    await charger.charge(Charge("bob", "premium", "m1", usage, request_id="priced-1"))
+    await charger.drain()
+    got = await read_all(GroupReader(records, "g", "c", from_start=True))
+    assert len(got) == 1
+    # 1000 input tokens at 2.00 and 500 output at 10.00 per million: 0.002 + 0.005 = 7000 micros.
+    assert (got[0]["cost_micros"], got[0]["priced"]) == (7000, True)
+    assert got[0]["cached_tokens"] == 0
