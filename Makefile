@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 ERA ?= tiers
 SOAK_REQUESTS ?= 1200
 
-.PHONY: install protos run test lint format unit e2e fuzz bench soak clean
+.PHONY: install protos run test lint format unit e2e fuzz bench bench-usage soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,9 @@ format: install
 
 bench: install  ## load the local stack; writes docs/benchmarks.md
 	$(PY) -m bench
+
+bench-usage: install  ## the usage API over 100,000 users in Redis; writes its section of docs/benchmarks.md
+	$(PY) -m bench.usage_api
 
 soak: install  ## issue 12's fault scenarios at size (SOAK_REQUESTS=1200): lost, double-charged, overshoot
 	$(PY) -m bench.soak --requests $(SOAK_REQUESTS)

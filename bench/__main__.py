@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import sections
 from extproc.stack import LocalStack, Topology, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -530,7 +531,9 @@ def main() -> int:
     finally:  # a run cut short still reports what it measured
         argv_text = shlex.join(sys.argv[1:])
         command = "make bench" if len(sys.argv) == 1 else f"python -m bench {argv_text}"
-        Path(args.out).write_text(report(rows, command, args.seconds, store, args.rate))
+        out = Path(args.out)
+        carried = sections.kept(out)  # e.g. bench.usage_api's section: not this run's to drop
+        out.write_text("\n".join([report(rows, command, args.seconds, store, args.rate), *carried]))
         print("\n".join(goals_table(goals(rows))))
         print(f"wrote {args.out}")
     return 0

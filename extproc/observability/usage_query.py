@@ -127,6 +127,46 @@ def check_retention(
         )
 
 
+def check_span(period: Period, max_days: int, *, start_key: str = "from") -> None:
+    """Refuse a period longer than ``max_days``: what a listing across every user may read."""
+    if period.length > max_days:
+        raise ConfigError(
+            start_key,
+            f"a period of at most {max_days} days for this listing",
+            f"{period.length} days",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    """Which ledger rows count: ``None`` takes any value; ``""`` is a value too (a tier-era row
+    has no subscription, a token no key name)."""
+
+    model: str | None = None
+    subscription: str | None = None
+    key: str | None = None
+
+    def admits(self, row: LedgerRow) -> bool:
+        booked = row.attribution
+        return (
+            (self.model is None or row.model == self.model)
+            and (self.subscription is None or booked.subscription == self.subscription)
+            and (self.key is None or booked.key == self.key)
+        )
+
+    def given(self) -> dict[str, str]:
+        """The filters set, by name (what a listing answers with)."""
+        return {
+            name: value
+            for name, value in (
+                ("model", self.model),
+                ("subscription", self.subscription),
+                ("key", self.key),
+            )
+            if value is not None
+        }
+
+
 def parse_group_by(
     value: str | None, key: str = "group_by", groups: tuple[GroupBy, ...] = GROUPS
 ) -> GroupBy:
@@ -220,12 +260,15 @@ def spreadsheet_safe(cell: str | int | None) -> str | int | None:
     return cell
 
 
-def columns_of(key: str) -> tuple[str, ...]:
-    """The naming columns of a grouping (``COLUMNS``), or the one column ``key`` (``user``)."""
+def columns_of(key: str | tuple[str, ...]) -> tuple[str, ...]:
+    """The naming columns of a grouping (``COLUMNS``), the one column ``key`` (``user``), or
+    the columns given (a listing's)."""
+    if isinstance(key, tuple):
+        return key
     return COLUMNS.get(key, (key,))
 
 
-def to_csv(rows: Sequence[Row], key: str) -> str:
+def to_csv(rows: Sequence[Row], key: str | tuple[str, ...]) -> str:
     """A header line and one line per row; totals are left out so that columns sum cleanly.
     A null amount (not reported) is an empty cell.
 

@@ -217,6 +217,19 @@ class CounterStore(Protocol):
         """The ledger rows of one user for the given days (missing days give no rows)."""
         ...
 
+    async def ledgers(self, userids: Sequence[str], days: Sequence[str]) -> list[list[LedgerRow]]:
+        """``ledger`` of each user in ``userids`` (one list per user, in order), in one round trip
+        per node: the listings across users read their batches with it."""
+        ...
+
+    async def ledger_totals(
+        self, userids: Sequence[str], days: Sequence[str]
+    ) -> list[list[LedgerRow]]:
+        """Like ``ledgers``, but rows that only add up right: per user one row of day and model
+        "" holding the totals of the hashes known to carry them (``ledger.totals``: a few fields
+        instead of the whole hash), then the rows of the other hashes."""
+        ...
+
     async def ledger_users(self, days: Sequence[str]) -> list[str]:
         """Users with at least one ledger row on the given days."""
         ...

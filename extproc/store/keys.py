@@ -128,6 +128,24 @@ def ledger_field(model: str, kind: str, attribution: tuple[str, ...] = ()) -> st
     return "|".join(p.replace("%", "%25").replace("|", "%7C") for p in parts) + f"|{kind}+"
 
 
+def ledger_total_field(kind: str) -> str:
+    """The ledger hash's total of ``kind`` over every model and attribution: the kind alone.
+    Every ``ledger_field`` holds a ``|``, so the two never meet."""
+    return kind
+
+
+def is_ledger_total(field: str) -> bool:
+    return "|" not in field
+
+
+def ledger_totals_since_key() -> str:
+    """The first day (YYYYMMDD) whose ledger hashes all carry their totals: set once by the first
+    sidecar that writes them, to the day after it started (earlier hashes may lack them)."""
+    return f"{PREFIX}:usage-totals-since"
+
+
+# Every (user, day) hash of a listing repeats the same few fields: worth remembering them.
+@functools.lru_cache(maxsize=4096)
 def ledger_field_parts(field: str) -> tuple[str, str, tuple[str, ...]]:
     """``ledger_field`` read back: (model, kind, attribution)."""
     head, _, kind = field.rpartition("|")

@@ -8,12 +8,18 @@ as before, and a missing field reads as 0. ``unsettled`` and ``open`` hold the
 reservations of admitted requests whose settle has not come yet: admission adds them, the settle
 takes them off again, so what stays there belongs to requests whose charge never arrived (the
 sidecar that followed the stream was killed).
+
+Every write also adds its amounts to the hash's totals over all models and attributions: one
+field per kind, named by the kind alone (``keys.ledger_total_field``). A listing of every user
+reads those few fields of each (user, day) with HMGET instead of the whole hash (``totals``;
+docs/benchmarks.md, "Usage API over a large ledger"); ``rows`` leaves them out.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import functools
+from collections.abc import Sequence
 
 from extproc.domain import Charge
 from extproc.store import keys
@@ -100,22 +106,32 @@ def amounts(entry: LedgerEntry) -> tuple[int, ...]:
 
 def entry_fields(entry: LedgerEntry) -> list[tuple[str, int]]:
     """The (field, amount) pairs one settled entry adds, in ``keys.LEDGER_KINDS`` order (the
-    later kinds only when not 0)."""
+    later kinds only when not 0), then the same amounts for the hash's totals."""
     parts = entry.attribution.parts()
-    return [
-        (keys.ledger_field(entry.model, kind, parts), amount)
+    written = [
+        (kind, amount)
         for index, (kind, amount) in enumerate(zip(keys.LEDGER_KINDS, amounts(entry), strict=True))
         if amount or index < ALWAYS_WRITTEN
     ]
+    return [(keys.ledger_field(entry.model, kind, parts), amount) for kind, amount in written] + [
+        (keys.ledger_total_field(kind), amount) for kind, amount in written
+    ]
 
 
-def hold_fields(hold: Hold, sign: int) -> tuple[tuple[str, int], tuple[str, int]]:
-    """The (field, amount) pairs that add (sign 1) or release (sign -1) a hold."""
+def hold_fields(hold: Hold, sign: int) -> tuple[tuple[str, int], ...]:
+    """The (field, amount) pairs that add (sign 1) or release (sign -1) a hold, and its totals."""
     parts = hold.attribution.parts()
     return (
         (keys.ledger_field(hold.model, UNSETTLED, parts), sign * hold.tokens),
         (keys.ledger_field(hold.model, OPEN, parts), sign),
+        (keys.ledger_total_field(UNSETTLED), sign * hold.tokens),
+        (keys.ledger_total_field(OPEN), sign),
     )
+
+
+# The totals fields a listing reads (HMGET), in this order (``totals``).
+TOTAL_KINDS = (*keys.LEDGER_KINDS, UNSETTLED, OPEN)
+TOTAL_FIELDS = tuple(keys.ledger_total_field(kind) for kind in TOTAL_KINDS)
 
 
 def rows(day: str, fields: dict[str, int]) -> list[LedgerRow]:
@@ -123,32 +139,48 @@ def rows(day: str, fields: dict[str, int]) -> list[LedgerRow]:
     model and attribution, sorted."""
     per_model: dict[tuple[str, tuple[str, ...]], dict[str, int]] = {}
     for name, amount in fields.items():
+        if keys.is_ledger_total(name):
+            continue
         model, kind, attribution = keys.ledger_field_parts(name)
         per_model.setdefault((model, attribution), {})[kind] = int(amount)
     return [
-        LedgerRow(
-            day=day,
-            model=model,
-            prompt_tokens=kinds.get("prompt", 0),
-            completion_tokens=kinds.get("completion", 0),
-            total_tokens=kinds.get("total", 0),
-            estimated_tokens=kinds.get("estimated", 0),
-            requests=kinds.get("requests", 0),
-            unsettled_tokens=max(0, kinds.get(UNSETTLED, 0)),
-            unsettled_requests=max(0, kinds.get(OPEN, 0)),
-            attribution=Attribution.of(attribution),
-            cached_tokens=kinds.get("cached", 0),
-            cache_creation_tokens=kinds.get("cache_creation", 0),
-            reasoning_tokens=kinds.get("reasoning", 0),
-            cost_micros=kinds.get("cost", 0),
-            cached_reported=kinds.get("cached_n", 0),
-            cache_creation_reported=kinds.get("cache_creation_n", 0),
-            reasoning_reported=kinds.get("reasoning_n", 0),
-            priced_requests=kinds.get("priced", 0),
-        )
+        _row(day, model, Attribution.of(attribution), kinds)
         for (model, attribution), kinds in sorted(per_model.items())
         if any(kinds.values())
     ]
+
+
+def totals(hashes: Sequence[Sequence[int | bytes | str | None]]) -> LedgerRow | None:
+    """The totals of a user's hashes (each the values of ``TOTAL_FIELDS``, None where missing)
+    as one row of day and model "", or None when they hold nothing."""
+    found = [[0 if value is None else int(value) for value in values] for values in hashes]
+    sums = [sum(column) for column in zip(*found, strict=True)]
+    if not any(sums):
+        return None
+    return _row("", "", NO_ATTRIBUTION, dict(zip(TOTAL_KINDS, sums, strict=True)))
+
+
+def _row(day: str, model: str, attribution: Attribution, kinds: dict[str, int]) -> LedgerRow:
+    return LedgerRow(
+        day=day,
+        model=model,
+        prompt_tokens=kinds.get("prompt", 0),
+        completion_tokens=kinds.get("completion", 0),
+        total_tokens=kinds.get("total", 0),
+        estimated_tokens=kinds.get("estimated", 0),
+        requests=kinds.get("requests", 0),
+        unsettled_tokens=max(0, kinds.get(UNSETTLED, 0)),
+        unsettled_requests=max(0, kinds.get(OPEN, 0)),
+        attribution=attribution,
+        cached_tokens=kinds.get("cached", 0),
+        cache_creation_tokens=kinds.get("cache_creation", 0),
+        reasoning_tokens=kinds.get("reasoning", 0),
+        cost_micros=kinds.get("cost", 0),
+        cached_reported=kinds.get("cached_n", 0),
+        cache_creation_reported=kinds.get("cache_creation_n", 0),
+        reasoning_reported=kinds.get("reasoning_n", 0),
+        priced_requests=kinds.get("priced", 0),
+    )
 
 
 def day_of(now_ms: int) -> str:

@@ -152,6 +152,19 @@ class MemoryStore:
                 rows.extend(ledger.rows(day, fields))
         return rows
 
+    async def ledgers(self, userids: Sequence[str], days: Sequence[str]) -> list[list[LedgerRow]]:
+        return [await self.ledger(userid, days) for userid in userids]
+
+    async def ledger_totals(
+        self, userids: Sequence[str], days: Sequence[str]
+    ) -> list[list[LedgerRow]]:
+        found: list[list[LedgerRow]] = []
+        for userid in userids:
+            hashes = [self._ledger.get(keys.ledger_key(userid, day), {}) for day in days]
+            row = ledger.totals([[h.get(name) for name in ledger.TOTAL_FIELDS] for h in hashes])
+            found.append([] if row is None else [row])
+        return found
+
     async def ledger_users(self, days: Sequence[str]) -> list[str]:
         users: set[str] = set()
         for day in days:

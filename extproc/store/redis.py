@@ -8,6 +8,8 @@ import datetime as dt
 import functools
 import hashlib
 import logging
+import re
+import time
 import urllib.parse
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ from extproc.store.base import (
     LedgerRow,
     WindowCounter,
 )
+from extproc.store.bulk import BulkReader
 from extproc.store.pipelined import PipelinedConnection, Target
 
 log = logging.getLogger("extproc.store.redis")
@@ -73,6 +76,7 @@ class RedisStore:
         helpers: Sequence[Redis] = (),
         dedupe_ttl_ms: int = 3_600_000,
         hot: PipelinedConnection | None = None,
+        bulk: BulkReader | None = None,
         export: ExportStreamConfig | None = None,
     ) -> None:
         self._client = client
@@ -82,6 +86,11 @@ class RedisStore:
         self._known_streams: set[str] = set()  # Cluster: slot streams registered by this process
         # admit and settle go through the pipelined connection when the URL allows one.
         self._hot = hot
+        # The listings' batches of reads: a socket of their own, so they never queue before
+        # (or behind) the hot path's commands.
+        self._bulk = bulk
+        self._since: str | None = None  # see _totals_since
+        self._since_read = float("-inf")
         self._helpers = tuple(helpers)  # e.g. the Sentinel connections, closed with the store
         self._where = redact_url(url) if url else type(client).__name__
         self._secrets = _secrets(url)
@@ -120,8 +129,16 @@ class RedisStore:
             ) from None
         target = Target.from_url(url)
         hot = PipelinedConnection(target, config.timeout_s or None) if target else None
+        bulk = BulkReader(target, config.timeout_s or None) if target else None
         return cls(
-            client, url, config.retention_days, helpers, config.dedupe_ttl_s * 1000, hot, export
+            client,
+            url,
+            config.retention_days,
+            helpers,
+            config.dedupe_ttl_s * 1000,
+            hot,
+            bulk,
+            export,
         )
 
     def __repr__(self) -> str:
@@ -131,6 +148,12 @@ class RedisStore:
         """Load both scripts now so the first request does not pay for it (EVALSHA reloads anyway)."""
         for script in (self._admit, self._settle):
             await self._call("start", self._client.script_load(script.source))
+        # This version writes every ledger hash's totals (store/ledger.py); today's hashes may
+        # hold amounts an older version wrote without them, so listings trust them from tomorrow.
+        tomorrow = ledger.day_of(int(time.time() * 1000) + _DAY_MS)
+        await self._call(
+            "start", self._client.set(keys.ledger_totals_since_key(), tomorrow, nx=True)
+        )
         if self._cluster and self._export.enabled:
             keys.export_stream_key(self._export.key, "", cluster=True)  # solve the slot tags now
 
@@ -367,30 +390,78 @@ class RedisStore:
         return int(cast(int, reply)) >= 0
 
     async def ledger(self, userid: str, days: Sequence[str]) -> list[LedgerRow]:
-        if not days:
-            return []
         # One user's days share a slot, so even on Cluster this pipeline is one round trip.
+        return (await self.ledgers([userid], days))[0]
+
+    async def ledgers(self, userids: Sequence[str], days: Sequence[str]) -> list[list[LedgerRow]]:
+        if not days or not userids:
+            return [[] for _ in userids]
+        # On Cluster the pipeline asks each node once for the keys it holds.
+        commands = [("HGETALL", keys.ledger_key(u, day)) for u in userids for day in days]
+        replies = iter(await self._read_many(commands))
+        found: list[list[LedgerRow]] = []
+        for _ in userids:
+            rows: list[LedgerRow] = []
+            for day, fields in zip(days, replies, strict=False):
+                if fields:
+                    rows.extend(ledger.rows(day, _hash(fields)))
+            found.append(rows)
+        return found
+
+    async def ledger_totals(
+        self, userids: Sequence[str], days: Sequence[str]
+    ) -> list[list[LedgerRow]]:
+        since = await self._totals_since()
+        summed = [day for day in days if since is not None and day >= since]
+        # Days before the totals: their hashes in full (they may hold amounts without totals).
+        found = await self.ledgers(userids, [day for day in days if day not in summed])
+        if summed:
+            commands = [
+                ("HMGET", keys.ledger_key(userid, day), *ledger.TOTAL_FIELDS)
+                for userid in userids
+                for day in summed
+            ]
+            replies = await self._read_many(commands)
+            width = len(summed)
+            for at, rows in enumerate(found):
+                row = ledger.totals(replies[at * width : (at + 1) * width])
+                if row is not None:
+                    rows.append(row)
+        return found
+
+    async def _totals_since(self) -> str | None:
+        """The first day whose hashes carry their totals (None: no such day), read at most
+        every few seconds: a listing asks for it once a batch."""
+        now = time.monotonic()
+        if now - self._since_read > _SINCE_TTL_S:
+            since = await self._call("ledger", self._client.get(keys.ledger_totals_since_key()))
+            self._since = str(since) if since is not None and _DAY.fullmatch(str(since)) else None
+            self._since_read = now
+        return self._since
+
+    async def _read_many(self, commands: Sequence[tuple[str, ...]]) -> list[Any]:
+        """Replies to many read commands: pipelined on the bulk socket, else through redis-py."""
+        if self._bulk is not None:
+            return cast(list[Any], await self._call("ledger", self._bulk.read(commands)))
         pipe = self._client.pipeline(transaction=False)
-        for day in days:
-            pipe.hgetall(keys.ledger_key(userid, day))
-        replies = await self._call("ledger", pipe.execute())
-        rows: list[LedgerRow] = []
-        for day, fields in zip(days, replies, strict=True):
-            if fields:
-                rows.extend(ledger.rows(day, {str(k): int(v) for k, v in fields.items()}))
-        return rows
+        for command in commands:
+            pipe.execute_command(*command)
+        return cast(list[Any], await self._call("ledger", pipe.execute()))
 
     async def ledger_users(self, days: Sequence[str]) -> list[str]:
         if not days:
             return []
-        # Day sets live on different slots; a pipeline asks each node once.
-        pipe = self._client.pipeline(transaction=False)
-        for day in days:
-            pipe.smembers(keys.ledger_users_key(day))
-        replies = await self._call("ledger_users", pipe.execute())
+        # A day's set can hold every user: read in chunks (SSCAN), so that no single reply holds
+        # the event loop (the usage API shares it with the gRPC services).
         users: set[str] = set()
-        for members in replies:
-            users |= {str(m) for m in members}
+        for day in days:
+            cursor = 0
+            while True:
+                reading = self._client.sscan(keys.ledger_users_key(day), cursor, count=_USERS_CHUNK)
+                cursor, members = await self._call("ledger_users", reading)
+                users.update(str(m) for m in members)
+                if not cursor:
+                    break
         return sorted(users)
 
     async def ping(self) -> None:
@@ -399,6 +470,8 @@ class RedisStore:
     async def close(self) -> None:
         if self._hot is not None:
             await self._hot.close()
+        if self._bulk is not None:
+            await self._bulk.close()
         for client in (self._client, *self._helpers):
             try:
                 await client.aclose()
@@ -518,6 +591,24 @@ def _unreserve(counter: WindowCounter, state: CounterState) -> Adjustment:
         current_key=counter.key,
         current_end_ms=counter.period_end_ms,
     )
+
+
+def _hash(reply: dict[str, str] | list[bytes]) -> dict[str, int]:
+    """An HGETALL reply as field -> amount: a dict from redis-py, a flat list of bytes from the
+    bulk socket (RESP2)."""
+    if isinstance(reply, dict):
+        return {str(k): int(v) for k, v in reply.items()}
+    return {_field(reply[i]): int(reply[i + 1]) for i in range(0, len(reply), 2)}
+
+
+@functools.lru_cache(maxsize=4096)
+def _field(name: bytes) -> str:
+    return name.decode()
+
+
+_DAY = re.compile(r"[0-9]{8}")
+_SINCE_TTL_S = 5.0
+_USERS_CHUNK = 5000
 
 
 @functools.lru_cache(maxsize=8)

@@ -163,6 +163,14 @@ class ResilientStore:
     async def ledger(self, userid: str, days: Sequence[str]) -> list[LedgerRow]:
         return await self._timed("ledger", self._inner.ledger(userid, days))
 
+    async def ledgers(self, userids: Sequence[str], days: Sequence[str]) -> list[list[LedgerRow]]:
+        return await self._timed("ledger", self._inner.ledgers(userids, days))
+
+    async def ledger_totals(
+        self, userids: Sequence[str], days: Sequence[str]
+    ) -> list[list[LedgerRow]]:
+        return await self._timed("ledger", self._inner.ledger_totals(userids, days))
+
     async def ledger_users(self, days: Sequence[str]) -> list[str]:
         return await self._timed("ledger_users", self._inner.ledger_users(days))
 

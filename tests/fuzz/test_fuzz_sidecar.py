@@ -197,10 +197,15 @@ async def test_hostile_bounds_never_lower_a_window_nor_lock_it(
     assert tracebacks(logs.records[seen:]) == []
 
 
-_PARAMS = ("user", "from", "to", "group_by", "format", "x", "")
+_PARAMS = (
+    *("user", "from", "to", "group_by", "format", "x", ""),
+    *("model", "subscription", "key", "user_prefix", "sort", "order", "limit", "page_token"),
+)
 _VALUES = st.one_of(
     st.sampled_from(("2025-03-01", "2025-02-30", "day", "model", "csv", "json", "alice", "bob")),
+    st.sampled_from(("total_tokens", "user", "desc", "0", "1000", "1001", "-1", "W10", "e30=")),
     st.text(max_size=20),
+    st.integers().map(str),
 )
 
 
@@ -208,7 +213,9 @@ _VALUES = st.one_of(
 @given(
     pairs=st.lists(st.tuples(st.sampled_from(_PARAMS), _VALUES), max_size=5),
     raw_tail=st.text(max_size=20),
-    route=st.sampled_from(("/v1/usage", "/v1/usage/users")),
+    route=st.sampled_from(
+        ("/v1/usage", "/v1/usage/users", "/v1/usage/keys", "/v1/usage/openapi.json")
+    ),
     auth=st.sampled_from(("Bearer demo-premium-key", "Bearer demo-admin-key", "Bearer x", "")),
 )
 async def test_usage_api_query_strings_get_a_defined_answer(
@@ -227,5 +234,8 @@ async def test_usage_api_query_strings_get_a_defined_answer(
         text = await response.text()
         assert response.status in {200, 400, 401, 403}, text
         if response.status == 200 and response.content_type == "application/json":
-            assert "rows" in json.loads(text)
+            assert "rows" in json.loads(text) or route.endswith("openapi.json")
+        if response.status == 400:  # the error names a parameter
+            error = json.loads(text)["error"]
+            assert error["message"].startswith(f"{error['parameter']}: expected"), text
     assert tracebacks(logs.records[seen:]) == []

@@ -282,8 +282,9 @@ async def test_without_budgets_an_admission_is_one_script_call_as_before(
     calls = await _calls(raw)
     calls.pop("cmdstat_config|resetstat", None)
     calls.pop("cmdstat_info", None)
-    # One EVALSHA; inside it, admit.lua's work for one fixed window, the hold and the state.
-    inside = {"get": 1, "hmget": 2, "hincrby": 3, "pexpire": 1, "set": 1}
+    # One EVALSHA; inside it, admit.lua's work for one fixed window, the hold (its model's two
+    # fields and the ledger hash's two totals) and the state.
+    inside = {"get": 1, "hmget": 2, "hincrby": 5, "pexpire": 1, "set": 1}
     assert verdict.allowed
     assert calls == {"cmdstat_evalsha": 1} | {f"cmdstat_{k}": v for k, v in inside.items()}
     await store.close()
