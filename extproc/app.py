@@ -32,7 +32,7 @@ from extproc.authz.base import (
 )
 from extproc.authz.kube import KubeConnector
 from extproc.authz.tiers import FileTiers
-from extproc.charger import Charger
+from extproc.charger import Charger, fan_out
 from extproc.config import Config, Secret, StoreConfig
 from extproc.envoy.access_log import AccessLogService
 from extproc.envoy.authz_service import AuthorizationService
@@ -47,6 +47,7 @@ from extproc.limits.limiter import Limiter
 from extproc.logs import configure as configure_logging
 from extproc.observability.metrics import Metrics, serve_metrics
 from extproc.observability.model_labels import ModelLabels
+from extproc.observability.telemetry import GenAiTelemetry, build_telemetry
 from extproc.observability.usage_api import UsageApi
 from extproc.observability.usage_query import GROUPS, SUBSCRIPTION_GROUPS
 from extproc.routes import RouteTable
@@ -301,6 +302,7 @@ class Sidecar:
     alerts: BudgetAlerts | None = None
     policies: PolicyLimits | None = None
     routes: WatchedRoutes | None = None
+    telemetry: GenAiTelemetry | None = None
     pusher: CloudEventsPusher | None = None
 
     @classmethod
@@ -350,10 +352,11 @@ class Sidecar:
             max_request_tokens=config.limits.max_request_tokens,
         )
         reporter = build_reporter(config, metrics, policies)
+        telemetry = build_telemetry(config.telemetry, metrics.models, era=era)
         charger = Charger(
             limiter,
             metrics,
-            reporter,
+            fan_out(reporter, telemetry),
             wait_s=config.accounting.settle_wait_s,
             prices=config.pricing,
         )
@@ -383,6 +386,7 @@ class Sidecar:
             alerts,
             policies,
             watched_routes,
+            telemetry,
             build_pusher(config, store, metrics),
         )
 
@@ -393,6 +397,8 @@ class Sidecar:
             self.reporter.start()
         if self.pusher is not None:
             await self.pusher.start()
+        if self.telemetry is not None:
+            self.telemetry.start()
 
     async def close(self) -> None:
         """Settle what is pending, flush the Kuadrant queue, then close the store (its spool)."""
@@ -404,6 +410,9 @@ class Sidecar:
             await self.reporter.close()  # after the drain: the last charges are queued by now
         if self.pusher is not None:  # what it has not acknowledged stays pending in the stream
             await self.pusher.close()
+        if self.telemetry is not None:
+            log.info("exporting the last OpenTelemetry metrics")
+            await asyncio.to_thread(self.telemetry.shutdown)
         if self.alerts is not None:
             await self.alerts.close()
         if self.policies is not None:

@@ -27,6 +27,25 @@ class ChargeSink(Protocol):
     def submit(self, charge: Charge) -> None: ...
 
 
+class FanOut:
+    """Hands every charge to each of several sinks, in order (the Kuadrant reporter, telemetry)."""
+
+    def __init__(self, *sinks: ChargeSink) -> None:
+        self._sinks = sinks
+
+    def submit(self, charge: Charge) -> None:
+        for sink in self._sinks:
+            sink.submit(charge)
+
+
+def fan_out(*sinks: ChargeSink | None) -> ChargeSink | None:
+    """One sink for the given ones that are set: None, the only one, or a ``FanOut``."""
+    present = tuple(sink for sink in sinks if sink is not None)
+    if len(present) < 2:
+        return present[0] if present else None
+    return FanOut(*present)
+
+
 class Charger:
     def __init__(
         self,

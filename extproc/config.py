@@ -50,6 +50,15 @@ class Secret(str):
     __str__ = str.__str__
 
 
+class HiddenText(str):
+    """A string whose repr never shows its value at all (a header that carries a token)."""
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+    __str__ = str.__str__
+
+
 def redact_url(url: str) -> str:
     """The URL with any credentials masked; works on host lists (``h1:1,h2:2``) too."""
     scheme, sep, rest = url.partition("://")
@@ -298,6 +307,30 @@ class ExportConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class OtlpConfig:
+    """Where the ``gen_ai`` metrics go (README "Telemetry"); off while ``endpoint`` is empty."""
+
+    # http/protobuf: the collector's base URL (``/v1/metrics`` is appended) or the full metrics
+    # URL; grpc: http://host:port (plaintext) or https://host:port.
+    endpoint: str = ""
+    protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
+    interval_s: float = 30.0  # between two exports
+    timeout_s: float = 10.0  # per export
+    # Sent with every export (e.g. an authorization header); values are redacted in reprs.
+    # Unset: the exporter reads OTEL_EXPORTER_OTLP_HEADERS, so a Secret can provide them.
+    headers: tuple[tuple[str, HiddenText], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryConfig:
+    """OpenTelemetry metrics pushed over OTLP beside the Prometheus endpoint."""
+
+    otlp: OtlpConfig = field(default_factory=OtlpConfig)
+    service_name: str = "maas-extproc"
+    resource_attributes: tuple[tuple[str, str], ...] = ()  # e.g. deployment.environment.name
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     maas: MaasConfig = field(default_factory=MaasConfig)
@@ -311,6 +344,7 @@ class Config:
     accounting: AccountingConfig = field(default_factory=AccountingConfig)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     kuadrant: KuadrantConfig = field(default_factory=KuadrantConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     pricing: PriceBook = field(default_factory=PriceBook)  # README "Token kinds and cost"
     export: ExportConfig = field(default_factory=ExportConfig)
     base_dir: str = "."  # relative file paths resolve against the config file's folder
@@ -363,6 +397,7 @@ def parse(raw: Mapping[str, Any], base_dir: str = ".", *, serving: bool = True) 
         accounting=_section(AccountingConfig, raw, "accounting"),
         observability=_section(ObservabilityConfig, raw, "observability"),
         kuadrant=_kuadrant(raw.get("kuadrant")),
+        telemetry=_telemetry(raw.get("telemetry")),
         pricing=_pricing(raw.get("pricing")),
         export=_export(raw.get("export")),
         base_dir=base_dir,
@@ -393,6 +428,10 @@ def _apply_environ(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
                 known[f"{ENV_PREFIX}{section}_{f.name}".upper()] = (section, f.name)
     for f in fields(TlsConfig):
         known[f"{ENV_PREFIX}SERVER_TLS_{f.name}".upper()] = ("server", "tls", f.name)
+    for f in fields(OtlpConfig):
+        if f.name != "headers":  # a mapping; OTEL_EXPORTER_OTLP_HEADERS covers the environment
+            known[f"{ENV_PREFIX}TELEMETRY_OTLP_{f.name}".upper()] = ("telemetry", "otlp", f.name)
+    known[f"{ENV_PREFIX}TELEMETRY_SERVICE_NAME"] = ("telemetry", "service_name")
     known[f"{ENV_PREFIX}LIMITS_WINDOW"] = ("limits", "window")
     known[f"{ENV_PREFIX}LIMITS_SCOPE"] = ("limits", "scope")
     known[f"{ENV_PREFIX}LIMITS_MAX_REQUEST_TOKENS"] = ("limits", "max_request_tokens")
@@ -689,6 +728,44 @@ def _kuadrant(value: object) -> KuadrantConfig:
     if config.queue_size < 1:
         raise ConfigError("kuadrant.queue_size", "a whole number >= 1", config.queue_size)
     return config
+
+
+def _telemetry(value: object) -> TelemetryConfig:
+    raw = dict(_mapping(value, "telemetry"))
+    attributes = _string_pairs(
+        raw.pop("resource_attributes", None), "telemetry.resource_attributes"
+    )
+    otlp_raw = dict(_mapping(raw.pop("otlp", None), "telemetry.otlp"))
+    headers = _string_pairs(otlp_raw.pop("headers", None), "telemetry.otlp.headers")
+    config = _section(TelemetryConfig, {"telemetry": raw}, "telemetry")
+    otlp = _section(OtlpConfig, {"telemetry.otlp": otlp_raw}, "telemetry.otlp")
+    otlp = replace(otlp, headers=tuple((name, HiddenText(text)) for name, text in headers))
+    if otlp.endpoint:
+        parts = urllib.parse.urlsplit(otlp.endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                "telemetry.otlp.endpoint", "'' (off) or an http:// or https:// URL", otlp.endpoint
+            )
+        if otlp.protocol == "grpc" and parts.path.strip("/"):
+            raise ConfigError(
+                "telemetry.otlp.endpoint", "scheme://host:port without a path for grpc"
+            )
+    for name in ("interval_s", "timeout_s"):
+        if getattr(otlp, name) <= 0:
+            raise ConfigError(f"telemetry.otlp.{name}", "a duration > 0", getattr(otlp, name))
+    if not config.service_name:
+        raise ConfigError("telemetry.service_name", "a service name", config.service_name)
+    return replace(config, otlp=otlp, resource_attributes=attributes)
+
+
+def _string_pairs(value: object, key: str) -> tuple[tuple[str, str], ...]:
+    """A mapping of non-empty names to strings, as ordered pairs (a frozen config holds no dict)."""
+    pairs: list[tuple[str, str]] = []
+    for name, text in _mapping(value, key).items():
+        if not isinstance(name, str) or not name or not isinstance(text, str):
+            raise ConfigError(f"{key}.{name}", "a string value under a non-empty name")
+        pairs.append((name, text))
+    return tuple(pairs)
 
 
 def _pricing(value: object) -> PriceBook:

@@ -243,6 +243,9 @@ class Charge:
     # the configured currency, rounded up per request, and whether a price applied at all.
     cost_micros: int = 0
     priced: bool = False
+    # From the request's headers to the response's last byte as the gateway saw it (the ext_proc
+    # stream, or Envoy's access log entry); 0: not measured.
+    duration_ms: int = 0
     # The subscription era: the plan's billingRate.perToken (micro-units per million tokens).
     billing_rate: int | None = None
 

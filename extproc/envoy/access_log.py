@@ -118,7 +118,15 @@ def charge_of(
         cap=billing.reserved or None,
         who=(billing.userid, billing.model),
     )
-    return billing.charge(charged, status, disconnected=cut_short(common.response_flags))
+    # Envoy's first downstream byte received to its last byte sent: the request's duration.
+    last_byte = "time_to_last_downstream_tx_byte"
+    duration_ms = getattr(common, last_byte).ToMilliseconds() if common.HasField(last_byte) else 0
+    return billing.charge(
+        charged,
+        status,
+        disconnected=cut_short(common.response_flags),
+        duration_ms=max(0, duration_ms),
+    )
 
 
 def _usage(path: str, found: struct_pb2.Struct | None, max_count: int) -> Usage | None:

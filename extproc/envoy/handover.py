@@ -97,7 +97,9 @@ class Billing:
             billing_rate=plan.billing_rate,
         )
 
-    def charge(self, usage: Usage, status: int, *, disconnected: bool = False) -> Charge:
+    def charge(
+        self, usage: Usage, status: int, *, disconnected: bool = False, duration_ms: int = 0
+    ) -> Charge:
         """The charge of this request's response: ``usage`` in place of the reservation."""
         return Charge(
             userid=self.userid,
@@ -117,6 +119,7 @@ class Billing:
             organization_id=self.organization_id,
             cost_center=self.cost_center,
             rate_windows=self.rate_windows,
+            duration_ms=duration_ms,
             billing_rate=self.billing_rate,
             budgets_held=self.budgets_held,
             budget_groups=self.budget_groups,

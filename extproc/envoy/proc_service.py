@@ -46,6 +46,8 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):  # type: igno
             async for request in requests:
                 if processor is None:
                     processor = self._processor_for(request)
+                    if request.HasField("request_headers"):
+                        processor.started_s = started
                 try:
                     reply = await processor.on(request)
                 except Exception as exc:

@@ -15,6 +15,7 @@ it, and the response is still charged, as an estimate.
 from __future__ import annotations
 
 import logging
+import time
 
 from envoy.config.core.v3 import base_pb2 as cfg
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
@@ -108,6 +109,9 @@ class BillingProcessor:
         self._metrics = metrics
         self.session = Session(config, max_count)
         self.done = False
+        # perf_counter() when the stream opened with the request's headers; 0: it did not (the
+        # observability layout skips them), and the charge's duration stays unmeasured.
+        self.started_s = 0.0
 
     async def on(self, request: ep.ProcessingRequest) -> ep.ProcessingResponse | None:
         session = self.session
@@ -161,12 +165,13 @@ class BillingProcessor:
             await self._charger.charge(charge)
 
     def _finish(self, *, disconnected: bool) -> Charge | None:
+        duration_ms = int((time.perf_counter() - self.started_s) * 1000) if self.started_s else 0
         try:
-            return self.session.finish(disconnected=disconnected)
+            return self.session.finish(disconnected=disconnected, duration_ms=duration_ms)
         except Exception as exc:
             self._count_error(exc)
             self.session.broken()
-            return self.session.finish(disconnected=disconnected)
+            return self.session.finish(disconnected=disconnected, duration_ms=duration_ms)
 
     def failed(self, request: ep.ProcessingRequest, exc: Exception) -> ep.ProcessingResponse | None:
         """The defined answer to a message whose handling raised: pass it on, charge an estimate."""

@@ -122,7 +122,7 @@ class Session:
         """Billable and not yet charged."""
         return self.billing is not None and not self._done and not self.request_only
 
-    def finish(self, *, disconnected: bool = False) -> Charge | None:
+    def finish(self, *, disconnected: bool = False, duration_ms: int = 0) -> Charge | None:
         """The charge for this response; None when nothing is billable or it was charged already.
 
         Reported usage is charged as reported. Missing parts of a successful (or cut-off) response
@@ -133,7 +133,9 @@ class Session:
             return None
         usage = self._usage(billing)
         self._done = True
-        return billing.charge(usage, self.status, disconnected=disconnected)
+        return billing.charge(
+            usage, self.status, disconnected=disconnected, duration_ms=duration_ms
+        )
 
     def _usage(self, billing: Billing) -> Usage:
         extractor = self._extractor

@@ -8,6 +8,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from extproc.accounting.pricing import BILLED_KINDS, split
 from extproc.domain import UNTRUSTED_REASONS, Charge, Decision, Era, Limits
 from extproc.observability.model_labels import ModelLabels
 
@@ -185,6 +186,22 @@ class Metrics:
         )
         for reason in UNTRUSTED_REASONS:
             self.usage_invalid.labels(reason)
+        # Token kinds and cost (issue #16): the billed kinds are disjoint, so they add up.
+        self.token_kinds = Counter(
+            "maas_token_kind",
+            "Tokens charged, by billed kind (input, cached_input, cache_creation, output,"
+            " reasoning: disjoint, they add up to prompt + completion)",
+            [tier, "model", "kind", *user],
+            registry=r,
+        )
+        self.cost_micros = Counter(
+            "maas_cost_micros",
+            "Cost of the priced charges, in micro-units of the configured currency",
+            [tier, "model", *user],
+            registry=r,
+        )
+        self._kind_children: dict[tuple[str, ...], tuple[Counter, ...]] = {}
+        self._cost_children: dict[tuple[str, ...], Counter] = {}
         # Budgets (limits.budgets): soft thresholds, shadow mode, and the events' webhook.
         self.budget_threshold_crossed = Counter(
             "maas_budget_threshold_crossed",
@@ -274,6 +291,7 @@ class Metrics:
         ):
             if amount:
                 token_child.inc(amount)
+        self._kinds_and_cost(charge, (tier, model, *user))
         if usage.invalid:
             self.usage_invalid.labels(usage.invalid).inc()
         source = "estimated" if usage.estimated else ("reported" if usage.reported else "none")
@@ -289,6 +307,27 @@ class Metrics:
         child.inc()
         if charge.disconnected:
             self.disconnects.labels(tier).inc()
+
+    def _kinds_and_cost(self, charge: Charge, key: tuple[str, ...]) -> None:
+        """``maas_token_kind_total`` from ``pricing.split``; ``maas_cost_micros_total`` for priced
+        charges only (its series appears with the first priced charge, 0 included)."""
+        children = self._kind_children.get(key)
+        if children is None:
+            if len(self._kind_children) >= _CHILD_CACHE_SIZE:
+                self._kind_children.clear()
+                self._cost_children.clear()
+            tier, model, *user = key
+            children = self._kind_children[key] = tuple(
+                self.token_kinds.labels(tier, model, kind, *user) for kind in BILLED_KINDS
+            )
+        for child, amount in zip(children, split(charge.usage).values(), strict=True):
+            if amount:  # split's counts come in BILLED_KINDS order, as the children
+                child.inc(amount)
+        if charge.priced:
+            cost = self._cost_children.get(key)
+            if cost is None:
+                cost = self._cost_children[key] = self.cost_micros.labels(*key)
+            cost.inc(charge.cost_micros)
 
 
 def serve_metrics(metrics: Metrics, host: str, port: int) -> tuple[WSGIServer, threading.Thread]:

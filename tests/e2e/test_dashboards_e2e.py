@@ -20,11 +20,12 @@ import httpx
 import pytest
 import yaml
 
+from extproc.accounting.pricing import BILLED_KINDS
 from extproc.stack import LocalStack, free_port, wait_for_port
 from tests.helpers import CHAT
 from tests.k8s_emulator import KubeEmulator
 from tests.tools import require_tool
-from tests.unit.test_dashboards import dashboard_exprs
+from tests.unit.test_dashboards import dashboard_exprs, dashboard_panels
 
 pytestmark = pytest.mark.e2e
 
@@ -119,6 +120,16 @@ def stack(emulator: KubeEmulator, tmp_path: Path) -> Iterator[LocalStack]:
             {
                 "identity": {"source": "kubernetes", "kubeconfig": kubeconfig},
                 "tiers": {"source": "configmap"},
+                # Every model priced (per million tokens): the cost panels have data.
+                "pricing": {
+                    "default": {
+                        "input": "2.50",
+                        "cached_input": "1.25",
+                        "cache_creation": "3.75",
+                        "output": "10.00",
+                        "reasoning": "10.00",
+                    }
+                },
             }
         )
     )
@@ -136,13 +147,42 @@ def prometheus(stack: LocalStack, tmp_path: Path) -> Iterator[Prometheus]:
         server.stop()
 
 
-def run_load(stack: LocalStack, emulator: KubeEmulator) -> dict[int, int]:
-    """Some dozens of requests across tiers: 200s, 429s past the free limit, a 401, a disconnect."""
-    tokens = {
+# Every token kind, served by the simulator in each API's documented shape.
+KINDS = {
+    "x-sim-cached-tokens": "64",
+    "x-sim-cache-write-tokens": "20",
+    "x-sim-reasoning-tokens": "16",
+}
+
+
+def user_tokens(emulator: KubeEmulator) -> dict[str, str]:
+    return {
         "alice": emulator.add_sa_token("maas-default-gateway-tier-free", "alice"),
         "bob": emulator.add_sa_token("maas-default-gateway-tier-premium", "bob"),
         "carol": emulator.add_sa_token("maas-default-gateway-tier-enterprise", "carol"),
     }
+
+
+def warm_up(stack: LocalStack, prometheus: Prometheus, tokens: dict[str, str]) -> None:
+    """One request per user, scraped before the load: a counter's first sample is not an
+    increase, so the load's increments must land on series Prometheus already has."""
+    body = {"model": "model-0", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(base_url=stack.url, timeout=10) as client:
+        for token in tokens.values():
+            headers = {"Authorization": f"Bearer {token}"}
+            assert client.post(CHAT, json=body, headers=headers).status_code == 200
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        seen = prometheus.query("count(maas_cost_micros_total) + count(maas_token_kind_total)")
+        if seen and float(seen[0]["value"][1]) >= len(tokens) * 6:  # five kinds and the cost
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no first scrape of the users' series: {seen}")
+
+
+def run_load(stack: LocalStack, tokens: dict[str, str]) -> dict[int, int]:
+    """Some dozens of requests across tiers: 200s, 429s past the free limit, a 401, a disconnect,
+    and responses with cached, cache-written and reasoning tokens."""
     statuses: dict[int, int] = {}
     with httpx.Client(base_url=stack.url, timeout=10) as client:
         for round_ in range(8):
@@ -156,6 +196,15 @@ def run_load(stack: LocalStack, emulator: KubeEmulator) -> dict[int, int]:
                     CHAT, json=body, headers={"Authorization": f"Bearer {token}"}
                 )
                 statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        rich = {"Authorization": f"Bearer {tokens['carol']}"}
+        body = {
+            "model": "model-0",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+        assert client.post(CHAT, json=body, headers={**rich, **KINDS}).status_code == 200
+        messages = CHAT.replace("/chat/completions", "/messages")
+        assert client.post(messages, json=body, headers={**rich, **KINDS}).status_code == 200
         body = {
             "model": "model-0",
             "max_tokens": 40,
@@ -178,7 +227,9 @@ def concrete(expr: str) -> str:
 def test_every_dashboard_query_returns_data(
     stack: LocalStack, emulator: KubeEmulator, prometheus: Prometheus
 ) -> None:
-    statuses = run_load(stack, emulator)
+    tokens = user_tokens(emulator)
+    warm_up(stack, prometheus, tokens)
+    statuses = run_load(stack, tokens)
     assert statuses[200] > 0
     assert statuses[429] > 0
     assert statuses[401] > 0
@@ -191,3 +242,46 @@ def test_every_dashboard_query_returns_data(
         if empty:
             time.sleep(0.5)
     assert not empty, f"queries without data: {empty}\nup: {prometheus.query('up')}"
+    check_token_kind_and_cost_panels(prometheus)
+
+
+def nonzero(prometheus: Prometheus, expr: str, label: str) -> set[str]:
+    """The values of ``label`` among the series of ``expr`` that are above 0."""
+    return {
+        row["metric"].get(label, "")
+        for row in prometheus.query(concrete(expr))
+        if float(row["value"][1]) > 0
+    }
+
+
+def panel_expr(title: str) -> str:
+    """The (first) query of the dashboard panel named ``title``."""
+    found = [expr for name, expr in dashboard_panels() if name == title]
+    assert found, title
+    return found[0]
+
+
+def check_token_kind_and_cost_panels(prometheus: Prometheus) -> None:
+    """The new panels show the expected series, not just any: every kind, cost per plan and
+    model, the users by cost."""
+    expected = [
+        ("Tokens per second by kind", "kind", set(BILLED_KINDS)),
+        ("Cached share of input tokens by model", "model", {"other"}),
+        ("Cost per hour by plan", "tier", {"free", "premium", "enterprise"}),
+        ("Cost by model in the time range", "model", {"other"}),
+        ("Top 10 users by cost in the time range", "user", {"alice", "bob", "carol"}),
+        ("Tokens by billed kind in the time range", "kind", {"input", "output"}),
+        ("Cost in the time range", "", {""}),
+    ]
+    deadline = time.monotonic() + 30
+    missing = expected
+    while missing and time.monotonic() < deadline:
+        missing = [
+            (title, label, want)
+            for title, label, want in missing
+            if not want <= nonzero(prometheus, panel_expr(title), label)
+        ]
+        if missing:
+            time.sleep(0.5)
+    got = {title: nonzero(prometheus, panel_expr(title), label) for title, label, _ in missing}
+    assert not missing, f"panels without their series: {missing}, got {got}"

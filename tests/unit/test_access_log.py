@@ -155,3 +155,15 @@ def test_a_list_where_a_count_belongs_is_not_trusted() -> None:
     namespace.fields["total_tokens"].list_value.values.add().number_value = 3
     usage = charged(odd)
     assert usage.invalid == "not_a_number"
+
+
+def test_the_duration_is_envoys_time_to_the_last_byte_sent() -> None:
+    e = entry({"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2})
+    e.common_properties.time_to_last_downstream_tx_byte.FromMilliseconds(1234)
+    charge = charge_of(e, AccountingConfig())
+    assert charge is not None
+    assert charge.duration_ms == 1234
+    e.common_properties.ClearField("time_to_last_downstream_tx_byte")
+    charge = charge_of(e, AccountingConfig())
+    assert charge is not None
+    assert charge.duration_ms == 0  # not in the entry: not measured

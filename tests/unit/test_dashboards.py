@@ -18,6 +18,7 @@ DASHBOARDS = Path(__file__).resolve().parents[2] / "deploy" / "dashboards"
 _PROMQL_WORDS = {
     "sum", "by", "rate", "increase", "histogram_quantile", "max", "min", "avg", "or", "and",
     "unless", "vector", "ignoring", "on", "group_left", "group_right", "without", "count",
+    "topk", "sort_desc",
 }  # fmt: skip
 
 
@@ -33,6 +34,16 @@ def dashboard_exprs() -> list[tuple[str, str]]:
             if variable.get("type") == "query":  # label_values(<selector>, <label>)
                 selector = re.sub(r"^label_values\((.*),\s*\w+\)$", r"\1", variable["definition"])
                 found.append((path.name, selector))
+    return found
+
+
+def dashboard_panels() -> list[tuple[str, str]]:
+    """(panel title, expression) for every panel target of every dashboard."""
+    found: list[tuple[str, str]] = []
+    for path in sorted(DASHBOARDS.glob("*.json")):
+        doc: dict[str, Any] = json.loads(path.read_text())
+        for panel in (p for top in doc["panels"] for p in (top, *top.get("panels", []))):
+            found += [(panel["title"], target["expr"]) for target in panel.get("targets", [])]
     return found
 
 
@@ -58,7 +69,7 @@ def exported_names() -> set[str]:
     limited = Decision(Outcome.TOKEN_LIMITED, identity=identity, tier=tier, limit_kind="tokens")
     metrics.decided(limited, 0.001)
     usage = Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3, estimated=True)
-    metrics.charged(Charge("alice", "free", "m", usage, disconnected=True))
+    metrics.charged(Charge("alice", "free", "m", usage, disconnected=True, priced=True))
     metrics.stream_seconds.observe(0.1)
     metrics.store_errors.labels("admit").inc()
     metrics.store_seconds.labels("admit").observe(0.001)
