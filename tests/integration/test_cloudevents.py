@@ -23,7 +23,7 @@ from extproc.config import CloudEventsConfig, ExportStreamConfig, Secret, StoreC
 from extproc.domain import Charge, Usage
 from extproc.export import record
 from extproc.export.cloudevents import CloudEventsPusher
-from extproc.export.stream import MemoryRecords, redis_records
+from extproc.export.stream import GroupReader, MemoryRecords, redis_records
 from extproc.observability.metrics import Metrics
 from extproc.store import ledger
 from extproc.store.base import CounterStore
@@ -253,11 +253,11 @@ async def test_records_trimmed_before_they_were_pushed_are_counted_dropped(
     url = f"redis://127.0.0.1:{redis_server.port}/6"
     redis_server.cli_command("-n", "6", "flushdb")
     store = RedisStore.from_config(StoreConfig(url=Secret(url)), ExportStreamConfig(maxlen=0))
-    first = CloudEventsPusher(
-        redis_records(url, "maas:export", 5.0), settings(receiver.url), Metrics()
-    )
-    await first.start()  # makes the group, then the sidecar is gone for a while
-    await first.close()
+    # The pusher's group is made (as its start does), then the sidecar is gone for a while.
+    # No pusher runs it here: a cancelled blocking read could still take entries in Redis.
+    source = redis_records(url, "maas:export", 5.0)
+    await GroupReader(source, "cloudevents", "sidecar-0").prepare()
+    await source.close()
     for n in range(30):
         await charge(store, f"t{n}")
     await store.close()
