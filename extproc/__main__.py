@@ -1,4 +1,4 @@
-"""The command line: serve | demo | sim | check-config | usage."""
+"""The command line: serve | demo | sim | check-config | usage | export."""
 
 from __future__ import annotations
 
@@ -80,6 +80,38 @@ def _parser() -> argparse.ArgumentParser:
         default="day",
         help="one row per day, model, subscription (with its tokenMetadata) or API key",
     )
+
+    export = sub.add_parser(
+        "export",
+        help="copy charge records from the export stream into JSONL or CSV (consumer group)",
+        description=(
+            "Read the charge records of the export stream (export.stream) as one consumer of a "
+            "Redis consumer group and write one line per record. A batch is acknowledged only "
+            "after it is written and flushed, so delivery is at least once: after a crash the "
+            "unacknowledged records come again; each line carries stream and stream_id (and "
+            "request_id) to drop repeats. Without --follow, stop once the stream is drained."
+        ),
+    )
+    export.add_argument("--config", help="config file naming the store (or MAAS_EXTPROC_STORE_URL)")
+    export.add_argument(
+        "--group",
+        default="export",
+        help="consumer group: each group gets every record once (default: export)",
+    )
+    export.add_argument(
+        "--consumer",
+        help="this reader's name in the group; reuse it after a crash (default: the host name)",
+    )
+    export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    export.add_argument("--output", help="append to this file, fsynced per batch (default: stdout)")
+    export.add_argument(
+        "--follow", action="store_true", help="keep reading new records until SIGINT / SIGTERM"
+    )
+    export.add_argument(
+        "--from-start",
+        action="store_true",
+        help="a group created now starts at the oldest retained record (default: new ones only)",
+    )
     return parser
 
 
@@ -98,9 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from extproc import config as config_mod
-    from extproc import config_files
 
     if args.command == "check-config":
+        from extproc import config_files
+
         loaded = config_mod.load(args.file, os.environ)
         files = config_files.check(loaded)  # every file it names, read as serve reads it
         plans = (
@@ -139,6 +172,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from dataclasses import replace
 
+        from extproc import config_files
         from extproc.app import run
 
         loaded = config_mod.load(args.config, os.environ)
@@ -161,6 +195,19 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         loaded = config_mod.load(args.config, os.environ, serving=False)
         return run_usage(loaded, args.user, args.start, args.end, args.format, args.group_by)
+    if args.command == "export":
+        from extproc.export.cli import run_export
+
+        loaded = config_mod.load(args.config, os.environ, serving=False)
+        return run_export(
+            loaded,
+            args.group,
+            args.consumer,
+            args.format,
+            args.output,
+            args.follow,
+            args.from_start,
+        )
     raise AssertionError(args.command)  # pragma: no cover
 
 

@@ -34,7 +34,7 @@ from extproc.authz.base import (
 from extproc.authz.kube import KubeConnector
 from extproc.authz.tiers import FileTiers
 from extproc.charger import Charger, fan_out
-from extproc.config import Config, StoreConfig
+from extproc.config import Config, Secret, StoreConfig
 from extproc.envoy.access_log import AccessLogService
 from extproc.envoy.authz_service import AuthorizationService
 from extproc.envoy.http_authz import HttpAuthorization
@@ -44,6 +44,7 @@ from extproc.envoy.otlp_log import SERVICE_NAME as LOGS_SERVICE_NAME
 from extproc.envoy.otlp_log import LogsService
 from extproc.envoy.proc_service import ExternalProcessorService
 from extproc.envoy.replies import HeaderPolicy
+from extproc.export.stream import MemoryRecords
 from extproc.kuadrant.route_map import RouteDomains
 from extproc.limits.alerts import BudgetAlerts
 from extproc.limits.limiter import Limiter
@@ -60,6 +61,7 @@ from extproc.store.resilient import ResilientStore
 from extproc.supervisor import Supervisor
 
 if TYPE_CHECKING:
+    from extproc.export.cloudevents import CloudEventsPusher
     from extproc.kuadrant.httproutes import WatchedRoutes
     from extproc.kuadrant.policies import PolicyLimits
     from extproc.kuadrant.reporter import Reporter
@@ -99,13 +101,16 @@ def build_inner_store(config: Config) -> CounterStore:
     """The bare store for ``store.url``, without the failure policy (for one-shot readers)."""
     settings = store_config(config)
     url = str(settings.url)
+    stream = config.export.stream
     if url.startswith("memory:"):
         return MemoryStore(
-            retention_days=settings.retention_days, dedupe_ttl_ms=settings.dedupe_ttl_s * 1000
+            retention_days=settings.retention_days,
+            dedupe_ttl_ms=settings.dedupe_ttl_s * 1000,
+            records=MemoryRecords(stream.key, stream.maxlen) if stream.enabled else None,
         )
     from extproc.store.redis import RedisStore
 
-    return RedisStore.from_config(settings)
+    return RedisStore.from_config(settings, stream)
 
 
 def build_store(config: Config, metrics: Metrics) -> ResilientStore:
@@ -246,6 +251,25 @@ def build_routes(
     return domains, watched
 
 
+def build_pusher(
+    config: Config, store: ResilientStore, metrics: Metrics
+) -> CloudEventsPusher | None:
+    """The CloudEvents pusher (``export.cloudevents.url``), reading the store's export stream."""
+    settings = config.export.cloudevents
+    if not settings.url:
+        return None
+    from extproc.export.cloudevents import CloudEventsPusher
+    from extproc.export.stream import redis_records
+
+    inner = store.inner
+    if isinstance(inner, MemoryStore) and inner.records is not None:
+        return CloudEventsPusher(inner.records, settings, metrics, close_source=False)
+    # A client of its own: its blocking reads must not hold the store's connections.
+    timeout_s = 1.0 + max(config.store.timeout_s, 1.0) + 1
+    source = redis_records(str(config.store.url), config.export.stream.key, timeout_s)
+    return CloudEventsPusher(source, settings, metrics)
+
+
 def build_reporter(
     config: Config, metrics: Metrics, policies: PolicyLimits | None
 ) -> Reporter | None:
@@ -285,6 +309,7 @@ class Sidecar:
     policies: PolicyLimits | None = None
     routes: WatchedRoutes | None = None
     telemetry: GenAiTelemetry | None = None
+    pusher: CloudEventsPusher | None = None
 
     @classmethod
     def build(cls, config: Config, metrics: Metrics | None = None) -> Sidecar:
@@ -307,7 +332,12 @@ class Sidecar:
         plans = build_plans(config, metrics, kube, domains, policies)
         alerts = build_alerts(config, metrics, store)
         limiter = Limiter(
-            store, policies or config.limits, now_ms, events=alerts, prices=config.pricing
+            store,
+            policies or config.limits,
+            now_ms,
+            events=alerts,
+            prices=config.pricing,
+            export=config.export.stream.enabled,
         )
         routes = RouteTable(config.routes)
         policy = HeaderPolicy(era, config.subscriptions.identity_headers)
@@ -366,6 +396,7 @@ class Sidecar:
             policies,
             watched_routes,
             telemetry,
+            build_pusher(config, store, metrics),
         )
 
     async def start(self) -> None:
@@ -373,6 +404,8 @@ class Sidecar:
         await self.store.start()
         if self.reporter is not None:
             self.reporter.start()
+        if self.pusher is not None:
+            await self.pusher.start()
         if self.telemetry is not None:
             self.telemetry.start()
 
@@ -384,6 +417,8 @@ class Sidecar:
         if self.reporter is not None:
             log.info("flushing the Kuadrant report queue")
             await self.reporter.close()  # after the drain: the last charges are queued by now
+        if self.pusher is not None:  # what it has not acknowledged stays pending in the stream
+            await self.pusher.close()
         if self.telemetry is not None:
             log.info("exporting the last OpenTelemetry metrics")
             await asyncio.to_thread(self.telemetry.shutdown)
@@ -568,19 +603,23 @@ def worker_config(config: Config, index: int) -> Config:
     authz_http_port+index.
 
     Only worker 0 serves the usage API: it reads the shared store, so one listener is enough.
+    Only worker 0 pushes CloudEvents too: one reader keeps them in the stream's order.
     """
     server = config.server
     metrics_port = server.metrics_port + index if server.metrics_port else 0
     health_port = server.health_port + index if server.health_port else 0
     authz_http_port = server.authz_http_port + index if server.authz_http_port else 0
     observability = config.observability
+    export = config.export
     if index:
         observability = replace(observability, usage_port=0)
+        export = replace(export, cloudevents=replace(export.cloudevents, url=Secret("")))
     server = replace(server, port=server.port + index, metrics_port=metrics_port, workers=1)
     return replace(
         config,
         server=replace(server, health_port=health_port, authz_http_port=authz_http_port),
         observability=observability,
+        export=export,
     )
 
 

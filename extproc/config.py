@@ -274,6 +274,40 @@ class KuadrantConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ExportStreamConfig:
+    """``export.stream``: every settled charge's record in a Redis Stream (README "Export")."""
+
+    enabled: bool = True
+    key: str = "maas:export"  # on Redis Cluster, the prefix of one stream per hash slot
+    # Approximate cap (XADD MAXLEN ~): the oldest records go first; 0: never trimmed.
+    maxlen: int = 250_000  # about 350-500 bytes of Redis memory each: 90-125 MB when full
+
+
+@dataclass(frozen=True, slots=True)
+class CloudEventsConfig:
+    """``export.cloudevents``: records pushed as CloudEvents over HTTP; off while ``url`` is empty."""
+
+    url: Secret = Secret("")  # noqa: RUF009 - an immutable str subclass; credentials redacted
+    source: str = "/maas-extproc"
+    type: str = "io.maas.usage.charge.v1"
+    group: str = "cloudevents"  # the stream's consumer group the pusher reads with
+    consumer: str = ""  # "": the host name (stable across restarts of a pod's sidecar)
+    timeout_s: float = 5.0  # per POST
+    concurrency: int = 8  # POSTs in flight at once (1: strictly in the stream's order)
+    retry_initial_s: float = 0.5
+    retry_max_s: float = 30.0
+    spool_size: int = 1000  # records read ahead and held in memory; the stream keeps the rest
+    claim_idle_s: float = 60.0  # another consumer's record undelivered this long is taken over
+    from_start: bool = False  # a new group starts at the oldest retained record, not the newest
+
+
+@dataclass(frozen=True, slots=True)
+class ExportConfig:
+    stream: ExportStreamConfig = field(default_factory=ExportStreamConfig)
+    cloudevents: CloudEventsConfig = field(default_factory=CloudEventsConfig)
+
+
+@dataclass(frozen=True, slots=True)
 class OtlpConfig:
     """Where the ``gen_ai`` metrics go (README "Telemetry"); off while ``endpoint`` is empty."""
 
@@ -313,6 +347,7 @@ class Config:
     kuadrant: KuadrantConfig = field(default_factory=KuadrantConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     pricing: PriceBook = field(default_factory=PriceBook)  # README "Token kinds and cost"
+    export: ExportConfig = field(default_factory=ExportConfig)
     base_dir: str = "."  # relative file paths resolve against the config file's folder
 
     def path(self, value: str) -> Path:
@@ -365,6 +400,7 @@ def parse(raw: Mapping[str, Any], base_dir: str = ".", *, serving: bool = True) 
         kuadrant=_kuadrant(raw.get("kuadrant")),
         telemetry=_telemetry(raw.get("telemetry")),
         pricing=_pricing(raw.get("pricing")),
+        export=_export(raw.get("export")),
         base_dir=base_dir,
     )
     _check(config, serving)
@@ -400,6 +436,9 @@ def _apply_environ(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
     known[f"{ENV_PREFIX}LIMITS_WINDOW"] = ("limits", "window")
     known[f"{ENV_PREFIX}LIMITS_SCOPE"] = ("limits", "scope")
     known[f"{ENV_PREFIX}LIMITS_MAX_REQUEST_TOKENS"] = ("limits", "max_request_tokens")
+    for part, part_cls in (("stream", ExportStreamConfig), ("cloudevents", CloudEventsConfig)):
+        for f in fields(part_cls):
+            known[f"{ENV_PREFIX}EXPORT_{part}_{f.name}".upper()] = ("export", part, f.name)
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX):
             continue
@@ -774,6 +813,43 @@ def _prices(key: str, value: object) -> Prices:
         except ValueError as exc:
             raise ConfigError(f"{key}.{kind}", f"{expected} ({exc})", price) from None
     return Prices(out)
+
+
+def _export(value: object) -> ExportConfig:
+    raw = _mapping(value, "export")
+    _no_unknown(raw, "export.", {"stream", "cloudevents"})
+    stream = _section(ExportStreamConfig, {"export.stream": raw.get("stream")}, "export.stream")
+    events_raw = dict(_mapping(raw.get("cloudevents"), "export.cloudevents"))
+    url = events_raw.pop("url", "")  # "" (off) is a valid value here, unlike store.url
+    if not isinstance(url, str):
+        raise ConfigError("export.cloudevents.url", "'' or an http:// or https:// URL", url)
+    events = replace(
+        _section(CloudEventsConfig, {"export.cloudevents": events_raw}, "export.cloudevents"),
+        url=Secret(url),
+    )
+    # The stream key is a prefix on Cluster (a hash tag follows it): braces would end the tag.
+    if not stream.key or any(c in stream.key for c in "{}") or stream.key != stream.key.strip():
+        raise ConfigError("export.stream.key", "a Redis key without braces or spaces", stream.key)
+    if events.url:
+        parsed = urllib.parse.urlsplit(events.url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ConfigError("export.cloudevents.url", "'' or an http:// or https:// URL")
+        if not stream.enabled:
+            raise ConfigError(
+                "export.cloudevents.url", "'' unless export.stream.enabled (it reads the stream)"
+            )
+    for name in ("source", "type", "group"):
+        if not getattr(events, name):
+            raise ConfigError(f"export.cloudevents.{name}", "a non-empty string")
+    if events.timeout_s <= 0 or events.retry_initial_s <= 0:
+        raise ConfigError("export.cloudevents", "timeout_s and retry_initial_s > 0")
+    if events.retry_max_s < events.retry_initial_s:
+        raise ConfigError("export.cloudevents.retry_max_s", "a duration >= retry_initial_s")
+    if events.spool_size < 1:
+        raise ConfigError("export.cloudevents.spool_size", "a whole number >= 1")
+    if events.concurrency < 1:
+        raise ConfigError("export.cloudevents.concurrency", "a whole number >= 1")
+    return ExportConfig(stream=stream, cloudevents=events)
 
 
 def _check_subscriptions(config: Config) -> None:

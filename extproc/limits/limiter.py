@@ -9,6 +9,7 @@ from typing import Protocol
 from extproc.accounting.pricing import NO_PRICES, PriceBook
 from extproc.config import LimitsConfig
 from extproc.domain import Charge, Limits, Rate
+from extproc.export import record as charge_record
 from extproc.limits import budget_counters, windows
 from extproc.limits.budget_counters import BudgetCounter, BudgetCounters, Caller
 from extproc.store import keys, ledger
@@ -86,10 +87,12 @@ class Limiter:
         *,
         prices: PriceBook = NO_PRICES,
         events: BudgetEvents | None = None,
+        export: bool = False,
     ) -> None:
         self._store = store
         self._budgets = BudgetCounters(prices)
         self._events = events
+        self._export = export  # hand every settle its charge record (export.stream.enabled)
         self._limits = FixedLimits(config) if isinstance(config, LimitsConfig) else config
         self._clock_ms = clock_ms
         self._sliding = self._limits.current().window == "sliding"
@@ -386,6 +389,7 @@ class Limiter:
             now,
             request_id=charge.request_id,
             release=release,
+            record=charge_record.encode_charge(charge, now) if self._export else "",
         )
 
     def _budget_adjustments(self, charge: Charge, now: int) -> list[Adjustment]:

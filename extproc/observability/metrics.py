@@ -223,6 +223,20 @@ class Metrics:
         )
         for result in ("sent", "failed", "dropped"):
             self.budget_events.labels(result)
+        self.cloudevents = Counter(
+            "maas_export_cloudevents",
+            "Charge records pushed as CloudEvents: sent; failed (an attempt, retried); "
+            "dropped (never sent: refused by the receiver, trimmed, or not a record)",
+            ["result"],
+            registry=r,
+        )
+        for result in ("sent", "failed", "dropped"):
+            self.cloudevents.labels(result)
+        self.cloudevents_spool = Gauge(
+            "maas_export_cloudevents_spool",
+            "Charge records read from the export stream and not yet delivered",
+            registry=r,
+        )
         self._decision_children: dict[tuple[str, ...], Counter] = {}
         self._response_children: dict[tuple[int, str], Counter] = {}
         # Label children are looked up once: ``labels()`` costs more than the increment itself.

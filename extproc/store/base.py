@@ -192,8 +192,12 @@ class CounterStore(Protocol):
         *,
         request_id: str = "",
         release: Hold | None = None,
+        record: str = "",
     ) -> bool:
         """Apply the adjustments, add the entry and release the hold, atomically per user.
+
+        A ``record`` (the charge record's JSON, ``extproc.export.record``) is appended to the
+        export stream in the same atomic step: it exists if and only if the charge was applied.
 
         With a ``request_id`` the settle is applied at most once: a second settle with the same
         id (a replay whose first attempt did land) changes nothing and returns False; and the

@@ -12,6 +12,7 @@ content/operate/oss_and_stack/reference/cluster-spec.md, "Hash tags", commit
 
 from __future__ import annotations
 
+import binascii
 import functools
 import re
 
@@ -178,3 +179,71 @@ LEDGER_KINDS = (
     "reasoning_n",
     "priced",
 )
+
+
+CLUSTER_SLOTS = 16384
+EXPORT_STREAMS_KEY = f"{PREFIX}:export:streams"  # Cluster: the set of every slot's stream key
+
+
+def slot_of(userid: str) -> int:
+    """The Redis Cluster slot of every key of ``userid``: CRC16 (XMODEM) of the hash tag, mod
+    16384 (cluster-spec.md, "Hash tags", as cited above); ``binascii.crc_hqx`` is that CRC."""
+    return binascii.crc_hqx(escape(userid).encode(), 0) % CLUSTER_SLOTS
+
+
+_TAG_CHARS = 5  # slot tags are five of "@A…O" (0x40-0x4F): their low nibbles, 20 free bits
+_TAG_BASE = b"@" * _TAG_CHARS
+
+
+def _crc(data: bytes) -> int:
+    return binascii.crc_hqx(data, 0)
+
+
+def _tag_of(nibbles: int) -> bytes:
+    return bytes(0x40 | (nibbles >> (4 * j)) & 0xF for j in range(_TAG_CHARS))
+
+
+@functools.cache
+def _tag_solver() -> tuple[tuple[int, int], ...]:
+    """Row-reduced (pivot bit, row) pairs of the GF(2) map nibbles -> CRC16 of the tag
+    (a row: the CRC bits << 20 | the nibble bits giving them).
+
+    The CRC has no final XOR, so for tags of one length it is affine: the CRC of a tag is the
+    base's CRC XOR a linear function of the 20 nibble bits. That function is solved once here
+    (20 CRCs), so the tag of any slot takes a few XORs instead of a search. Four characters
+    would not do: their 16 bits do not reach every CRC."""
+    base = _crc(_TAG_BASE)
+    rows = [((_crc(_tag_of(1 << i)) ^ base) << 20) | (1 << i) for i in range(4 * _TAG_CHARS)]
+    reduced: list[tuple[int, int]] = []
+    for bit in range(35, 19, -1):
+        pivot = next((r for r in rows if r >> bit & 1), None)
+        if pivot is None:
+            raise AssertionError("slot tags: the CRC map is not invertible")  # pragma: no cover
+        rows.remove(pivot)
+        rows = [r ^ pivot if r >> bit & 1 else r for r in rows]
+        reduced = [(b, r ^ pivot if r >> bit & 1 else r) for b, r in reduced]
+        reduced.append((bit, pivot))
+    return tuple(reduced)
+
+
+@functools.lru_cache(maxsize=CLUSTER_SLOTS)
+def slot_tag(slot: int) -> str:
+    """A five-character hash tag whose keys land on ``slot``."""
+    want = (_crc(_TAG_BASE) ^ slot) << 20  # the two top CRC bits 0: CRC == slot exactly
+    nibbles = 0
+    for bit, row in _tag_solver():
+        if want >> bit & 1:
+            nibbles ^= row & 0xFFFFF
+    return _tag_of(nibbles).decode()
+
+
+def export_stream_key(base: str, userid: str = "", *, cluster: bool = False) -> str:
+    """The stream a charge record of ``userid`` goes to.
+
+    Standalone: ``base`` itself, one stream for every user. Cluster: a script may only touch
+    keys of one slot, so the record goes to ``base:{<tag>}``, the stream of the user's own
+    slot, whose tag is chosen to hash to that slot: at most 16384 streams, one per slot in use.
+    """
+    if not cluster:
+        return base
+    return f"{base}:{{{slot_tag(slot_of(userid))}}}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from extproc.export.stream import MemoryRecords
 from extproc.limits import windows
 from extproc.limits.periods import PERIOD_GRACE_MS
 from extproc.store import keys, ledger
@@ -29,7 +30,14 @@ class _Window:
 class MemoryStore:
     """Fixed and sliding windows in dicts; the event loop makes every call atomic."""
 
-    def __init__(self, retention_days: int = 90, dedupe_ttl_ms: int = 3_600_000) -> None:
+    def __init__(
+        self,
+        retention_days: int = 90,
+        dedupe_ttl_ms: int = 3_600_000,
+        records: MemoryRecords | None = None,
+    ) -> None:
+        # The export stream (None: off); the settle appends to it as settle.lua does.
+        self.records = records
         self._windows: dict[str, _Window] = {}
         self._ledger: dict[str, dict[str, int]] = {}
         self._users: dict[str, set[str]] = {}
@@ -82,6 +90,7 @@ class MemoryStore:
         *,
         request_id: str = "",
         release: Hold | None = None,
+        record: str = "",
     ) -> bool:
         owner = entry or release
         state_key = keys.request_key(owner.userid, request_id) if request_id and owner else ""
@@ -123,6 +132,8 @@ class MemoryStore:
             self._record(entry, now_ms)
         if release is not None and held:
             self._hold(release, -1, now_ms)
+        if record and entry is not None and self.records is not None:
+            self.records.append(record, now_ms)
         return True
 
     async def claim(self, key: str, ttl_ms: int, now_ms: int) -> bool:

@@ -25,7 +25,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
-from extproc.config import StoreConfig, redact_url
+from extproc.config import ExportStreamConfig, StoreConfig, redact_url
 from extproc.errors import StoreUnavailable
 from extproc.limits import windows
 from extproc.store import keys, ledger
@@ -77,8 +77,13 @@ class RedisStore:
         dedupe_ttl_ms: int = 3_600_000,
         hot: PipelinedConnection | None = None,
         bulk: BulkReader | None = None,
+        export: ExportStreamConfig | None = None,
     ) -> None:
         self._client = client
+        # Charge records go to the export stream inside the settle script (settle.lua's end).
+        self._export = export or ExportStreamConfig(enabled=False)
+        self._cluster = isinstance(client, RedisCluster)
+        self._known_streams: set[str] = set()  # Cluster: slot streams registered by this process
         # admit and settle go through the pipelined connection when the URL allows one.
         self._hot = hot
         # The listings' batches of reads: a socket of their own, so they never queue before
@@ -97,8 +102,22 @@ class RedisStore:
         # (day -> users) already added to the day's users set by this process; see _remember_user.
         self._known_users: dict[str, set[str]] = {}
 
+    @property
+    def client(self) -> Client:
+        return self._client
+
+    @property
+    def export(self) -> ExportStreamConfig:
+        return self._export
+
+    @property
+    def cluster(self) -> bool:
+        return self._cluster
+
     @classmethod
-    def from_config(cls, config: StoreConfig) -> RedisStore:
+    def from_config(
+        cls, config: StoreConfig, export: ExportStreamConfig | None = None
+    ) -> RedisStore:
         """A store for ``config.url``: redis://, rediss://, redis[s]+cluster://, redis+sentinel://."""
         url = str(config.url)
         try:
@@ -112,7 +131,14 @@ class RedisStore:
         hot = PipelinedConnection(target, config.timeout_s or None) if target else None
         bulk = BulkReader(target, config.timeout_s or None) if target else None
         return cls(
-            client, url, config.retention_days, helpers, config.dedupe_ttl_s * 1000, hot, bulk
+            client,
+            url,
+            config.retention_days,
+            helpers,
+            config.dedupe_ttl_s * 1000,
+            hot,
+            bulk,
+            export,
         )
 
     def __repr__(self) -> str:
@@ -128,6 +154,8 @@ class RedisStore:
         await self._call(
             "start", self._client.set(keys.ledger_totals_since_key(), tomorrow, nx=True)
         )
+        if self._cluster and self._export.enabled:
+            keys.export_stream_key(self._export.key, "", cluster=True)  # solve the slot tags now
 
     async def admit(
         self,
@@ -276,6 +304,7 @@ class RedisStore:
         *,
         request_id: str = "",
         release: Hold | None = None,
+        record: str = "",
     ) -> bool:
         if not adjustments and entry is None and release is None:
             return True
@@ -288,7 +317,7 @@ class RedisStore:
             for tag, indexes in slots.items():
                 part = [adjustments[i] for i in indexes]
                 if tag == main_tag:
-                    calls.append(self._settle_one(part, entry, now_ms, state_key, release))
+                    calls.append(self._settle_one(part, entry, now_ms, state_key, release, record))
                 else:
                     side = keys.tagged_request_key(tag, request_id) if request_id else ""
                     calls.append(self._settle_one(part, None, now_ms, side, None))
@@ -298,7 +327,7 @@ class RedisStore:
                     # Replayed whole from the spool: each slot applies its part at most once.
                     raise outcome
             return all(outcomes) if main_tag not in slots else bool(outcomes[0])
-        return await self._settle_one(adjustments, entry, now_ms, state_key, release)
+        return await self._settle_one(adjustments, entry, now_ms, state_key, release, record)
 
     async def _settle_one(
         self,
@@ -307,6 +336,7 @@ class RedisStore:
         now_ms: int,
         state_key: str,
         release: Hold | None,
+        record: str = "",
     ) -> bool:
         """settle.lua on one slot; ``state_key`` "" applies it without the at-most-once check."""
         marker_ttl = self._dedupe_ttl_ms if state_key else 0
@@ -346,6 +376,16 @@ class RedisStore:
             args += _ledger_part(ttl_ms, ledger.hold_fields(release, -1))
         # KEYS[1] is the request's state; without an id, any key of the slot holds its place.
         script_keys.insert(0, state_key or script_keys[0])
+        # The export part comes last in KEYS and ARGV (settle.lua reads it from the end); only
+        # the user's slot (the one with the ledger entry) carries the record.
+        if record and entry is not None and self._export.enabled:
+            stream = keys.export_stream_key(self._export.key, entry.userid, cluster=self._cluster)
+            if self._cluster:
+                await self._register_stream(stream)
+            script_keys.append(stream)
+            args += [self._export.maxlen, record]
+        else:
+            args += [0, ""]
         reply = await self._eval("settle", self._settle, script_keys, args)
         return int(cast(int, reply)) >= 0
 
@@ -469,6 +509,15 @@ class RedisStore:
                 del self._known_users[old]
         known.add(userid)
 
+    async def _register_stream(self, stream: str) -> None:
+        """Cluster: add a slot's stream to the set ``export`` reads, once per process.
+
+        As ``_remember_user``: it runs before the script, so a failure charges nothing yet."""
+        if stream in self._known_streams:
+            return
+        await self._call("settle", self._client.sadd(keys.EXPORT_STREAMS_KEY, stream))
+        self._known_streams.add(stream)
+
     async def _eval(
         self, op: str, script: _Script, script_keys: list[str], args: Sequence[int | str]
     ) -> list[Any]:
@@ -504,6 +553,7 @@ class RedisStore:
     def _unavailable(self, op: str, exc: BaseException) -> StoreUnavailable:
         """The error to raise, its message redacted; the cause is left off so it cannot leak."""
         self._known_users.clear()
+        self._known_streams.clear()
         detail = _scrub(str(exc), self._secrets)
         return StoreUnavailable(
             f"redis {op} failed at {self._where}: {type(exc).__name__}: {detail}"

@@ -42,6 +42,7 @@ class _Settle:
     now_ms: int  # the caller's clock at settle time, replayed as is so windows resolve the same
     request_id: str
     release: Hold | None
+    record: str  # the charge record for the export stream, replayed with the charge
     spooled_s: float  # monotonic time it was spooled: older than the dedupe TTL is not replayed
 
     async def apply(self, store: CounterStore) -> bool:
@@ -51,6 +52,7 @@ class _Settle:
             self.now_ms,
             request_id=self.request_id,
             release=self.release,
+            record=self.record,
         )
 
 
@@ -93,6 +95,11 @@ class ResilientStore:
         return f"ResilientStore({self._inner!r}, policy={self._policy}, spool={len(self._spool)})"
 
     @property
+    def inner(self) -> CounterStore:
+        """The store this one wraps (the export stream reads the memory store's records)."""
+        return self._inner
+
+    @property
     def spooled(self) -> int:
         """Settles waiting for the store to come back."""
         return len(self._spool)
@@ -126,9 +133,12 @@ class ResilientStore:
         *,
         request_id: str = "",
         release: Hold | None = None,
+        record: str = "",
     ) -> bool:
         """Apply now, or spool for replay; True unless the store had applied this id already."""
-        charge = _Settle(tuple(adjustments), entry, now_ms, request_id, release, time.monotonic())
+        charge = _Settle(
+            tuple(adjustments), entry, now_ms, request_id, release, record, time.monotonic()
+        )
         if self._spool:
             self._push(charge)
             return True

@@ -87,4 +87,17 @@ for part = 1, 2 do
   end
   a = a + 2 + 2 * npairs
 end
+
+-- Export (appended last, so the settle above stays as it is): the charge's record goes to the
+-- export stream in this same script, so a record exists if and only if its charge was applied;
+-- a replay returned -1 above and adds none. ARGV[#ARGV] the record ('' : none),
+-- ARGV[#ARGV - 1] the stream's approximate MAXLEN (0: no trimming); KEYS[#KEYS] the stream.
+local record = ARGV[#ARGV]
+if record ~= '' then
+  if ARGV[#ARGV - 1] == '0' then
+    redis.call('XADD', KEYS[#KEYS], '*', 'r', record)
+  else
+    redis.call('XADD', KEYS[#KEYS], 'MAXLEN', '~', ARGV[#ARGV - 1], '*', 'r', record)
+  end
+end
 return count
