@@ -18,6 +18,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2_grpc
 
 from extproc import tls
 from extproc.admission import Admission
@@ -37,7 +38,10 @@ from extproc.config import Config, Secret, StoreConfig
 from extproc.envoy.access_log import AccessLogService
 from extproc.envoy.authz_service import AuthorizationService
 from extproc.envoy.http_authz import HttpAuthorization
+from extproc.envoy.http_settle import HttpSettle
 from extproc.envoy.inline_admission import InlineAdmission
+from extproc.envoy.otlp_log import SERVICE_NAME as LOGS_SERVICE_NAME
+from extproc.envoy.otlp_log import LogsService
 from extproc.envoy.proc_service import ExternalProcessorService
 from extproc.envoy.replies import HeaderPolicy
 from extproc.export.stream import MemoryRecords
@@ -69,6 +73,7 @@ SERVICE_NAMES = (
     external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
     external_processor_pb2.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name,
     als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name,
+    LOGS_SERVICE_NAME,
 )
 
 
@@ -298,6 +303,7 @@ class Sidecar:
     proc: ExternalProcessorService
     charger: Charger
     access_log: AccessLogService
+    logs: LogsService
     reporter: Reporter | None = None
     alerts: BudgetAlerts | None = None
     policies: PolicyLimits | None = None
@@ -382,6 +388,9 @@ class Sidecar:
             AccessLogService(
                 charger, metrics, config.accounting, max_count=config.limits.max_request_tokens
             ),
+            LogsService(
+                charger, metrics, config.accounting, max_count=config.limits.max_request_tokens
+            ),
             reporter,
             alerts,
             policies,
@@ -433,7 +442,21 @@ class Server:
     def __init__(self, sidecar: Sidecar, host: str, port: int) -> None:
         self.sidecar = sidecar
         settings = sidecar.config.server
-        self.http_authz = HttpAuthorization(sidecar.authz) if settings.authz_http_port else None
+        self.http_authz = (
+            HttpAuthorization(
+                sidecar.authz,
+                HttpSettle(
+                    sidecar.charger,
+                    max_count=sidecar.config.limits.max_request_tokens,
+                    config=sidecar.config.accounting,
+                ),
+                tls.HttpTls.from_config(sidecar.config),
+            )
+            if settings.authz_http_port
+            else None
+        )
+        if self.http_authz is not None:
+            self.http_authz.hide_usage = sidecar.config.accounting.hide_injected_usage
         # so_reuseport off: a second server must fail to bind, not silently share the port.
         options: list[tuple[str, Any]] = [
             ("grpc.so_reuseport", 0),
@@ -444,6 +467,7 @@ class Server:
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(sidecar.authz, self.grpc)
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(sidecar.proc, self.grpc)
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(sidecar.access_log, self.grpc)
+        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(sidecar.logs, self.grpc)  # type: ignore[no-untyped-call]
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         if settings.reflection:

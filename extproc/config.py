@@ -105,7 +105,8 @@ class ServerConfig:
     # the kubelet's; 0: off (health is always served on the gRPC port too).
     health_port: int = 0
     # ext_authz over HTTP/1.1 on this port as well (0: off): the same admission at a fraction of
-    # a gRPC Check's CPU (extproc/envoy/http_authz.py; the `lean` layout). Plaintext only.
+    # a gRPC Check's CPU (extproc/envoy/http_authz.py; the `lean` layout), and the settle
+    # filter's POST /settle. TLS as server.tls when that is set, else plaintext.
     authz_http_port: int = 0
     tls: TlsConfig = field(default_factory=TlsConfig)
 

@@ -137,13 +137,14 @@ class SidecarTls:
             "MAAS_EXTPROC_SERVER_TLS_CLIENT_CA_FILE": str(self.client_ca),
         }
 
-    def transport_socket(self) -> dict[str, Any]:
-        """The maas-extproc cluster's UpstreamTlsContext: HTTP/2 by ALPN, the sidecar verified."""
+    def transport_socket(self, alpn: str = "h2") -> dict[str, Any]:
+        """The maas-extproc cluster's UpstreamTlsContext: HTTP/2 by ALPN (``http/1.1`` for the
+        `lean` layout's authorization cluster), the sidecar verified."""
         context = {
             "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
             "sni": self.server_name,
             "common_tls_context": {
-                "alpn_protocols": ["h2"],
+                "alpn_protocols": [alpn],
                 "tls_certificates": [
                     {
                         "certificate_chain": {"filename": str(self.client_cert)},
@@ -175,7 +176,8 @@ def render_envoy(
     filters_doc: dict[str, Any] = yaml.safe_load((LOCAL_DIR / "filters.yaml").read_text())
     chosen: list[dict[str, Any]] = []
     if topology == "lean":
-        chosen.append(filters_doc["ext_authz_http"])  # admission over HTTP
+        # Admission over HTTP; responses whose usage Envoy read are settled before their end.
+        chosen += [filters_doc["ext_authz_http"], filters_doc["settle"]]
     elif topology not in ("envoy", "extproc"):
         chosen.append(filters_doc["ext_authz"])
     if topology in ("split", "accesslog", "lean"):
@@ -192,10 +194,12 @@ def render_envoy(
             ext_proc["typed_config"]["processing_mode"]["request_header_mode"] = "SKIP"
         chosen.append(ext_proc)
     filters = _indent(yaml.safe_dump(chosen, sort_keys=False), 10) if chosen else ""
-    access_log = ""
+    access_log = ""  # settings of the connection manager itself
     if topology in ("accesslog", "lean"):
-        logs = {"access_log": [filters_doc["usage_access_log"]]}
-        access_log = _indent(yaml.safe_dump(logs, sort_keys=False), 10)
+        settings: dict[str, Any] = {"access_log": [filters_doc["usage_access_log"]]}
+        if topology == "lean":
+            settings["local_reply_config"] = filters_doc["unavailable_reply"]
+        access_log = _indent(yaml.safe_dump(settings, sort_keys=False), 10)
     endpoints = (
         "\n".join(
             " " * 8
@@ -212,7 +216,10 @@ def render_envoy(
         transport_socket = _indent(socket_yaml, 4)
     extra_clusters = ""
     if topology == "lean":
-        extra_clusters = _indent(yaml.safe_dump([authz_http_cluster(authz_http_ports)]), 2)
+        cluster = authz_http_cluster(authz_http_ports)
+        if sidecar_tls is not None:  # the HTTP authorization port speaks the gRPC port's TLS
+            cluster["transport_socket"] = sidecar_tls.transport_socket("http/1.1")
+        extra_clusters = _indent(yaml.safe_dump([cluster]), 2)
     template = string.Template((LOCAL_DIR / "envoy.yaml.tmpl").read_text())
     return template.substitute(
         admin_port=admin_port,

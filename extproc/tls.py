@@ -66,6 +66,11 @@ class CertificateFiles:
         self._current: Pem | None = None  # what grpc serves
         self._last_error = ""
 
+    @property
+    def paths(self) -> dict[str, Path]:
+        """The files by their config key (``server.tls.cert_file``, ...)."""
+        return dict(self._paths)
+
     @classmethod
     def from_config(cls, config: Config) -> CertificateFiles:
         tls = config.server.tls
@@ -257,3 +262,81 @@ class ClientNames(grpc.aio.ServerInterceptor):
             shown = ", ".join(i.decode(errors="replace") for i in identities) or "nothing"
             log.warning("tls: refused a client whose certificate names %s", shown)
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, "client certificate not allowed")
+
+
+class HttpTls:
+    """``server.tls`` on the HTTP authorization port (the `lean` layout): the gRPC port's files,
+    client CA and client names, for an asyncio server.
+
+    The files are followed as on the gRPC port: each handshake asks ``CertificateFiles.fetch``
+    (a ``stat`` until they change) from the context's SNI callback, and a set that checks out
+    serves that handshake and every later one. Python calls the callback only when the client
+    sends a server name: Envoy does (the cluster's ``sni``). The client names are checked once
+    per connection (``admits``), as ``ClientNames`` checks each gRPC call.
+    """
+
+    def __init__(self, files: CertificateFiles, settings: TlsConfig) -> None:
+        self._files = files
+        self._settings = settings
+        self._names = frozenset(settings.client_names)
+        self._refused: set[tuple[str, ...]] = set()
+        self._serving: ssl.SSLContext | None = None
+
+    @classmethod
+    def from_config(cls, config: Config) -> HttpTls | None:
+        if not config.server.tls.enabled:
+            return None
+        return cls(CertificateFiles.from_config(config), config.server.tls)
+
+    def context(self) -> ssl.SSLContext:
+        """The server's context, from the files as they are; raises ConfigError as ``initial``."""
+        self._files.initial()
+        self._serving = self._build()
+        listening = self._build()
+        listening.sni_callback = self._on_hello
+        return listening
+
+    def _build(self) -> ssl.SSLContext:
+        paths = self._files.paths
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(paths[CERT], paths[KEY], password=b"")
+        if CLIENT_CA in paths:
+            context.load_verify_locations(cafile=paths[CLIENT_CA])
+        if self._settings.require_client_cert:
+            context.verify_mode = ssl.CERT_REQUIRED
+        context.set_alpn_protocols(["http/1.1"])
+        return context
+
+    def _on_hello(self, connection: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+        try:
+            if self._files.fetch() is not None:  # the files changed and check out
+                self._serving = self._build()
+        except Exception as exc:  # never out of OpenSSL's callback: keep what is served
+            log.warning("tls: keeping the certificate in use: %s", type(exc).__name__)
+        if self._serving is not None:
+            connection.context = self._serving
+
+    def admits(self, peer: dict[str, Any] | None) -> bool:
+        """Whether a connection's client certificate (``getpeercert()``) names a client name."""
+        if not self._names:
+            return True
+        names = _cert_names(peer or {})
+        if self._names.intersection(names):
+            return True
+        if names not in self._refused and len(self._refused) < _MAX_LOGGED_REFUSALS:
+            self._refused.add(names)
+            log.warning("tls: refused a client whose certificate names %s", ", ".join(names))
+        return False
+
+
+def _cert_names(peer: dict[str, Any]) -> tuple[str, ...]:
+    """The subject alternative names (URI, DNS) of a certificate, else its common name, as grpc
+    reports a peer's identities."""
+    alternative = tuple(
+        str(value) for kind, value in peer.get("subjectAltName", ()) if kind in ("URI", "DNS")
+    )
+    if alternative:
+        return alternative
+    return tuple(
+        str(value) for rdn in peer.get("subject", ()) for key, value in rdn if key == "commonName"
+    )

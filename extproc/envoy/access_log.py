@@ -1,4 +1,8 @@
-"""Envoy's gRPC access log (ALS) -> one charge per finished request (the ``accesslog`` layout).
+"""Envoy's gRPC access log (ALS) -> one charge per finished request; ``finished`` for every reader.
+
+The ``accesslog`` and ``lean`` layouts now report over Envoy's OpenTelemetry access log
+(extproc/envoy/otlp_log.py: acknowledged, so at least once); this service stays for gateways
+configured with ``envoy.access_loggers.http_grpc``, and ``finished`` is the charge both read.
 
 Envoy reads the usage itself (sse_to_metadata / json_to_metadata write it into dynamic metadata,
 namespace ``maas.usage``) and, once a request is over, sends its access log entry here, batched:
@@ -25,7 +29,7 @@ A settle carries the admission's request id, so an entry that arrives twice is c
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2 as alog
@@ -35,7 +39,7 @@ from google.protobuf import struct_pb2
 from extproc.accounting import envoy_usage, estimate
 from extproc.charger import Charger
 from extproc.config import DEFAULT_MAX_REQUEST_TOKENS, AccountingConfig
-from extproc.domain import Charge, Usage
+from extproc.domain import Charge
 from extproc.envoy import handover
 from extproc.observability.metrics import Metrics
 
@@ -101,37 +105,56 @@ def charge_of(
     billing = handover.read(metadata)
     if billing is None:
         return None
+    found = metadata.get(envoy_usage.NAMESPACE)
+    # Envoy's first downstream byte received to its last byte sent: the request's duration.
+    last_byte = "time_to_last_downstream_tx_byte"
+    duration_ms = getattr(common, last_byte).ToMilliseconds() if common.HasField(last_byte) else 0
+    return finished(
+        billing,
+        lambda: {k: plain(v) for k, v in found.fields.items()} if found is not None else {},
+        status=entry.response.response_code.value,
+        body_bytes=entry.response.response_body_bytes,
+        disconnected=cut_short(common.response_flags),
+        config=config,
+        max_count=max_count,
+        broken=broken,
+        duration_ms=max(0, duration_ms),
+    )
+
+
+def finished(
+    billing: handover.Billing,
+    usage_fields: Callable[[], Mapping[str, object]],
+    *,
+    status: int,
+    body_bytes: int,
+    disconnected: bool,
+    config: AccountingConfig,
+    max_count: int,
+    broken: Callable[[Exception], None] | None,
+    duration_ms: int = 0,
+) -> Charge:
+    """The charge of one finished request, whichever access log reported it: the usage Envoy
+    read (``usage_fields``, namespace ``maas.usage`` as plain values), else the estimate with
+    the body bytes sent standing in for the text. Reading the usage never raises out of here
+    when ``broken`` is given: the response is then charged as if none had been found."""
     try:
-        usage = _usage(billing.path, metadata.get(envoy_usage.NAMESPACE), max_count)
+        usage = envoy_usage.usage_of(billing.path, usage_fields(), max_count)
     except Exception as exc:
         if broken is None:
             raise
         broken(exc)
         usage = None
-    status = entry.response.response_code.value
     charged = estimate.charged(
         usage,
         failed=status >= 400,
         prompt_estimate=billing.prompt_estimate,
-        content_chars=entry.response.response_body_bytes,
+        content_chars=body_bytes,
         chars_per_token=config.chars_per_token,
         cap=billing.reserved or None,
         who=(billing.userid, billing.model),
     )
-    # Envoy's first downstream byte received to its last byte sent: the request's duration.
-    last_byte = "time_to_last_downstream_tx_byte"
-    duration_ms = getattr(common, last_byte).ToMilliseconds() if common.HasField(last_byte) else 0
-    return billing.charge(
-        charged,
-        status,
-        disconnected=cut_short(common.response_flags),
-        duration_ms=max(0, duration_ms),
-    )
-
-
-def _usage(path: str, found: struct_pb2.Struct | None, max_count: int) -> Usage | None:
-    fields = {k: plain(v) for k, v in found.fields.items()} if found is not None else {}
-    return envoy_usage.usage_of(path, fields, max_count)
+    return billing.charge(charged, status, disconnected=disconnected, duration_ms=duration_ms)
 
 
 class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]

@@ -126,30 +126,42 @@ class Billing:
         )
 
 
+def _values(billing: Billing) -> dict[str, str | bool]:
+    """The record's fields as ``write`` stores them; every integer as a string."""
+    values: dict[str, str | bool] = {
+        "id": billing.request_id,
+        "user": billing.userid,
+        "tier": billing.tier,
+        "model": billing.model,
+        "path": billing.path,
+        "reserved": str(billing.reserved),
+        "windows": ",".join(str(start) for start in billing.windows),
+        "admitted": str(billing.admitted_ms),
+        "inject": billing.inject,
+        "prompt_est": str(billing.prompt_estimate),
+        "route": billing.route,
+    }
+    if billing.subscription:  # the tier era's record stays as it was
+        values["sub"] = billing.subscription
+        values["key"] = billing.key
+        values["org"] = billing.organization_id
+        values["cc"] = billing.cost_center
+        values["rate_windows"] = ",".join(map(str, billing.rate_windows))
+        if billing.billing_rate is not None:
+            values["rate"] = str(billing.billing_rate)
+    if billing.budgets_held or billing.budget_groups:  # records without budgets stay as they were
+        values["budgets"] = "1" if billing.budgets_held else "0"
+        values["bgroups"] = json.dumps(list(billing.budget_groups))
+    return values
+
+
 def write(fields: Any, billing: Billing) -> None:
     """Fill a ``Struct``'s fields map (``maas``) with the record; every integer as a string."""
-    fields["id"].string_value = billing.request_id
-    fields["user"].string_value = billing.userid
-    fields["tier"].string_value = billing.tier
-    fields["model"].string_value = billing.model
-    fields["path"].string_value = billing.path
-    fields["reserved"].string_value = str(billing.reserved)
-    fields["windows"].string_value = ",".join(str(start) for start in billing.windows)
-    fields["admitted"].string_value = str(billing.admitted_ms)
-    fields["inject"].bool_value = billing.inject
-    fields["prompt_est"].string_value = str(billing.prompt_estimate)
-    fields["route"].string_value = billing.route
-    if billing.subscription:  # the tier era's record stays as it was
-        fields["sub"].string_value = billing.subscription
-        fields["key"].string_value = billing.key
-        fields["org"].string_value = billing.organization_id
-        fields["cc"].string_value = billing.cost_center
-        fields["rate_windows"].string_value = ",".join(map(str, billing.rate_windows))
-        if billing.billing_rate is not None:
-            fields["rate"].string_value = str(billing.billing_rate)
-    if billing.budgets_held or billing.budget_groups:  # records without budgets stay as they were
-        fields["budgets"].string_value = "1" if billing.budgets_held else "0"
-        fields["bgroups"].string_value = json.dumps(list(billing.budget_groups))
+    for key, value in _values(billing).items():
+        if isinstance(value, bool):
+            fields[key].bool_value = value
+        else:
+            fields[key].string_value = value
 
 
 def to_struct(billing: Billing) -> struct_pb2.Struct:
@@ -160,11 +172,9 @@ def to_struct(billing: Billing) -> struct_pb2.Struct:
 
 def to_text(billing: Billing) -> str:
     """The record as one header value: ``write``'s fields as JSON strings, ASCII only."""
-    out = struct_pb2.Struct()
-    write(out.fields, billing)
     values = {
-        key: ("1" if value.bool_value else "") if key == "inject" else value.string_value
-        for key, value in out.fields.items()
+        key: ("1" if value else "") if isinstance(value, bool) else value
+        for key, value in _values(billing).items()
     }
     return json.dumps(values, separators=(",", ":"), ensure_ascii=True)
 
@@ -179,13 +189,62 @@ def from_text(text: str) -> Billing | None:
         return None
     if not all(isinstance(v, str) for v in values.values()):
         return None
-    fields = struct_pb2.Struct()
-    for key, value in values.items():
-        if key == "inject":
-            fields.fields[key].bool_value = value == "1"
-        else:
-            fields.fields[key].string_value = value
-    return _from_fields(fields.fields)
+    return _from_plain(values)
+
+
+def from_plain(namespace: Mapping[str, object]) -> Billing | None:
+    """The record in ext_authz's namespace as plain values (the OpenTelemetry access log's
+    attribute): the gRPC Check's ``maas`` object or HTTP's ``x-maas-billing`` text; None for
+    anything else, as ``read``."""
+    record = namespace.get(BILLING_KEY)
+    if isinstance(record, Mapping):
+        if not record.keys() <= _TEXT_KEYS:
+            return None
+        return _from_plain(record)
+    text = namespace.get(BILLING_HEADER)
+    return from_text(text) if isinstance(text, str) else None
+
+
+def _from_plain(values: Mapping[str, object]) -> Billing | None:
+    """``_from_fields`` for plain values: every field a string, ``inject`` a bool or "1"."""
+    try:
+        windows_text = _plain_text(values, "windows")
+        rate_windows = _plain_text(values, "rate_windows") if "rate_windows" in values else ""
+        inject = values.get("inject", False)
+        return Billing(
+            request_id=_plain_text(values, "id"),
+            userid=_plain_text(values, "user"),
+            tier=_plain_text(values, "tier"),
+            model=_plain_text(values, "model"),
+            path=_plain_text(values, "path"),
+            reserved=_count(_plain_text(values, "reserved")),
+            windows=tuple(_count(v) for v in windows_text.split(",")) if windows_text else (),
+            admitted_ms=_count(_plain_text(values, "admitted")),
+            inject=inject is True or inject == "1",
+            prompt_estimate=_count(_plain_text(values, "prompt_est")),
+            route=_plain_text(values, "route"),
+            subscription=_plain_optional(values, "sub"),
+            key=_plain_optional(values, "key"),
+            organization_id=_plain_optional(values, "org"),
+            cost_center=_plain_optional(values, "cc"),
+            rate_windows=tuple(_count(v) for v in rate_windows.split(",")) if rate_windows else (),
+            billing_rate=_count(_plain_text(values, "rate")) if "rate" in values else None,
+            budgets_held=_plain_optional(values, "budgets") == "1",
+            budget_groups=_groups(_plain_optional(values, "bgroups")),
+        )
+    except (KeyError, ValueError):
+        return None
+
+
+def _plain_text(values: Mapping[str, object], key: str) -> str:
+    value = values[key]
+    if not isinstance(value, str):
+        raise ValueError(key)
+    return value
+
+
+def _plain_optional(values: Mapping[str, object], key: str) -> str:
+    return _plain_text(values, key) if key in values else ""
 
 
 def read(filter_metadata: Mapping[str, struct_pb2.Struct]) -> Billing | None:

@@ -10,8 +10,10 @@ sidecar's CPU per request fall below Envoy's.
 
 Envoy's HTTP client sends one request at a time on a connection; requests that arrive pipelined
 are still answered in order. The path ``/health`` (outside ``CHECK_PREFIX``) answers 200 while
-serving and 503 while draining, for Envoy's health check. Input that is not HTTP gets a 400 and
-the connection is closed; nothing a client sends can raise out of here.
+serving and 503 while draining, for Envoy's health check; ``POST /settle`` is the Lua settle
+filter's (extproc/envoy/http_settle.py). With ``server.tls`` set, the port speaks TLS with the
+gRPC port's certificate, client CA and client names (``extproc.tls.HttpTls``). Input that is
+not HTTP gets a 400 and the connection is closed; nothing a client sends can raise out of here.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import httptools
 from extproc.admission import AdmissionRequest
 from extproc.envoy import replies
 from extproc.envoy.authz_service import AuthorizationService
+from extproc.envoy.http_settle import BYTES_HEADER, SETTLE_PATH, STATUS_HEADER, HttpSettle
+from extproc.tls import HttpTls
 
 log = logging.getLogger("extproc.authz.http")
 
@@ -59,6 +63,10 @@ class _Connection(asyncio.Protocol):
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tls = self._server.tls
+        if tls is not None and not tls.admits(transport.get_extra_info("peercert")):
+            transport.close()  # a certificate from the CA, but not of a client we serve
+            return
         self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
@@ -123,15 +131,24 @@ class _Connection(asyncio.Protocol):
 class HttpAuthorization:
     """The asyncio server: one ``_Connection`` per connection, decisions from ``authz``."""
 
-    def __init__(self, authz: AuthorizationService) -> None:
+    def __init__(
+        self,
+        authz: AuthorizationService,
+        settle: HttpSettle | None = None,
+        tls: HttpTls | None = None,
+    ) -> None:
         self._authz = authz
+        self._settle = settle
+        self.tls = tls
+        self.hide_usage = False  # accounting.hide_injected_usage
         self._server: asyncio.AbstractServer | None = None
         self.serving = True
         self.port = 0
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), host, port)
+        context = self.tls.context() if self.tls is not None else None
+        self._server = await loop.create_server(lambda: _Connection(self), host, port, ssl=context)
         self.port = int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
@@ -146,12 +163,18 @@ class HttpAuthorization:
         if not target.startswith(CHECK_PREFIX):
             if target == HEALTH_PATH:
                 return _SERVING if self.serving else _DRAINING
+            if target == SETTLE_PATH and request.method == "POST" and self._settle is not None:
+                status = request.headers.get(STATUS_HEADER, "")
+                sent = request.headers.get(BYTES_HEADER, "")
+                return await self._settle.answer(status, bytes(request.body), sent)
             return replies.http_response(404, [])
         path = target[len(CHECK_PREFIX) :] or "/"
         admission = AdmissionRequest(request.method, path, request.headers, bytes(request.body))
         decision = await self._authz.decision(admission, path.split("?", 1)[0])
         try:
             # The normalized path names the model route.
-            return replies.http_reply(decision, decision.path, self._authz.policy)
+            return replies.http_reply(
+                decision, decision.path, self._authz.policy, hide_usage=self.hide_usage
+            )
         except Exception as exc:
             return replies.http_reply(self._authz.internal_error(exc), "")

@@ -64,14 +64,25 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
     )
 
 
-def _rate_headers(decision: Decision) -> list[base_pb2.HeaderValueOption]:
+Pairs = list[tuple[str, str]]  # header names and values, as the HTTP replies write them
+
+
+def _options(pairs: Pairs) -> list[base_pb2.HeaderValueOption]:
+    return [_header(key, value) for key, value in pairs]
+
+
+def _rate_pairs(decision: Decision) -> Pairs:
     if decision.limit <= 0:
         return []
     return [
-        _header("x-ratelimit-limit", str(decision.limit)),
-        _header("x-ratelimit-remaining", str(max(decision.remaining, 0))),
-        _header("x-ratelimit-reset", str(decision.reset_s)),
+        ("x-ratelimit-limit", str(decision.limit)),
+        ("x-ratelimit-remaining", str(max(decision.remaining, 0))),
+        ("x-ratelimit-reset", str(decision.reset_s)),
     ]
+
+
+def _rate_headers(decision: Decision) -> list[base_pb2.HeaderValueOption]:
+    return _options(_rate_pairs(decision))
 
 
 def error_body(decision: Decision) -> bytes:
@@ -150,24 +161,28 @@ def check_response(
     )
 
 
-def _identity_headers(decision: Decision, policy: HeaderPolicy) -> list[base_pb2.HeaderValueOption]:
+def _identity_pairs(decision: Decision, policy: HeaderPolicy) -> Pairs:
     """The era's X-MaaS-* headers (``HeaderPolicy``); none for anonymous passes (CORS preflights)."""
     identity, plan = decision.identity, decision.tier
     if policy.era == "tiers":
         if identity is None or plan is None:
             return []
-        return [_header("x-maas-username", identity.userid), _header("x-maas-tier", plan.name)]
+        return [("x-maas-username", identity.userid), ("x-maas-tier", plan.name)]
     if identity is None:
         return []
     headers = []
     if policy.identity:
         headers += [
-            _header("x-maas-username", identity.userid),
-            _header("x-maas-group", group_header(identity)),
+            ("x-maas-username", identity.userid),
+            ("x-maas-group", group_header(identity)),
         ]
     if plan is not None and plan.name:
-        headers.append(_header("x-maas-subscription", plan.name))
+        headers.append(("x-maas-subscription", plan.name))
     return headers
+
+
+def _identity_headers(decision: Decision, policy: HeaderPolicy) -> list[base_pb2.HeaderValueOption]:
+    return _options(_identity_pairs(decision, policy))
 
 
 def group_header(identity: Identity) -> str:
@@ -182,11 +197,15 @@ def group_header(identity: Identity) -> str:
 INJECT_HEADER = "x-maas-inject"  # ext_proc removes it again before the request goes upstream
 
 
-def _request_headers(decision: Decision, policy: HeaderPolicy) -> list[base_pb2.HeaderValueOption]:
-    headers = _identity_headers(decision, policy)
+def _request_pairs(decision: Decision, policy: HeaderPolicy) -> Pairs:
+    headers = _identity_pairs(decision, policy)
     if decision.inject_usage:
-        headers.append(_header(INJECT_HEADER, "1"))
+        headers.append((INJECT_HEADER, "1"))
     return headers
+
+
+def _request_headers(decision: Decision, policy: HeaderPolicy) -> list[base_pb2.HeaderValueOption]:
+    return _options(_request_pairs(decision, policy))
 
 
 def _allow(decision: Decision, path: str, policy: HeaderPolicy) -> authz.CheckResponse:
@@ -254,20 +273,24 @@ def _raw(options: list[base_pb2.HeaderValueOption]) -> list[base_pb2.HeaderValue
     return options
 
 
-def _refusal_headers(decision: Decision) -> list[base_pb2.HeaderValueOption]:
-    headers = [_header("content-type", "application/json")]
+def _refusal_pairs(decision: Decision) -> Pairs:
+    headers = [("content-type", "application/json")]
     if decision.reason_code:  # MaaS's error code, where its gateway policy sends one
-        headers.append(_header("x-ext-auth-reason", decision.reason_code))
+        headers.append(("x-ext-auth-reason", decision.reason_code))
     if decision.outcome is Outcome.UNAUTHENTICATED:
-        headers.append(_header("www-authenticate", 'Bearer realm="maas"'))
+        headers.append(("www-authenticate", 'Bearer realm="maas"'))
     if decision.retry_after_s:
-        headers.append(_header("retry-after", str(decision.retry_after_s)))
+        headers.append(("retry-after", str(decision.retry_after_s)))
         quota = decision.outcome is Outcome.QUOTA_EXCEEDED
         if quota and decision.retry_after_s > _SDK_RETRY_LIMIT_S:
             # The OpenAI and Anthropic SDKs retry a 429 on their own unless told not to.
-            headers.append(_header("x-should-retry", "false"))
-    headers.extend(_rate_headers(decision))
+            headers.append(("x-should-retry", "false"))
+    headers.extend(_rate_pairs(decision))
     return headers
+
+
+def _refusal_headers(decision: Decision) -> list[base_pb2.HeaderValueOption]:
+    return _options(_refusal_pairs(decision))
 
 
 def immediate_response(decision: Decision) -> ep.ProcessingResponse:
@@ -327,18 +350,25 @@ def http_response(status: int, headers: Iterable[tuple[str, str]], body: bytes =
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-def http_reply(decision: Decision, path: str, policy: HeaderPolicy = TIERS) -> bytes:
-    """``check_response`` for ext_authz's HTTP service: 200 admits, any other status refuses."""
+HIDE_HEADER = "x-maas-hide-usage"  # into metadata: the settle filter drops the injected usage
+
+
+def http_reply(
+    decision: Decision, path: str, policy: HeaderPolicy = TIERS, *, hide_usage: bool = False
+) -> bytes:
+    """``check_response`` for ext_authz's HTTP service: 200 admits, any other status refuses.
+    ``hide_usage`` (``accounting.hide_injected_usage``) marks a rewritten stream for the `lean`
+    settle filter, which then removes the usage chunk the client did not ask for."""
     if not decision.allowed:
         status, _, _ = _TABLE[decision.outcome]
-        refusal = [(o.header.key, o.header.value) for o in _refusal_headers(decision)]
-        return http_response(status, refusal, error_body(decision))
-    options = [*_request_headers(decision, policy), *_rate_headers(decision)]
-    headers = [(o.header.key, o.header.value) for o in options]
+        return http_response(status, _refusal_pairs(decision), error_body(decision))
+    headers = [*_request_pairs(decision, policy), *_rate_pairs(decision)]
     removals = _removals(decision.strip_headers, decision.charged)
     if removals:
         headers.append((HEADERS_TO_REMOVE, ",".join(removals)))
     billing = handover.Billing.from_decision(decision, path)
     if billing is not None:
         headers.append((handover.BILLING_HEADER, handover.to_text(billing)))
+        if hide_usage and billing.inject:
+            headers.append((HIDE_HEADER, "1"))
     return http_response(200, headers)

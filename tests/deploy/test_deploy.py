@@ -360,12 +360,29 @@ def local_gateway() -> Doc:
     return manager
 
 
+def http_chain(http_patches: list[Doc]) -> list[Doc]:
+    """Our HTTP filters in chain order, each patch applied in turn as Istio applies it:
+    INSERT_FIRST at the front, INSERT_AFTER right after the filter its match names."""
+    chain: list[Doc] = []
+    for patch in http_patches:
+        value, operation = patch["patch"]["value"], patch["patch"]["operation"]
+        if operation == "INSERT_FIRST":
+            chain.insert(0, value)
+            continue
+        assert operation == "INSERT_AFTER", operation
+        after = patch["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"]
+        names = [f["name"] for f in chain]
+        chain.insert(names.index(after) + 1, value)
+    return chain
+
+
 def hcm_settings(docs: list[Doc]) -> Doc:
-    """The connection manager's path settings (the accesslog layouts MERGE an access log too)."""
+    """The connection manager's path settings (the accesslog layouts MERGE an access log too,
+    lean a local reply body)."""
     (patch,) = [
         p
         for p in patches(docs, "NETWORK_FILTER")
-        if "access_log" not in p["patch"]["value"]["typed_config"]
+        if not {"access_log", "local_reply_config"} & p["patch"]["value"]["typed_config"].keys()
     ]
     assert patch["match"]["listener"]["filterChain"]["filter"] == {"name": HCM}
     value: Doc = patch["patch"]["value"]["typed_config"]
@@ -458,6 +475,39 @@ def test_lean_asks_admission_over_http_as_the_local_stack_does(
     container = sidecar_container(docs)
     assert literal_env(container)["MAAS_EXTPROC_SERVER_AUTHZ_HTTP_PORT"] == "9002"
     assert {"name": "http-authz", "containerPort": 9002, "protocol": "TCP"} in container["ports"]
+
+
+def test_lean_settles_with_the_local_stacks_lua_filter_right_after_admission(
+    built: dict[str, list[Doc]],
+) -> None:
+    docs = built["lean"]
+    expected = local_filters()["settle"]
+    assert http_filter(docs, expected["name"]) == expected
+    (placed,) = [
+        p for p in patches(docs, "HTTP_FILTER") if p["patch"]["value"]["name"] == expected["name"]
+    ]
+    assert placed["patch"]["operation"] == "INSERT_AFTER"
+    assert placed["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == EXT_AUTHZ
+    # It posts to the HTTP cluster that ext_authz asks (the sidecar's /settle beside /check).
+    script = expected["typed_config"]["default_source_code"]["inline_string"]
+    cluster = http_filter(docs, EXT_AUTHZ)["typed_config"]["http_service"]["server_uri"]["cluster"]
+    assert f'handle:httpCall("{cluster}"' in script
+    # After ext_authz and before the usage filters: it sees each response after they have read it.
+    chain = [f["name"] for f in http_chain(patches(docs, "HTTP_FILTER"))]
+    assert chain[:3] == [EXT_AUTHZ, expected["name"], "maas.include_usage_injector"]
+    accesslog = [p["patch"]["value"]["name"] for p in patches(built["accesslog"], "HTTP_FILTER")]
+    assert expected["name"] not in accesslog  # the accesslog layout's checks are gRPC: no /settle
+
+
+def test_lean_gives_ext_authz_errors_the_local_stacks_json_body(
+    built: dict[str, list[Doc]],
+) -> None:
+    merged = [
+        p["patch"]["value"]["typed_config"]
+        for p in patches(built["lean"], "NETWORK_FILTER")
+        if "local_reply_config" in p["patch"]["value"]["typed_config"]
+    ]
+    assert [m["local_reply_config"] for m in merged] == [local_filters()["unavailable_reply"]]
 
 
 def test_sidecar_cluster_reaches_the_service_over_http2(built: dict[str, list[Doc]]) -> None:
@@ -561,8 +611,7 @@ def test_envoy_accepts_the_extracted_filters_cluster_and_route_config(
     istio: Doc = {}
     if target in MTLS_TARGETS:
         cluster, bootstrap_clusters, istio = istio_bootstrap_clusters(cluster, pki)
-    # INSERT_FIRST, then each INSERT_AFTER its predecessor: the patches are in chain order.
-    ours = [p["patch"]["value"] for p in patches(docs, "HTTP_FILTER")]
+    ours = http_chain(patches(docs, "HTTP_FILTER"))
     merged: Doc = {}
     for merge in patches(docs, "NETWORK_FILTER"):  # MERGE into the connection manager
         merged.update(
