@@ -157,8 +157,11 @@ def finished(
     return billing.charge(charged, status, disconnected=disconnected, duration_ms=duration_ms)
 
 
-class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
-    """Settles every billed entry in a task of the charger's; never answers until Envoy hangs up."""
+class EntrySettler:
+    """What both access-log services share: the charger, and one defined answer for an entry
+    whose billing record cannot be read (counted, one log line, charged as without usage)."""
+
+    _what = "entry"  # the log line's name for one log item
 
     def __init__(
         self,
@@ -171,6 +174,16 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
         self._metrics = metrics
         self._config = config or AccountingConfig()
         self._max_count = max_count
+
+    def _broken(self, exc: Exception) -> None:
+        self._metrics.internal_errors.labels("access_log").inc()
+        log.error(
+            "access log %s failed: %s: charged as without usage", self._what, type(exc).__name__
+        )
+
+
+class AccessLogService(EntrySettler, als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
+    """Settles every billed entry in a task of the charger's; never answers until Envoy hangs up."""
 
     async def StreamAccessLogs(  # noqa: N802 - the gRPC method name
         self,
@@ -187,7 +200,3 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
                 if charge is not None:
                     self._charger.start(charge)
         return _DONE
-
-    def _broken(self, exc: Exception) -> None:
-        self._metrics.internal_errors.labels("access_log").inc()
-        log.error("access log entry failed: %s: charged as without usage", type(exc).__name__)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import math
 from collections.abc import Callable, Mapping
 
@@ -38,14 +37,11 @@ from opentelemetry.proto.collector.logs.v1 import logs_service_pb2_grpc
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.logs.v1 import logs_pb2
 
-from extproc.charger import Charger
 from extproc.config import DEFAULT_MAX_REQUEST_TOKENS, AccountingConfig
 from extproc.domain import Charge
 from extproc.envoy import handover
-from extproc.envoy.access_log import finished
-from extproc.observability.metrics import Metrics
+from extproc.envoy.access_log import EntrySettler, finished
 
-log = logging.getLogger("extproc.accesslog")
 
 SERVICE_NAME = logs_service.DESCRIPTOR.services_by_name["LogsService"].full_name
 _EXPORTED = logs_service.ExportLogsServiceResponse()
@@ -151,20 +147,10 @@ def charge_of(
     )
 
 
-class LogsService(logs_service_pb2_grpc.LogsServiceServicer):
+class LogsService(EntrySettler, logs_service_pb2_grpc.LogsServiceServicer):
     """Settles every billed record of a batch, then acknowledges the batch."""
 
-    def __init__(
-        self,
-        charger: Charger,
-        metrics: Metrics,
-        config: AccountingConfig | None = None,
-        max_count: int = DEFAULT_MAX_REQUEST_TOKENS,
-    ) -> None:
-        self._charger = charger
-        self._metrics = metrics
-        self._config = config or AccountingConfig()
-        self._max_count = max_count
+    _what = "record"
 
     async def Export(  # noqa: N802 - the gRPC method name
         self,
@@ -186,7 +172,3 @@ class LogsService(logs_service_pb2_grpc.LogsServiceServicer):
             # The charger owns the tasks: a cancelled call (Envoy gave up) never cancels them.
             await asyncio.wait(settles)
         return _EXPORTED
-
-    def _broken(self, exc: Exception) -> None:
-        self._metrics.internal_errors.labels("access_log").inc()
-        log.error("access log record failed: %s: charged as without usage", type(exc).__name__)
