@@ -42,7 +42,6 @@ from extproc.domain import Charge
 from extproc.envoy import handover
 from extproc.envoy.access_log import EntrySettler, finished
 
-
 SERVICE_NAME = logs_service.DESCRIPTOR.services_by_name["LogsService"].full_name
 _EXPORTED = logs_service.ExportLogsServiceResponse()
 # Envoy's short response flags for a response cut short (access_log.py's _CUT_SHORT, by name).
