@@ -11,8 +11,9 @@ this machine:
   their ratio (goal (b): at most 1/4);
 - latency at a fixed offered rate (open loop; half of Envoy alone's closed-loop rate), p50/p99,
   and what the sidecar adds over Envoy alone at the same rate;
-- Redis round trips per request, when the sidecar runs against Redis (the default when a
-  ``redis-server`` binary is installed: the harness starts one on a free loopback port).
+- Redis round trips and Redis's own CPU (``INFO cpu``) per request, when the sidecar runs against
+  Redis (the default when a ``redis-server`` binary is installed: the harness starts one on a
+  free loopback port).
 """
 
 from __future__ import annotations
@@ -151,16 +152,27 @@ class RedisCounter:
     def __init__(self, port: int) -> None:
         self.port = port
 
-    def round_trips(self) -> int:
+    def _info(self, section: bytes) -> list[str]:
         with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
-            sock.sendall(b"INFO commandstats\r\n")
+            sock.sendall(b"INFO " + section + b"\r\n")
             data = b""
             while not data.endswith(b"\r\n") or data.count(b"\r\n") < 2:
                 data += sock.recv(65536)
+        return data.decode().splitlines()
+
+    def round_trips(self) -> int:
         total = 0
-        for line in data.decode().splitlines():
+        for line in self._info(b"commandstats"):
             if line.startswith(("cmdstat_evalsha:", "cmdstat_sadd:")):
                 total += int(line.split("calls=", 1)[1].split(",", 1)[0])
+        return total
+
+    def cpu_s(self) -> float:
+        """Redis's own CPU so far (``INFO cpu``: used_cpu_user + used_cpu_sys of the server)."""
+        total = 0.0
+        for line in self._info(b"cpu"):
+            if line.startswith(("used_cpu_user:", "used_cpu_sys:")):
+                total += float(line.split(":", 1)[1])
         return total
 
 
@@ -220,6 +232,7 @@ class Row:
     cpu_us: float  # sidecar CPU per request
     envoy_cpu_us: float
     redis_trips: float = -1.0  # -1: not measured (memory store)
+    redis_cpu_us: float = -1.0  # Redis's CPU per request; -1: not measured
     rate: float = 0.0  # half Envoy alone's throughput
     open_p50_ms: float = 0.0
     open_p99_ms: float = 0.0
@@ -340,6 +353,7 @@ def measure(
             before = process_tree_cpu_s(sidecar.pid) if sidecar else 0.0
             envoy_before = process_tree_cpu_s(envoy.pid)
             trips_before = redis.round_trips() if redis and sidecar else 0
+            redis_cpu_before = redis.cpu_s() if redis and sidecar else 0.0
             closed = load(stack.listen_port, scenario, seconds)
             cpu = (process_tree_cpu_s(sidecar.pid) - before) if sidecar else 0.0
             envoy_cpu = process_tree_cpu_s(envoy.pid) - envoy_before
@@ -361,6 +375,7 @@ def measure(
                 # Charges settle just before the last reply: let the final ones land.
                 time.sleep(0.2)
                 row.redis_trips = (redis.round_trips() - trips_before) / total
+                row.redis_cpu_us = (redis.cpu_s() - redis_cpu_before) / total * 1e6
             if topology == "envoy":
                 base_rates[scenario.name] = closed["rps"]
             rate = base_rates.get(scenario.name, closed["rps"]) / 2
@@ -374,7 +389,11 @@ def measure(
                 fixed = load(stack.listen_port, scenario, seconds, rate=min(fixed_rate, rate))
                 row.fixed_p50_ms, row.fixed_p99_ms = fixed["p50_ms"], fixed["p99_ms"]
             rows.append(row)
-            trips = f" redis {row.redis_trips:.2f}/req" if row.redis_trips >= 0 else ""
+            trips = (
+                f" redis {row.redis_trips:.2f}/req {row.redis_cpu_us:4.0f} us"
+                if row.redis_trips >= 0
+                else ""
+            )
             latencies = (
                 f"  @{fixed_rate:.0f}/s p50 {row.fixed_p50_ms:.2f} p99 {row.fixed_p99_ms:.2f}"
                 f"  @{rate:.0f}/s p50 {row.open_p50_ms:.2f} p99 {row.open_p99_ms:.2f} ms"
@@ -403,10 +422,10 @@ def table(rows: list[Row], fixed_rate: float) -> list[str]:
     base = {r.scenario: r for r in rows if r.topology == "envoy alone"}
     lines = [
         "| topology | workers | scenario | max rps | vs Envoy | sidecar CPU µs/req"
-        " | Envoy CPU µs/req | sidecar / Envoy | Redis trips/req"
+        " | Envoy CPU µs/req | sidecar / Envoy | Redis trips/req | Redis CPU µs/req"
         f" | p50 / p99 ms at {fixed_rate:.0f}/s | added p50 / p99 ms at {fixed_rate:.0f}/s"
         " | rate = ½ Envoy alone | p50 / p99 ms there | added p50 / p99 ms there | statuses |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ref = base.get(r.scenario)
@@ -422,9 +441,10 @@ def table(rows: list[Row], fixed_rate: float) -> list[str]:
             else "-"
         )
         trips = f"{r.redis_trips:.2f}" if r.redis_trips >= 0 else "-"
+        redis_cpu = f"{r.redis_cpu_us:.0f}" if r.redis_cpu_us >= 0 else "-"
         lines.append(
             f"| {r.topology} | {r.workers} | {r.scenario} | {r.rps:.0f} | {share} | "
-            f"{r.cpu_us:.0f} | {r.envoy_cpu_us:.0f} | {r.ratio:.2f} | {trips} | "
+            f"{r.cpu_us:.0f} | {r.envoy_cpu_us:.0f} | {r.ratio:.2f} | {trips} | {redis_cpu} | "
             f"{r.fixed_p50_ms:.2f} / {r.fixed_p99_ms:.2f} | {fixed_added} | {r.rate:.0f} | "
             f"{r.open_p50_ms:.2f} / {r.open_p99_ms:.2f} | {added} | {r.statuses} |"
         )
@@ -455,7 +475,7 @@ def report(rows: list[Row], command: str, seconds: float, store: str, fixed_rate
         "",
         "Columns: closed-loop throughput and its share of Envoy alone; sidecar CPU (user + system,"
         " all workers, warm-up included in both CPU and request count) per request; Envoy CPU per"
-        " request and the ratio of the two; Redis round trips per request; open-loop latency"
+        " request and the ratio of the two; Redis round trips and Redis CPU per request; open-loop latency"
         " (0 when skipped with --no-latency; measured from each request's"
         " scheduled send time, so queueing counts) at a modest rate every topology sustains, and"
         " at half Envoy alone's throughput, with what each adds over Envoy alone at the same"

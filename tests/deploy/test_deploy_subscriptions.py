@@ -22,12 +22,16 @@ from tests.deploy.test_deploy import (
     DEPLOY,
     GATEWAY_NS,
     KUBERNETES_VERSION,
+    LEAN_ORDER,
     REPO,
     SIDECAR_NS,
     STORE_URL,
     SUBJECT,
     Doc,
+    assert_filters_equal_local_ones,
+    assert_patch_order,
     check_config,
+    gateway_ports,
     kustomize,
     literal_env,
     only,
@@ -139,6 +143,15 @@ def test_rbac_reads_the_three_kinds_and_nothing_it_does_not_use(docs: list[Doc])
     }
     for binding in [d for d in docs if d["kind"] in ("ClusterRoleBinding", "RoleBinding")]:
         assert binding["subjects"] == [SUBJECT]
+
+
+def test_it_attaches_the_lean_layout(docs: list[Doc], tmp_path: Path) -> None:
+    """As every overlay on production: the route exemptions it appends come after the indexed
+    patches, and the sidecar listens for ext_authz's HTTP checks on the port opened to the gateway."""
+    assert_patch_order(docs, LEAN_ORDER)
+    assert_filters_equal_local_ones(docs, streamed=False)
+    assert deployed_config(docs, tmp_path).server.authz_http_port == 9002
+    assert gateway_ports(docs) == {9000, 9002}
 
 
 def test_every_maas_api_route_skips_our_filters(docs: list[Doc]) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from extproc.stack import LOCAL_DIR, LocalStack
+from extproc.stack import LOCAL_DIR, LocalStack, Topology
 from tests.e2e.fault_clients import Fault
 from tests.redis_fixtures import RedisServer
 
@@ -57,6 +57,7 @@ class Rig:
     a maas-stack-* folder, so tests/e2e/conftest.py checks its logs for tracebacks)."""
 
     workdir: Path
+    topology: Topology = "lean"  # the default layout; "full" is the STREAMED fallback
     redis: RedisServer = field(init=False)
     stack: LocalStack = field(init=False)
 
@@ -71,6 +72,7 @@ class Rig:
             config_path=fault_config(self.workdir),
             workers=WORKERS,
             env={"MAAS_EXTPROC_STORE_URL": self.redis.url},
+            topology=self.topology,
         )
 
     def start(self) -> Rig:
@@ -94,8 +96,8 @@ class Rig:
 
 
 @contextlib.contextmanager
-def running_rig(workdir: Path) -> Iterator[Rig]:
-    rig = Rig(workdir).start()
+def running_rig(workdir: Path, topology: Topology = "lean") -> Iterator[Rig]:
+    rig = Rig(workdir, topology).start()
     try:
         yield rig
     finally:

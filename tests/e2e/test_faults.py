@@ -20,17 +20,21 @@ from tests.e2e.faults_support import Rig, running_rig
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 
 
-@pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    """One rig for the faults that leave it as it was (the clients' own)."""
-    with running_rig(tmp_path_factory.mktemp("faults")) as running:
+# Every fault in both layouts: `lean`, the default, and `full`, the STREAMED fallback.
+LAYOUTS = ["lean", "full"]
+
+
+@pytest.fixture(scope="module", params=LAYOUTS)
+def rig(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Rig]:
+    """One rig per layout for the faults that leave it as it was (the clients' own)."""
+    with running_rig(tmp_path_factory.mktemp("faults"), request.param) as running:
         yield running
 
 
-@pytest.fixture
-def own_rig(tmp_path: Path) -> Iterator[Rig]:
+@pytest.fixture(params=LAYOUTS)
+def own_rig(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Rig]:
     """A rig for one test, free to break."""
-    with running_rig(tmp_path) as running:
+    with running_rig(tmp_path, request.param) as running:
         yield running
 
 

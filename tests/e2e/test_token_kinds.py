@@ -2,8 +2,9 @@
 
 The simulator reports cached, cache-written and reasoning tokens as each provider documents them
 (chat completions, the Responses API, Anthropic Messages; extproc/sim/server.py). Each response
-must land in the right ledger kinds, with its cost in exact integer micro-units, in the STREAMED
-layout (the sidecar reads the body) and the accesslog layout (Envoy's own usage rules read it).
+must land in the right ledger kinds, with its cost in exact integer micro-units, in the default
+`lean` layout (Envoy's usage rules read it, the settle filter posts it before the last byte), the
+STREAMED layout (the sidecar reads the body) and the accesslog layout (Envoy's rules, its log).
 The expected cost is worked out here from the simulator's record and the prices below, rounded
 up per request, as the README says.
 """
@@ -52,7 +53,7 @@ MICROS = {
 KINDS = ("cached_tokens", "cache_creation_tokens", "reasoning_tokens")
 
 
-@pytest.fixture(scope="module", params=["full", "accesslog"])
+@pytest.fixture(scope="module", params=["lean", "full", "accesslog"])
 def stack(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,

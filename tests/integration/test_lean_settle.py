@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import gzip
 import json
+import zlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -38,9 +40,9 @@ async def server() -> AsyncIterator[Server]:
     await srv.stop(1)
 
 
-async def admitted(server: Server, model: str) -> str:
+async def admitted(server: Server, model: str, **extra: object) -> str:
     """The billing record ext_authz's reply leaves in metadata for one admitted request."""
-    body = json.dumps({"model": model, "max_tokens": 8}).encode()
+    body = json.dumps({"model": model, "max_tokens": 8, **extra}).encode()
     ((status, headers, _),) = await exchange(server, check(KEYS["premium"], body))
     assert status == 200
     return headers[handover.BILLING_HEADER]
@@ -114,6 +116,67 @@ async def test_a_body_with_its_size_is_always_charged_here(
     ((answer, _, _),) = await exchange(server, settle(billing, usage, status, sent="400"))
     assert answer == 200
     assert await ledger_total(server, f"m-body-{status}-{len(usage)}") == charged
+
+
+def settle_body(billing: str, raw: bytes, kind: str, coding: str = "") -> bytes:
+    """``POST /settle`` with the body Envoy read no usage in: the filter's third part, after an
+    empty usage line, with the response's content type and coding as headers."""
+    body = f"{billing}\n\n".encode() + raw
+    head = (
+        "POST /settle HTTP/1.1\r\nhost: maas-extproc-authz\r\nx-maas-status: 200\r\n"
+        f"x-maas-bytes: {len(raw)}\r\nx-maas-body-type: {kind}\r\n"
+        f"x-maas-body-encoding: {coding}\r\ncontent-length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def invalid(server: Server, reason: str) -> float:
+    counter = server.sidecar.metrics.usage_invalid.labels(reason)
+    return counter._value.get()  # type: ignore[no-any-return]
+
+
+def gzip_bomb(inflated: int) -> bytes:
+    """A gzip body of ``inflated`` zero bytes after a JSON start (what a hostile upstream sends)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    out = packer.compress(b'{"usage":{"total_tokens":1},"pad":"')
+    for _ in range(inflated >> 20):
+        out += packer.compress(b"0" * (1 << 20))
+    return out + packer.flush()
+
+
+TEXT = '"choices":[{"message":{"content":"sixteen chars ok"}}]'  # 4 tokens at 4 a token
+
+
+@pytest.mark.parametrize(
+    ("raw", "coding", "reason", "charged"),
+    [
+        # A count Envoy's JSON parser refuses: read here, untrusted; prompt (1) + text (4).
+        (f'{{{TEXT},"usage":{{"total_tokens":1{"0" * 400}}}}}'.encode(), "", "too_large", 5),
+        # Inflated here until the cap: untrusted, and no text was read before it (prompt: 1).
+        (gzip_bomb(64 << 20), "gzip", "decompression_bomb", 1),
+        # Compressed but honest: inflated here and charged exactly.
+        (
+            gzip.compress(b'{"usage":{"prompt_tokens":2,"completion_tokens":3,"total_tokens":5}}'),
+            "gzip",
+            None,
+            5,
+        ),
+        (f"{{{TEXT}}}".encode(), "", None, 5),  # no usage: an estimate, as full makes it
+    ],
+)
+async def test_a_body_envoy_could_not_read_is_read_here(
+    server: Server, raw: bytes, coding: str, reason: str | None, charged: int
+) -> None:
+    """As ext_proc's session reads it in `full`: the same charge and the same invalid count."""
+    model = f"m-raw-{reason}-{len(raw)}"
+    billing = await admitted(server, model, messages=[{"role": "user", "content": "hi"}])
+    before = invalid(server, reason) if reason else 0.0
+    request = settle_body(billing, raw, "application/json", coding)
+    ((answer, _, _),) = await exchange(server, request)
+    assert answer == 200
+    assert await ledger_total(server, model) == charged
+    if reason:
+        assert invalid(server, reason) == before + 1
 
 
 @pytest.mark.parametrize(
