@@ -24,6 +24,7 @@ class Route:
 
 
 _INVALID = Route("", charged=False, exempt=False, invalid=True)
+_SEEN_SIZE = 4096  # (method, path) pairs remembered; emptied when full (any path may come)
 
 
 class RouteTable:
@@ -31,8 +32,19 @@ class RouteTable:
         self._charged = config.charged_suffixes
         self._exempt = config.exempt_suffixes
         self._exempt_prefixes = tuple(suffix + "/" for suffix in config.exempt_suffixes)
+        # A route depends on the method, the path and this table only: each pair is read once
+        # (normalizing costs more than the rest of the lookup), not on every request.
+        self._seen: dict[tuple[str, str], Route] = {}
 
     def classify(self, method: str, raw_path: str) -> Route:
+        route = self._seen.get((method, raw_path))
+        if route is None:
+            if len(self._seen) >= _SEEN_SIZE:
+                self._seen.clear()
+            route = self._seen[(method, raw_path)] = self._classify(method, raw_path)
+        return route
+
+    def _classify(self, method: str, raw_path: str) -> Route:
         path = paths.normalize(raw_path)
         if path is None:
             return _INVALID

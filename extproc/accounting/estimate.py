@@ -24,17 +24,24 @@ def prompt_chars(body: dict[str, Any]) -> int:
     allows must not overflow the interpreter's stack here.
     """
     total = 0
+    get = body.get
     pending: list[object] = [
-        body.get(key) for key in ("messages", "prompt", "input", "system", "instructions")
+        get("messages"),
+        get("prompt"),
+        get("input"),
+        get("system"),
+        get("instructions"),
     ]
     while pending:
         value = pending.pop()
+        if value is None:  # most parts are absent: skip them before the type tests
+            continue
         if isinstance(value, str):
             total += len(value)
         elif isinstance(value, list):
-            pending.extend(value)
+            pending += value
         elif isinstance(value, dict):
-            pending.extend(value.get(key) for key in ("content", "text", "input"))
+            pending += (value.get("content"), value.get("text"), value.get("input"))
     return total
 
 

@@ -41,11 +41,11 @@ _DECIMAL = re.compile(r"([0-9]+)(?:\.([0-9]+))?\Z")
 def split(usage: Usage) -> dict[str, int]:
     """The disjoint token counts of ``BILLED_KINDS`` (see the module docstring); they sum to the
     prompt plus the completion."""
-    return dict(zip(BILLED_KINDS, _parts(usage), strict=True))
+    return dict(zip(BILLED_KINDS, parts(usage), strict=True))
 
 
-def _parts(usage: Usage) -> tuple[int, int, int, int, int]:
-    """``split``'s counts in ``BILLED_KINDS`` order (no dict: it runs on every priced charge)."""
+def parts(usage: Usage) -> tuple[int, int, int, int, int]:
+    """``split``'s counts in ``BILLED_KINDS`` order (no dict: it runs on every charge)."""
     prompt, completion = usage.prompt_tokens, usage.completion_tokens
     if prompt is None and completion is None:
         return usage.total(), 0, 0, 0, 0
@@ -152,7 +152,7 @@ def per_token_micros(text: str) -> int:
 
 def cost_micros(usage: Usage, prices: Prices) -> int:
     """The cost of one response: exact integer sum over the kinds, rounded up to a micro-unit."""
-    exact = sum(n * price for n, price in zip(_parts(usage), prices.in_order, strict=True))
+    exact = sum(n * price for n, price in zip(parts(usage), prices.in_order, strict=True))
     return -(-exact // MILLION)
 
 

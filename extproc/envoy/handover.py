@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf import struct_pb2
 
@@ -170,13 +170,15 @@ def to_struct(billing: Billing) -> struct_pb2.Struct:
     return out
 
 
+# Built once: ``json.dumps`` with any option set builds an encoder on every call.
+_TEXT_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+
+
 def to_text(billing: Billing) -> str:
     """The record as one header value: ``write``'s fields as JSON strings, ASCII only."""
-    values = {
-        key: ("1" if value else "") if isinstance(value, bool) else value
-        for key, value in _values(billing).items()
-    }
-    return json.dumps(values, separators=(",", ":"), ensure_ascii=True)
+    values = _values(billing)
+    values["inject"] = "1" if billing.inject else ""  # in place: the key keeps its position
+    return _TEXT_ENCODER.encode(values)
 
 
 def from_text(text: str) -> Billing | None:
@@ -187,8 +189,9 @@ def from_text(text: str) -> Billing | None:
         return None
     if not isinstance(values, dict) or not values.keys() <= _TEXT_KEYS:
         return None
-    if not all(isinstance(v, str) for v in values.values()):
-        return None
+    for value in values.values():
+        if not isinstance(value, str):
+            return None
     return _from_plain(values)
 
 
@@ -206,45 +209,44 @@ def from_plain(namespace: Mapping[str, object]) -> Billing | None:
 
 
 def _from_plain(values: Mapping[str, object]) -> Billing | None:
-    """``_from_fields`` for plain values: every field a string, ``inject`` a bool or "1"."""
+    """``_from_fields`` for plain values: every field a string, ``inject`` a bool or "1".
+
+    The callers have checked that every key is one of ``_TEXT_KEYS``, all of which are read
+    here: so the types are checked once, up front, and the fields read as plain strings (every
+    settle reads one record)."""
+    for key, value in values.items():
+        if not isinstance(value, str) and key != "inject":
+            return None
+    text = cast(Mapping[str, str], values)
+    get = text.get
+    inject = values.get("inject", False)
     try:
-        windows_text = _plain_text(values, "windows")
-        rate_windows = _plain_text(values, "rate_windows") if "rate_windows" in values else ""
-        inject = values.get("inject", False)
+        windows_text = text["windows"]
+        rate_windows = get("rate_windows", "")
+        rate = get("rate")
         return Billing(
-            request_id=_plain_text(values, "id"),
-            userid=_plain_text(values, "user"),
-            tier=_plain_text(values, "tier"),
-            model=_plain_text(values, "model"),
-            path=_plain_text(values, "path"),
-            reserved=_count(_plain_text(values, "reserved")),
+            request_id=text["id"],
+            userid=text["user"],
+            tier=text["tier"],
+            model=text["model"],
+            path=text["path"],
+            reserved=_count(text["reserved"]),
             windows=tuple(_count(v) for v in windows_text.split(",")) if windows_text else (),
-            admitted_ms=_count(_plain_text(values, "admitted")),
+            admitted_ms=_count(text["admitted"]),
             inject=inject is True or inject == "1",
-            prompt_estimate=_count(_plain_text(values, "prompt_est")),
-            route=_plain_text(values, "route"),
-            subscription=_plain_optional(values, "sub"),
-            key=_plain_optional(values, "key"),
-            organization_id=_plain_optional(values, "org"),
-            cost_center=_plain_optional(values, "cc"),
+            prompt_estimate=_count(text["prompt_est"]),
+            route=text["route"],
+            subscription=get("sub", ""),
+            key=get("key", ""),
+            organization_id=get("org", ""),
+            cost_center=get("cc", ""),
             rate_windows=tuple(_count(v) for v in rate_windows.split(",")) if rate_windows else (),
-            billing_rate=_count(_plain_text(values, "rate")) if "rate" in values else None,
-            budgets_held=_plain_optional(values, "budgets") == "1",
-            budget_groups=_groups(_plain_optional(values, "bgroups")),
+            billing_rate=_count(rate) if rate is not None else None,
+            budgets_held=get("budgets") == "1",
+            budget_groups=_groups(get("bgroups", "")),
         )
     except (KeyError, ValueError):
         return None
-
-
-def _plain_text(values: Mapping[str, object], key: str) -> str:
-    value = values[key]
-    if not isinstance(value, str):
-        raise ValueError(key)
-    return value
-
-
-def _plain_optional(values: Mapping[str, object], key: str) -> str:
-    return _plain_text(values, key) if key in values else ""
 
 
 def read(filter_metadata: Mapping[str, struct_pb2.Struct]) -> Billing | None:

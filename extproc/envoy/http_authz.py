@@ -62,6 +62,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, server: HttpAuthorization) -> None:
         self._server = server
+        self._loop = asyncio.get_running_loop()  # built by the server's loop, for each connection
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._current = _Request()
@@ -116,7 +117,7 @@ class _Connection(asyncio.Protocol):
         self._queue.append(request)
         if not self._busy:
             self._busy = True
-            asyncio.get_running_loop().create_task(self._answer_all())
+            self._loop.create_task(self._answer_all())
 
     async def _answer_all(self) -> None:
         try:

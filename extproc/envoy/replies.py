@@ -343,7 +343,8 @@ def http_response(status: int, headers: Iterable[tuple[str, str]], body: bytes =
     beyond latin-1) raises ValueError: no value of ours may split the reply (RFC 9110 §5.5)."""
     lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}"]
     for name, value in headers:
-        if not _FIELD_VALUE.fullmatch(value):
+        # Printable ASCII (the usual value) is always a field value; only others need the regex.
+        if not (value.isascii() and value.isprintable()) and not _FIELD_VALUE.fullmatch(value):
             raise ValueError(f"not a header value for {name}")
         lines.append(f"{name}: {value}")
     lines.append(f"content-length: {len(body)}")

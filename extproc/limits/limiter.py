@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 from extproc.accounting.pricing import NO_PRICES, PriceBook
@@ -278,27 +278,33 @@ class Limiter:
         # do; across units (tokens, requests, cost) the least room left as a share of its limit.
         pairs = list(zip(counters, result.states, kinds, strict=True))
         token_windows = tuple(s.window_start_ms for c, s, k in pairs if k == "tokens")
-        admitted = Verdict(
-            allowed=True,
-            reserved_tokens=reserve,
-            token_windows=token_windows,
-            admitted_ms=now,
-            budgets_held=bool(spent),
-            budget_groups=caller.groups if caller is not None else (),
-        )
+        groups = caller.groups if caller is not None else ()
         if spent:  # a shadow budget is never the one shown
             pairs = [p for p in pairs if p[0].enforce and p[0].limit > 0]
             if not pairs:
-                return admitted
+                return Verdict(
+                    allowed=True,
+                    reserved_tokens=reserve,
+                    token_windows=token_windows,
+                    admitted_ms=now,
+                    budgets_held=True,
+                    budget_groups=groups,
+                )
             counter, state, kind = min(pairs, key=lambda p: (p[0].limit - p[1].value) / p[0].limit)
         else:
             counter, state, kind = min(pairs, key=lambda p: p[0].limit - p[1].value)
-        return replace(
-            admitted,
+        # Built once, with the tightest limit (``dataclasses.replace`` would cost as much again).
+        return Verdict(
+            allowed=True,
             kind=kind,
             limit=counter.limit,
             remaining=max(0, counter.limit - state.value),
             reset_s=windows.retry_after_s(state.reset_ms),
+            reserved_tokens=reserve,
+            token_windows=token_windows,
+            admitted_ms=now,
+            budgets_held=bool(spent),
+            budget_groups=groups,
         )
 
     def budget_groups(self, groups: tuple[str, ...]) -> tuple[str, ...]:

@@ -8,7 +8,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from extproc.accounting.pricing import BILLED_KINDS, split
+from extproc.accounting.pricing import BILLED_KINDS, parts
 from extproc.domain import UNTRUSTED_REASONS, Charge, Decision, Era, Limits
 from extproc.observability.model_labels import ModelLabels
 
@@ -320,8 +320,8 @@ class Metrics:
             children = self._kind_children[key] = tuple(
                 self.token_kinds.labels(tier, model, kind, *user) for kind in BILLED_KINDS
             )
-        for child, amount in zip(children, split(charge.usage).values(), strict=True):
-            if amount:  # split's counts come in BILLED_KINDS order, as the children
+        for child, amount in zip(children, parts(charge.usage), strict=True):
+            if amount:  # the counts come in BILLED_KINDS order, as the children
                 child.inc(amount)
         if charge.priced:
             cost = self._cost_children.get(key)

@@ -27,7 +27,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -107,6 +107,12 @@ def pack(args: Sequence[Arg]) -> bytes:
     return bytes(hiredis.pack_command(tuple(args)))  # type: ignore[arg-type]  # stub says 1-tuple
 
 
+def _error_of(reply: hiredis.ReplyError) -> ResponseError:
+    """The ``redis.exceptions`` error redis-py raises for an error reply."""
+    message = str(reply)
+    return NoScriptError(message) if message.startswith("NOSCRIPT") else ResponseError(message)
+
+
 class _Protocol(asyncio.Protocol):
     """One socket: batches writes per loop turn, hands replies to the waiting commands in order."""
 
@@ -132,7 +138,11 @@ class _Protocol(asyncio.Protocol):
                 self.fail(RedisConnectionError("redis sent a reply nobody asked for"))
                 return
             future, _ = pending.popleft()
-            if not future.done():
+            if future.done():
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                future.set_exception(_error_of(reply))
+            else:
                 future.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -175,19 +185,20 @@ class PipelinedConnection:
         self._connecting: asyncio.Future[_Protocol] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
 
-    async def execute(self, *args: Arg) -> Any:
-        """Send one command; its reply, or a ``redis.exceptions`` error."""
+    def execute(self, *args: Arg) -> Awaitable[Any]:
+        """Send one command; its reply, or a ``redis.exceptions`` error.
+
+        Not a coroutine: on a connected socket this is the command's future itself, which the
+        socket completes with the reply or its error (one coroutine less per command)."""
         command = pack(args)
         protocol = self._protocol
         if protocol is None or protocol.closed:
-            protocol = await self._connect()
-        reply = await protocol.send(command)
-        if isinstance(reply, hiredis.ReplyError):
-            message = str(reply)
-            if message.startswith("NOSCRIPT"):
-                raise NoScriptError(message)
-            raise ResponseError(message)
-        return reply
+            return self._execute_connected(command)
+        return protocol.send(command)
+
+    async def _execute_connected(self, command: bytes) -> Any:
+        protocol = await self._connect()
+        return await protocol.send(command)
 
     async def close(self) -> None:
         if self._watchdog is not None:
@@ -239,10 +250,13 @@ class PipelinedConnection:
             hello.append(protocol.send(pack(auth or ("AUTH", target.password))))
         if target.db:
             hello.append(protocol.send(pack(("SELECT", target.db))))
-        for reply in await asyncio.wait_for(asyncio.gather(*hello), self._timeout_s):
-            if isinstance(reply, hiredis.ReplyError):
+        setup = asyncio.gather(*hello, return_exceptions=True)
+        for reply in await asyncio.wait_for(setup, self._timeout_s):
+            if isinstance(reply, ResponseError):
                 protocol.fail(RedisConnectionError("redis refused the connection's setup"))
                 raise RedisConnectionError(f"redis setup failed: {str(reply).split(' ', 1)[0]}")
+            if isinstance(reply, BaseException):
+                raise reply
         self._arm_watchdog()
         return protocol
 

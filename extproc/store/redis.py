@@ -167,9 +167,10 @@ class RedisStore:
     ) -> AdmitResult:
         if not counters and hold is None:
             return AdmitResult(True, ())
-        main_tag = keys.hash_tag(keys.ledger_key(hold.userid, hold.day)) if hold else ""
-        if self._cluster and _spans_slots(main_tag, (c.key for c in counters)):
-            return await self._admit_split(counters, now_ms, hold, request_id, main_tag)
+        if self._cluster:  # the user's slot matters on Cluster only
+            main_tag = keys.hash_tag(keys.ledger_key(hold.userid, hold.day)) if hold else ""
+            if _spans_slots(main_tag, (c.key for c in counters)):
+                return await self._admit_split(counters, now_ms, hold, request_id, main_tag)
         state_key = keys.request_key(hold.userid, request_id) if request_id and hold else ""
         return await self._admit_one(counters, now_ms, hold, state_key)
 
@@ -197,7 +198,8 @@ class RedisStore:
             args += [0, 0]
         else:
             ttl_ms = self._ledger_ttl_ms(hold.day, now_ms)
-            await self._remember_user(hold.userid, hold.day, ttl_ms, "admit")
+            if not self._remembered(hold.userid, hold.day):  # no coroutine when it is known
+                await self._remember_user(hold.userid, hold.day, ttl_ms, "admit")
             script_keys.append(keys.ledger_key(hold.userid, hold.day))
             args += _ledger_part(ttl_ms, ledger.hold_fields(hold, 1))
         if state_key:
@@ -310,7 +312,9 @@ class RedisStore:
             return True
         owner = entry or release
         state_key = keys.request_key(owner.userid, request_id) if request_id and owner else ""
-        main_tag = keys.hash_tag(keys.ledger_key(owner.userid, "")) if owner else ""
+        main_tag = ""
+        if self._cluster:  # the user's slot matters on Cluster only
+            main_tag = keys.hash_tag(keys.ledger_key(owner.userid, "")) if owner else ""
         if self._cluster and _spans_slots(main_tag, (a.key for a in adjustments)):
             slots = _by_slot(adjustments, main_tag)
             calls = []
@@ -365,7 +369,8 @@ class RedisStore:
             args += [0, 0]
         else:
             ttl_ms = self._ledger_ttl_ms(entry.day, now_ms)
-            await self._remember_user(entry.userid, entry.day, ttl_ms, "settle")
+            if not self._remembered(entry.userid, entry.day):
+                await self._remember_user(entry.userid, entry.day, ttl_ms, "settle")
             script_keys.append(keys.ledger_key(entry.userid, entry.day))
             args += _ledger_part(ttl_ms, ledger.entry_fields(entry))
         if release is None:
@@ -485,6 +490,11 @@ class RedisStore:
         """
         day_start_ms = _day_start_ms(day)
         return max(1, day_start_ms + _DAY_MS + self._retention_ms - now_ms)
+
+    def _remembered(self, userid: str, day: str) -> bool:
+        """Whether this process has added the user to the day's users set already."""
+        known = self._known_users.get(day)
+        return known is not None and userid in known
 
     async def _remember_user(self, userid: str, day: str, ttl_ms: int, op: str) -> None:
         """Add the user to the day's users set, once per (user, day) per process.
