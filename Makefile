@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 # make run ERA=subscriptions: the subscription-era MaaS, with a maas-api stand-in
 ERA ?= tiers
+# make run LAYOUT=full: the STREAMED fallback instead of the default lean layout (README "Layouts")
+LAYOUT ?= lean
 SOAK_REQUESTS ?= 1200
 
 .PHONY: install protos run test lint format unit e2e fuzz bench bench-usage soak clean
@@ -31,7 +33,7 @@ protos: $(GEN)  ## generate extproc/_gen/ from protos/ (Kuadrant's rate-limit se
 install: $(STAMP) $(GEN)  ## create .venv, install the project with its dev tools, generate code
 
 run: install  ## Envoy + sidecar + model simulator on loopback (REDIS_URL=redis://... for Redis)
-	$(PY) -m extproc demo --era $(ERA)
+	$(PY) -m extproc demo --era $(ERA) --layout $(LAYOUT)
 
 lint: install  ## ruff and mypy --strict
 	$(VENV)/bin/ruff check extproc tests bench
