@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Any
 
 import httpx
@@ -20,6 +21,23 @@ def sample(stack: LocalStack, name: str, **labels: str) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 total += s.value
     return total
+
+
+# Longer than the access log's batch interval (100 ms): a charge still in flight lands within it.
+QUIET_S = 0.3
+
+
+def quiet_sample(stack: LocalStack, name: str, **labels: str) -> float:
+    """``sample`` once it has stopped moving: two reads ``QUIET_S`` apart agree. In the layouts
+    that charge from the access log, an earlier test's charge may still be on its way."""
+    last = sample(stack, name, **labels)
+    for _ in range(20):
+        time.sleep(QUIET_S)
+        now = sample(stack, name, **labels)
+        if now == last:
+            return now
+        last = now
+    return last
 
 
 def sim_records(stack: LocalStack) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from extproc.stack import LocalStack
-from tests.e2e.support import sample
+from tests.e2e.support import quiet_sample, sample
 from tests.e2e.test_accounting import (
     PROMPT,
     _await_record,
@@ -61,7 +61,7 @@ def test_a_client_that_leaves_is_charged_a_flagged_estimate_within_its_reservati
     """The sidecar sees no text here: the bytes sent stand for it, cut to the reservation."""
     model = new_model()
     estimated_before = charges(stack, "estimated")
-    disconnects_before = sample(stack, "maas_disconnects_total", tier="premium")
+    disconnects_before = quiet_sample(stack, "maas_disconnects_total", tier="premium")
     stream = client(stack, **{"x-sim-delay-ms": "40"}).chat.completions.create(
         model=model, messages=PROMPT, max_tokens=60, stream=True
     )

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from extproc.stack import LocalStack
-from tests.e2e.support import ledger_tokens, sample, sim_records
+from tests.e2e.support import ledger_tokens, quiet_sample, sample, sim_records
 from tests.helpers import KEYS
 
 PREFIX = "/llm/facebook-opt-125m-simulated/v1"
@@ -116,7 +116,7 @@ def test_legacy_completions_stream_is_rewritten_too(stack: LocalStack) -> None:
 def test_client_that_leaves_mid_stream_is_charged_a_flagged_estimate(stack: LocalStack) -> None:
     model = new_model()
     estimated_before = charges(stack, "estimated")
-    disconnects_before = sample(stack, "maas_disconnects_total", tier="premium")
+    disconnects_before = quiet_sample(stack, "maas_disconnects_total", tier="premium")
     stream = client(stack, **{"x-sim-delay-ms": "40"}).chat.completions.create(
         model=model, messages=PROMPT, max_tokens=60, stream=True
     )

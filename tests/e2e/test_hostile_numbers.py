@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from extproc.stack import LocalStack
-from tests.e2e.support import sample
+from tests.e2e.support import quiet_sample, sample
 from tests.helpers import CHAT, KEYS
 
 pytestmark = pytest.mark.e2e
@@ -101,7 +101,7 @@ def test_untrusted_upstream_usage_is_charged_a_capped_estimate_and_no_lock_out(
     stack: LocalStack, total: str, reason: str
 ) -> None:
     model = new_model()
-    before = sample(stack, "maas_upstream_usage_invalid_total", reason=reason)
+    before = quiet_sample(stack, "maas_upstream_usage_invalid_total", reason=reason)
     usage = f'{{"prompt_tokens":1,"completion_tokens":5,"total_tokens":{total}}}'
     response = post(stack, KEYS["enterprise"], chat(model, "5"), **{"x-sim-usage": usage})
     assert response.status_code == 200, response.text
