@@ -150,5 +150,7 @@ class HttpSettle:
 def _since(admitted_ms: int) -> int:
     """The request's duration as far as the sidecar knows it: from its admission (right after
     Envoy received the request headers) to this settle (just before the last byte leaves), in
-    ms; 0 when there was no admission clock. What ``full`` measures from its ext_proc stream."""
-    return max(0, int(time.time() * 1000) - admitted_ms) if admitted_ms > 0 else 0
+    whole ms and at least 1 (both ends are read in ms: a response faster than that would read
+    as 0, which means "no duration"); 0 when there was no admission clock. What ``full``
+    measures from its ext_proc stream."""
+    return max(1, int(time.time() * 1000) - admitted_ms) if admitted_ms > 0 else 0

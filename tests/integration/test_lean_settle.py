@@ -15,6 +15,7 @@ import asyncio
 import datetime as dt
 import gzip
 import json
+import time
 import zlib
 from collections.abc import AsyncIterator
 
@@ -25,6 +26,7 @@ from opentelemetry.proto.logs.v1 import logs_pb2
 
 from extproc.app import Server, Sidecar
 from extproc.envoy import handover
+from extproc.envoy.http_settle import _since as since_admission
 from extproc.stack import free_port
 from tests.helpers import KEYS, local_config
 from tests.integration.test_http_authz import check, exchange
@@ -318,3 +320,12 @@ async def test_without_hiding_nothing_is_marked(server: Server) -> None:
     assert status == 200
     assert headers["x-maas-inject"] == "1"
     assert "x-maas-hide-usage" not in headers
+
+
+def test_a_settle_reports_the_time_since_admission_in_whole_ms_at_least_1() -> None:
+    """gen_ai.server.request.duration in `lean`: 0 means "no duration", so a response faster
+    than a millisecond reads 1; without an admission clock there is none."""
+    now_ms = int(time.time() * 1000)
+    assert since_admission(0) == 0
+    assert since_admission(now_ms + 5) == 1  # both ends in whole ms: never 0 or negative
+    assert 250 <= since_admission(now_ms - 250) < 1250
