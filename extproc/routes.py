@@ -25,6 +25,9 @@ class Route:
 
 _INVALID = Route("", charged=False, exempt=False, invalid=True)
 _SEEN_SIZE = 4096  # (method, path) pairs remembered; emptied when full (any path may come)
+# Only paths up to this length are remembered: a client's path may be as long as Envoy's header
+# limit (60 KiB by default), and 4,096 of those would hold about 250 MB.
+_SEEN_PATH_CHARS = 512
 
 
 class RouteTable:
@@ -39,9 +42,11 @@ class RouteTable:
     def classify(self, method: str, raw_path: str) -> Route:
         route = self._seen.get((method, raw_path))
         if route is None:
-            if len(self._seen) >= _SEEN_SIZE:
-                self._seen.clear()
-            route = self._seen[(method, raw_path)] = self._classify(method, raw_path)
+            route = self._classify(method, raw_path)
+            if len(raw_path) <= _SEEN_PATH_CHARS:
+                if len(self._seen) >= _SEEN_SIZE:
+                    self._seen.clear()
+                self._seen[(method, raw_path)] = route
         return route
 
     def _classify(self, method: str, raw_path: str) -> Route:
