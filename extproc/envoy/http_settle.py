@@ -79,10 +79,13 @@ class HttpSettle:
         body_type: str | None = None,
         body_encoding: str = "",
     ) -> bytes:
-        billing_raw, _, rest = body.partition(b"\n")
-        usage_raw, raw = (rest.partition(b"\n")[::2]) if body_type is not None else (rest, b"")
+        billing_raw, _, usage_raw = body.partition(b"\n")
+        raw = b""  # the response body itself, after a second newline when ``body_type`` is set
+        if body_type is not None:
+            usage_raw, _, raw = usage_raw.partition(b"\n")
         billing = handover.from_text(billing_raw.decode("ascii", "replace"))
-        if billing is None or not status.isdigit() or len(status) != 3:
+        # ASCII digits only: "²00" passes str.isdigit() but not int().
+        if billing is None or not (status.isascii() and status.isdigit()) or len(status) != 3:
             return _NOT_OURS
         duration_ms = _since(billing.admitted_ms)
         if body_type is not None:  # Envoy read no usage in this body: read it here
