@@ -29,17 +29,9 @@ from extproc.envoy import handover
 from extproc.envoy.http_settle import _since as since_admission
 from extproc.stack import free_port
 from tests.helpers import KEYS, local_config
-from tests.integration.test_http_authz import check, exchange
+from tests.integration.test_http_authz import check, exchange, server
 
-
-@pytest.fixture
-async def server() -> AsyncIterator[Server]:
-    port = free_port()
-    config = local_config({"MAAS_EXTPROC_SERVER_AUTHZ_HTTP_PORT": str(port)})
-    srv = Server(Sidecar.build(config), "127.0.0.1", 0)
-    await srv.start()
-    yield srv
-    await srv.stop(1)
+__all__ = ["server"]  # the HTTP authorization port's sidecar fixture, shared
 
 
 async def admitted(server: Server, model: str, **extra: object) -> str:
@@ -58,7 +50,7 @@ def settle(billing: str, usage: str, status: str = "200", sent: str = "") -> byt
         "POST /settle HTTP/1.1\r\nhost: maas-extproc-authz\r\n"
         f"x-maas-status: {status}\r\n{size}content-length: {len(body)}\r\n\r\n"
     )
-    return head.encode() + body
+    return head.encode("latin-1") + body  # header bytes as they are (latin-1 is 1:1)
 
 
 async def ledger_total(server: Server, model: str) -> int:
@@ -183,7 +175,13 @@ async def test_a_body_envoy_could_not_read_is_read_here(
 
 @pytest.mark.parametrize(
     ("billing", "status"),
-    [("not a record", "200"), ('{"user":"bob"}', "200"), (None, "2000"), (None, "ok")],
+    [
+        ("not a record", "200"),
+        ('{"user":"bob"}', "200"),
+        (None, "2000"),
+        (None, "ok"),
+        (None, "\u00b200"),  # "²00": a digit to str.isdigit(), not to int()
+    ],
 )
 async def test_a_body_that_is_not_ours_is_a_400(
     server: Server, billing: str | None, status: str
