@@ -45,6 +45,10 @@ MAX_BODY_BYTES = 1 << 20  # ext_authz buffers 64 KiB of the client's body; a lit
 _BAD_REQUEST = replies.http_response(400, [("connection", "close")], b"bad request")
 _SERVING = replies.http_response(200, [])
 _DRAINING = replies.http_response(503, [])
+# A bug of ours while answering: Envoy's ext_authz reads a 5xx as an error (its status_on_error,
+# 503: fail closed), the settle filter leaves the response to the access log. The connection
+# goes on with the next request instead of waiting forever for this answer.
+_INTERNAL_ERROR = replies.http_response(500, [])
 
 
 class _Request:
@@ -122,7 +126,14 @@ class _Connection(asyncio.Protocol):
     async def _answer_all(self) -> None:
         try:
             while self._queue:
-                reply = await self._server.answer(self._queue.popleft())
+                request = self._queue.popleft()
+                try:
+                    reply = await self._server.answer(request)
+                except Exception as exc:
+                    log.error(
+                        "answering %s failed: %s: a 500", _target(request), type(exc).__name__
+                    )
+                    reply = _INTERNAL_ERROR
                 if self._transport is None:
                     return
                 self._transport.write(reply)
@@ -134,6 +145,12 @@ class _Connection(asyncio.Protocol):
             self._transport.write(_BAD_REQUEST)
             self._transport.close()
         self._queue.clear()
+
+
+def _target(request: _Request) -> str:
+    """The request's path for a log line: up to its query, at most 64 characters, printable."""
+    path = request.url.split(b"?", 1)[0][:64].decode("ascii", "replace")
+    return "".join(c if c.isprintable() else "?" for c in path)
 
 
 class HttpAuthorization:

@@ -110,3 +110,23 @@ async def test_what_is_not_http_gets_a_400_and_the_connection_closes(
     reply = await asyncio.wait_for(reader.read(), 5)  # read() returns at the close
     writer.close()
     assert reply.startswith(b"HTTP/1.1 400 ")
+
+
+async def test_a_failure_while_answering_is_a_500_and_the_connection_goes_on(
+    server: Server, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fault injected into the settle (a bug of ours): one log line, a 500 for that request,
+    and the request pipelined behind it is still answered."""
+    assert server.http_authz is not None
+
+    async def broken(*_: object) -> bytes:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(server.http_authz._settle, "answer", broken)
+    settle = b"POST /settle HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\nx"
+    health = b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n"
+    replies = await asyncio.wait_for(exchange(server, settle, health), 10)  # before: no answer
+    (first, _, _), (second, _, _) = replies
+    assert (first, second) == (500, 200)
+    lines = [r.getMessage() for r in caplog.records if r.name == "extproc.authz.http"]
+    assert lines == ["answering /settle failed: RuntimeError: a 500"]
