@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -88,6 +89,29 @@ def test_every_printed_command_works_as_printed(
 
 def test_ctrl_c_stops_every_child(demo: tuple[subprocess.Popen[str], list[str]]) -> None:
     ctrl_c_stops_every_child(*demo)
+
+
+def layout_of(lines: list[str]) -> str:
+    (line,) = [line for line in lines if line.strip().startswith("layout ")]
+    return line.split()[1]
+
+
+def test_the_default_layout_is_lean_and_says_so(
+    demo: tuple[subprocess.Popen[str], list[str]],
+) -> None:
+    _, lines = demo
+    assert layout_of(lines) == "lean"
+    assert any(line.strip().startswith("sidecar HTTP") for line in lines)  # /check, /settle
+
+
+def test_layout_full_runs_the_streamed_fallback() -> None:
+    """`make run LAYOUT=full` is `demo --layout full`: the STREAMED layout, charged as printed."""
+    with contextlib.contextmanager(running_demo)("--layout", "full") as (proc, lines):
+        assert layout_of(lines) == "full"
+        assert not any(line.strip().startswith("sidecar HTTP") for line in lines)
+        _, plain, *_ = commands(lines)
+        assert run(plain).startswith("HTTP/1.1 200")
+        ctrl_c_stops_every_child(proc, lines)
 
 
 def ctrl_c_stops_every_child(proc: subprocess.Popen[str], lines: list[str]) -> None:
